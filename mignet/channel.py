@@ -1,0 +1,229 @@
+"""The abstract byte channel, modelled on QEMU's QIOChannel.
+
+A transport implements four primitives — vectored read and write that may move fewer bytes
+than asked (and report "would block" in non-blocking mode), shutdown, close — plus the list
+of fds to wait on. Everything else (read exactly, write all, wait) is built here once, so
+TCP, UNIX and RDMA channels behave the same way:
+
+* ``read_into``/``readv_into`` fill the buffers completely. A clean end of stream *before
+  the first byte* returns 0; a peer that closes in the middle raises ``ConnectionLostError``
+  (QEMU's ``qio_channel_readv_all_eof``): a short read is never silently returned.
+* ``wait_cond`` is ``qio_channel_wait_cond``: from a thread it blocks in ``poll()`` on the
+  channel's fds; from a coroutine it yields to the event loop instead.
+"""
+
+from __future__ import annotations
+
+import enum
+import select
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Union
+
+from .coroutine import in_coroutine, wait_fds, yield_until
+from .errors import ClosedChannelError, ConnectionLostError
+
+Buffer = Union[bytes, bytearray, memoryview]
+WritableBuffer = Union[bytearray, memoryview]
+
+
+class IOCondition(enum.IntFlag):
+    """Readiness to wait for; values are poll()'s so they pass straight through."""
+
+    IN = select.POLLIN
+    OUT = select.POLLOUT
+
+
+class ShutdownHow(enum.Enum):
+    READ = "read"
+    WRITE = "write"
+    BOTH = "both"
+
+
+class Channel(ABC):
+    """A bidirectional byte stream with QIOChannel semantics."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._blocking = True
+        self._closed = False
+        self._lock = threading.Lock()  # guards close/shutdown against concurrent callers
+
+    # --- primitives a transport provides ---------------------------------------------
+    @abstractmethod
+    def _readv(self, bufs: Sequence[WritableBuffer]) -> int | None:
+        """Read up to the buffers' total size; 0 means end of stream, None would block."""
+
+    @abstractmethod
+    def _writev(self, bufs: Sequence[Buffer]) -> int | None:
+        """Write some prefix of the buffers; None means it would block."""
+
+    @abstractmethod
+    def _peek(self, size: int) -> bytes | None:
+        """Return up to ``size`` bytes without consuming them; None would block."""
+
+    @abstractmethod
+    def poll_fds(self, cond: IOCondition) -> list[tuple[int, int]]:
+        """The (fd, poll mask) pairs whose readiness means ``cond`` may now be met.
+
+        A transport may list extra fds (RDMA adds its rdma_cm event fd) so that a
+        disconnect or cancel wakes a waiter.
+        """
+
+    @abstractmethod
+    def _set_blocking(self, blocking: bool) -> None: ...
+
+    @abstractmethod
+    def _shutdown(self, how: ShutdownHow) -> None: ...
+
+    @abstractmethod
+    def _close(self) -> None: ...
+
+    # --- mode ------------------------------------------------------------------------
+    @property
+    def blocking(self) -> bool:
+        return self._blocking
+
+    def set_blocking(self, blocking: bool) -> None:
+        """Blocking mode lets the kernel sleep in read/write; non-blocking mode returns
+        at once and the ``*_all`` helpers then wait with ``wait_cond``. Coroutines need
+        non-blocking mode, otherwise a read would stall the whole event loop."""
+        self._check_open()
+        self._set_blocking(blocking)
+        self._blocking = blocking
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedChannelError(f"channel {self.name} is closed; open a new one")
+
+    # --- waiting ---------------------------------------------------------------------
+    def wait_cond(self, cond: IOCondition, timeout: float | None = None) -> bool:
+        """Wait until the channel may be ready for ``cond``; False on timeout.
+
+        In a coroutine this yields to the event loop (other work runs meanwhile); in a
+        thread it blocks in ``poll()``. Like QEMU, readiness is a hint: the caller retries
+        its operation, which may still report "would block".
+        """
+        self._check_open()
+        fds = self.poll_fds(cond)
+        if in_coroutine():
+            return yield_until(wait_fds(fds, timeout))
+        poller = select.poll()
+        for fd, mask in fds:
+            poller.register(fd, mask)
+        events = poller.poll(None if timeout is None else max(0.0, timeout) * 1000.0)
+        return bool(events)
+
+    # --- reads -----------------------------------------------------------------------
+    def read_some_into(self, bufs: Sequence[WritableBuffer]) -> int:
+        """Read at least one byte (waiting if needed) unless the stream ended (returns 0)."""
+        self._check_open()
+        while True:
+            n = self._readv(bufs)
+            if n is not None:
+                return n
+            self.wait_cond(IOCondition.IN)
+            self._check_open()
+
+    def readv_into(self, bufs: Sequence[WritableBuffer]) -> int:
+        """Fill every buffer. Returns the total size, or 0 if the stream ended cleanly
+        before the first byte; a stream that ends part-way raises ConnectionLostError."""
+        views = [memoryview(b).cast("B") for b in bufs]
+        total = sum(len(v) for v in views)
+        done = 0
+        while done < total:
+            n = self.read_some_into(views)
+            if n == 0:
+                if done == 0:
+                    return 0
+                raise ConnectionLostError(
+                    f"{self.name}: peer closed the connection after {done} of {total} bytes "
+                    "of a read; the migration stream is incomplete"
+                )
+            done += n
+            views = _advance(views, n)
+        return total
+
+    def read_into(self, buf: WritableBuffer) -> int:
+        """Fill ``buf`` completely (see :meth:`readv_into`)."""
+        return self.readv_into([buf])
+
+    def read_exactly(self, size: int) -> bytes:
+        """Read exactly ``size`` bytes; end of stream at any point is ConnectionLostError."""
+        buf = bytearray(size)
+        if size and self.read_into(buf) == 0:
+            raise ConnectionLostError(f"{self.name}: peer closed the connection")
+        return bytes(buf)
+
+    def peek(self, size: int) -> bytes:
+        """Up to ``size`` bytes that the next read will return, waiting for at least one;
+        b"" at end of stream."""
+        self._check_open()
+        while True:
+            data = self._peek(size)
+            if data is not None:
+                return data
+            self.wait_cond(IOCondition.IN)
+
+    # --- writes ----------------------------------------------------------------------
+    def writev_all(self, bufs: Sequence[Buffer]) -> int:
+        """Write every buffer completely, waiting as needed; returns bytes written."""
+        self._check_open()
+        views = [memoryview(b).cast("B") for b in bufs]
+        total = sum(len(v) for v in views)
+        done = 0
+        while done < total:
+            n = self._writev(views)
+            if n is None:
+                self.wait_cond(IOCondition.OUT)
+                self._check_open()
+                continue
+            done += n
+            views = _advance(views, n)
+        return total
+
+    def write_all(self, buf: Buffer) -> int:
+        return self.writev_all([buf])
+
+    # --- teardown --------------------------------------------------------------------
+    def shutdown(self, how: ShutdownHow = ShutdownHow.BOTH) -> None:
+        """Stop reads and/or writes; a thread blocked in a read wakes with end of stream.
+        Safe to call from any thread (this is how a migration is cancelled)."""
+        with self._lock:
+            if not self._closed:
+                self._shutdown(how)
+
+    def close(self) -> None:
+        """Release the channel; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._close()
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("blocking" if self._blocking else "non-blocking")
+        return f"<{type(self).__name__} {self.name} {state}>"
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """Drop the first ``n`` bytes from a list of views (after a short vectored I/O)."""
+    i = 0
+    while i < len(views) and n >= len(views[i]):
+        n -= len(views[i])
+        i += 1
+    rest = views[i:]
+    if rest and n:
+        rest[0] = rest[0][n:]
+    return rest

@@ -1,0 +1,290 @@
+"""The ``mignet`` command line: recv, send, demo, bench (and serve, rxe where present).
+
+Every failure the user can cause or fix (bad URI, port in use, a peer that is not mignet or
+QEMU, a truncated stream) ends as one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+
+from . import __version__
+from .devices import DeviceSet
+from .errors import MigrationCancelled, MignetError, SetupError
+from .guest_dir import GuestDir
+from .loadvm import Loader, LoadResult, LoadStats, start_load_thread
+from .ram import GuestRam, RamBlock, parse_size
+from .savevm import Sender, SendStats
+from .transport import connect, listen
+from .ui import console, human_bytes, rate, stats_table, transfer_progress
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def parse_rate(text: str) -> int:
+    """'128MiB/s', '1G', '0' -> bytes per second (0 = unlimited)."""
+    return parse_size(text.removesuffix("/s"))
+
+
+def _emit_json(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+# --- recv ----------------------------------------------------------------------------
+def cmd_recv(args: argparse.Namespace) -> int:
+    out = GuestDir(Path(args.out)) if args.out else None
+    listener = listen(args.listen)
+    if not args.quiet:
+        console.print(f"mignet: listening on {listener.address}")
+    if args.json:
+        _emit_json({"event": "listening", "uri": str(listener.address)})
+    try:
+        channel = listener.accept(timeout=args.timeout)
+    except TimeoutError as exc:
+        raise SetupError(str(exc)) from None
+    finally:
+        listener.close()
+    loader = Loader(channel, devices=DeviceSet.empty(), max_ram_bytes=parse_size(args.max_ram),
+                    block_factory=out.block_factory if out else RamBlock.anonymous)
+    result = _run_load(loader, quiet=args.quiet)
+    channel.close()
+    stats = _load_stats_dict(result.stats)
+    digest = result.ram.digest()
+    if out:
+        out.write(result.ram, result.devices, result.description, stats)
+    if not args.quiet:
+        _print_load_table(result, digest, out)
+    if args.json:
+        _emit_json({"event": "completed", "ram_sha256": digest, "stats": stats,
+                    "blocks": result.ram.layout(), "peak_rss": peak_rss()})
+    return 0
+
+
+def _run_load(loader: Loader, quiet: bool) -> LoadResult:
+    thread = start_load_thread(loader)
+
+    def poll() -> tuple[int, int | None, str]:
+        s = loader.stats
+        return s.ram_done, s.ram_total or None, f"{s.device_sections} dev"
+    try:
+        with transfer_progress("receiving", poll, enabled=not quiet):
+            while thread.thread.is_alive():
+                thread.thread.join(0.2)
+    except KeyboardInterrupt:
+        loader.cancel()
+        thread.thread.join(5)
+        raise MigrationCancelled("cancelled by Ctrl-C") from None
+    return thread.join()
+
+
+def _load_stats_dict(s: LoadStats) -> dict[str, Any]:
+    return {"machine_type": s.machine_type, "ram_total": s.ram_total,
+            "stream_bytes": s.bytes_received, "normal_pages": s.normal_pages,
+            "zero_pages": s.zero_pages, "ram_sections": s.sections,
+            "device_sections": s.device_sections, "seconds": round(s.elapsed, 4),
+            "predicted_pages": s.predicted_pages, "mispredictions": s.mispredictions}
+
+
+def _print_load_table(result: LoadResult, digest: str, out: GuestDir | None) -> None:
+    s = result.stats
+    rows: list[tuple[str, Any]] = [
+        ("source machine", s.machine_type),
+        ("RAM blocks", ", ".join(f"{n} ({human_bytes(z)})" for n, z in result.ram.layout())),
+        ("stream bytes", human_bytes(s.bytes_received)),
+        ("pages: data / zero", f"{s.normal_pages} / {s.zero_pages}"),
+        ("device sections", s.device_sections),
+        ("time", f"{s.elapsed:.2f} s"),
+        ("throughput", rate(s.bytes_received, s.elapsed)),
+        ("RAM sha256", digest[:16] + "…"),
+    ]
+    if out:
+        rows.append(("written to", str(out.path)))
+    stats_table("incoming migration completed", rows)
+
+
+# --- send ----------------------------------------------------------------------------
+def _source_ram(args: argparse.Namespace) -> GuestRam:
+    if args.image:
+        return GuestRam.from_image(Path(args.image), name=args.block_name)
+    return GuestRam.generate(parse_size(args.size), args.fill, seed=args.seed)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    if not args.image and not args.size:
+        raise SetupError("say what to send: --image FILE or --size SIZE [--fill random|zero|mixed]")
+    ram = _source_ram(args)
+    devices = DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed)
+    channel = connect(args.uri)
+    sender = Sender(channel, ram, devices, max_bandwidth=parse_rate(args.max_bandwidth))
+    stats = _run_send(sender, quiet=args.quiet)
+    channel.close()
+    digest = ram.digest() if args.json or not args.quiet else ""
+    if not args.quiet:
+        _print_send_table(stats, digest)
+    if args.json:
+        _emit_json({"event": "completed", "ram_sha256": digest, "transferred": stats.transferred,
+                    "seconds": round(stats.elapsed, 4)})
+    return 0
+
+
+def _run_send(sender: Sender, quiet: bool) -> SendStats:
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["stats"] = sender.run()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            box["error"] = exc
+    t = threading.Thread(target=work, name="mig/src/main", daemon=True)
+
+    def poll() -> tuple[int, int | None, str]:
+        s = sender.stats
+        return s.ram_done, s.ram_total, f"{s.zero_pages} zero pages"
+    try:
+        with transfer_progress("sending", poll, enabled=not quiet):
+            t.start()
+            while t.is_alive():
+                t.join(0.2)
+    except KeyboardInterrupt:
+        sender.cancel()
+        t.join(5)
+        raise MigrationCancelled("cancelled by Ctrl-C") from None
+    if "error" in box:
+        raise box["error"]
+    return box["stats"]  # type: ignore[no-any-return]
+
+
+def _print_send_table(s: SendStats, digest: str) -> None:
+    stats_table("outgoing migration completed", [
+        ("RAM", human_bytes(s.ram_total)),
+        ("stream bytes", human_bytes(s.transferred)),
+        ("pages: data / zero", f"{s.normal_pages} / {s.zero_pages}"),
+        ("time", f"{s.elapsed:.2f} s"),
+        ("throughput", rate(s.transferred, s.elapsed)),
+        ("RAM sha256", digest[:16] + "…"),
+    ])
+
+
+# --- demo ----------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Both ends on loopback: a receiver process, this process sends, digests compared."""
+    size = parse_size(args.size)
+    console.print(f"mignet demo: migrating a {human_bytes(size)} {args.fill} guest over "
+                  "loopback TCP to a separate receiver process")
+    receiver = subprocess.Popen(
+        [sys.executable, "-m", "mignet", "recv", "--listen", "tcp:127.0.0.1:0", "--json", "--quiet",
+         "--max-ram", str(size + (64 << 20))],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert receiver.stdout is not None
+        first = json.loads(receiver.stdout.readline() or "{}")
+        if first.get("event") != "listening":
+            raise SetupError("the receiver process did not start; run `mignet recv` to see why")
+        ram = GuestRam.generate(size, args.fill, seed=args.seed)
+        devices = DeviceSet.example(args.seed)
+        source_digest = ram.digest()
+        channel = connect(first["uri"])
+        stats = _run_send(Sender(channel, ram, devices), quiet=False)
+        channel.close()
+        line = receiver.stdout.readline()
+        if receiver.wait(60) != 0 or not line:
+            raise MignetError("the receiver failed; see its message above")
+        done = json.loads(line)
+    finally:
+        if receiver.poll() is None:
+            receiver.send_signal(signal.SIGINT)
+            receiver.wait(10)
+    same = done["ram_sha256"] == source_digest
+    recv_stats = done["stats"]
+    stats_table("demo result", [
+        ("guest RAM", f"{human_bytes(size)} ({args.fill})"),
+        ("stream bytes", human_bytes(stats.transferred)),
+        ("pages: data / zero", f"{recv_stats['normal_pages']} / {recv_stats['zero_pages']}"),
+        ("receiver time", f"{recv_stats['seconds']:.2f} s"),
+        ("throughput", rate(stats.transferred, recv_stats["seconds"])),
+        ("source sha256", source_digest[:16] + "…"),
+        ("received sha256", done["ram_sha256"][:16] + "…"),
+    ])
+    if same:
+        console.print("[bold green]OK[/]: the received RAM is identical to the source (sha256 match)")
+        return 0
+    console.print("[bold red]FAILED[/]: the received RAM differs from the source")
+    return 1
+
+
+# --- entry point ---------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mignet", description="Migrate guest memory over TCP or RDMA in QEMU's stream format.")
+    p.add_argument("--version", action="version", version=f"mignet {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("recv", help="receive a migration stream (from mignet or QEMU)")
+    r.add_argument("--listen", required=True, metavar="URI", help="tcp:HOST:PORT, unix:PATH or rdma:HOST:PORT")
+    r.add_argument("--out", metavar="DIR", help="write each RAM block and the device state to DIR")
+    r.add_argument("--max-ram", default=str(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
+                   metavar="SIZE", help="refuse sources with more RAM (default: physical memory)")
+    r.add_argument("--timeout", type=float, default=None, help="seconds to wait for the source")
+    r.add_argument("--json", action="store_true", help="machine-readable events on stdout")
+    r.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    r.set_defaults(func=cmd_recv)
+
+    s = sub.add_parser("send", help="send guest RAM and device state")
+    s.add_argument("uri", metavar="URI")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--image", metavar="FILE", help="a RAM image, e.g. QEMU's memory-backend-file")
+    src.add_argument("--size", metavar="SIZE", help="a synthetic guest of SIZE (e.g. 2G)")
+    s.add_argument("--fill", choices=["random", "zero", "mixed"], default="random")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--block-name", default="pc.ram", help="RAM block name for --image")
+    s.add_argument("--max-bandwidth", default="0", metavar="RATE", help="e.g. 128MiB/s; 0 = unlimited")
+    s.add_argument("--no-devices", action="store_true", help="send no device-state sections")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_send)
+
+    d = sub.add_parser("demo", help="migrate a guest over loopback and check it arrived intact")
+    d.add_argument("--size", default="1G")
+    d.add_argument("--fill", choices=["random", "zero", "mixed"], default="mixed")
+    d.add_argument("--seed", type=int, default=7)
+    d.set_defaults(func=cmd_demo)
+
+    from .bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except MigrationCancelled as exc:
+        console.print(f"mignet: {exc}")
+        return 130
+    except MignetError as exc:
+        console.print(f"[red]mignet: error:[/] {escape(str(exc))}", soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        console.print("mignet: interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

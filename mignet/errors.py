@@ -1,0 +1,57 @@
+"""The exception hierarchy of mignet.
+
+Callers need to tell apart *who* is at fault, because each calls for a different reaction:
+
+* ``ProtocolError`` — the peer sent a stream we must not trust (bad magic, unknown section,
+  an offset outside its RAM block). Retrying will not help; the peer or its version is wrong.
+* ``ConnectionLostError`` — the transport broke (peer closed mid-read, reset, RDMA
+  disconnect). The stream may have been fine; retrying the migration may work.
+* ``ClosedChannelError`` / ``MisuseError`` — *we* used an API wrongly (read after close, BQL
+  taken twice). These are bugs in the caller, never the peer's fault.
+* ``SetupError`` — the environment refused a resource we asked for (bad URI, port in use,
+  no RDMA device). The message names the fix.
+* ``MigrationCancelled`` — someone asked us to stop; not a failure of either side.
+"""
+
+from __future__ import annotations
+
+
+class MignetError(Exception):
+    """Base class: every error mignet raises on purpose derives from it."""
+
+
+class ProtocolError(MignetError):
+    """The peer's stream is malformed or uses a feature mignet does not implement.
+
+    ``offset`` is the stream offset (bytes from the start) where the problem was found,
+    when known, so a capture can be inspected with QEMU's analyze-migration.py.
+    """
+
+    def __init__(self, message: str, *, offset: int | None = None) -> None:
+        self.offset = offset
+        where = f" (at stream offset {offset})" if offset is not None else ""
+        super().__init__(f"{message}{where}")
+
+
+class ConnectionLostError(MignetError):
+    """The connection ended or broke while more data was expected."""
+
+
+class MisuseError(MignetError):
+    """A local programming error: an API was used against its contract."""
+
+
+class ClosedChannelError(MisuseError):
+    """I/O was attempted on a channel that this side already closed or shut down."""
+
+
+class BqlMisuseError(MisuseError):
+    """The big lock was taken twice, released while not held, or held where it must not be."""
+
+
+class SetupError(MignetError):
+    """A resource could not be set up: bad address, port in use, missing device."""
+
+
+class MigrationCancelled(MignetError):
+    """The migration was cancelled on request (``migrate-cancel``, Ctrl-C)."""

@@ -1,0 +1,52 @@
+"""Bandwidth limiting in QEMU's style (``max-bandwidth``, bytes per second).
+
+QEMU's rate limiter hands out a budget per 100 ms window; once a window's budget is spent,
+the migration thread sleeps until the next window. The limit can change at any moment and
+takes effect at the next window boundary — at most 100 ms later. 0 means unlimited.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+WINDOW = 0.1  # seconds, QEMU's BUFFER_DELAY
+
+
+class RateLimiter:
+    def __init__(self, bytes_per_second: int = 0) -> None:
+        self._limit = bytes_per_second
+        self._window_start = time.monotonic()
+        self._used = 0
+        self._wake = threading.Event()
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def set_limit(self, bytes_per_second: int) -> None:
+        """Change the limit; a sender sleeping on the old limit wakes at once."""
+        self._limit = max(0, int(bytes_per_second))
+        self._wake.set()
+
+    def consume(self, nbytes: int, should_stop: threading.Event | None = None) -> float:
+        """Account ``nbytes`` just sent; sleep while over budget. Returns seconds slept."""
+        slept = 0.0
+        self._used += nbytes
+        while True:
+            limit = self._limit
+            now = time.monotonic()
+            if now - self._window_start >= WINDOW:
+                # Carry over any overshoot so the long-run rate stays at the limit.
+                budget = limit * (now - self._window_start) if limit else self._used
+                self._used = max(0, int(self._used - budget))
+                self._window_start = now
+            if not limit or self._used < limit * WINDOW:
+                return slept
+            if should_stop is not None and should_stop.is_set():
+                return slept
+            delay = self._window_start + WINDOW - now
+            self._wake.clear()
+            t0 = time.monotonic()
+            self._wake.wait(max(0.0, delay))
+            slept += time.monotonic() - t0

@@ -1,0 +1,8 @@
+"""Socket transports: TCP and UNIX stream sockets."""
+
+from __future__ import annotations
+
+from .socket_channel import SocketChannel
+from .socket_listener import SocketListener, connect_socket, listen_socket
+
+__all__ = ["SocketChannel", "SocketListener", "connect_socket", "listen_socket"]

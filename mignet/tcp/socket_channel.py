@@ -1,0 +1,88 @@
+"""A Channel over a connected stream socket (TCP or UNIX): pure I/O, no protocol."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Sequence
+
+from ..channel import Buffer, Channel, IOCondition, ShutdownHow, WritableBuffer
+from ..errors import ConnectionLostError
+
+_SHUT = {ShutdownHow.READ: socket.SHUT_RD, ShutdownHow.WRITE: socket.SHUT_WR,
+         ShutdownHow.BOTH: socket.SHUT_RDWR}
+# Linux caps one vectored call at IOV_MAX buffers; longer lists are sent in slices.
+IOV_MAX = 1024
+
+
+class SocketChannel(Channel):
+    """QIOChannelSocket: vectored reads go straight into the caller's buffers
+    (``recvmsg_into``), so pages can land directly in guest RAM."""
+
+    def __init__(self, sock: socket.socket, name: str | None = None) -> None:
+        super().__init__(name or _describe(sock))
+        self.sock = sock
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(True)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def poll_fds(self, cond: IOCondition) -> list[tuple[int, int]]:
+        return [(self.sock.fileno(), int(cond))]
+
+    def _readv(self, bufs: Sequence[WritableBuffer]) -> int | None:
+        try:
+            if len(bufs) == 1:
+                return self.sock.recv_into(bufs[0])
+            return self.sock.recvmsg_into(bufs[:IOV_MAX])[0]
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            raise self._lost(exc) from exc
+
+    def _writev(self, bufs: Sequence[Buffer]) -> int | None:
+        try:
+            if len(bufs) == 1:
+                return self.sock.send(bufs[0])
+            return self.sock.sendmsg(bufs[:IOV_MAX])
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            raise self._lost(exc) from exc
+
+    def _peek(self, size: int) -> bytes | None:
+        try:
+            return self.sock.recv(size, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            raise self._lost(exc) from exc
+
+    def _lost(self, exc: OSError) -> ConnectionLostError:
+        if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT):
+            return ConnectionLostError(f"{self.name}: connection lost ({exc.strerror})")
+        return ConnectionLostError(f"{self.name}: socket error: {exc}")
+
+    def _set_blocking(self, blocking: bool) -> None:
+        self.sock.setblocking(blocking)
+
+    def _shutdown(self, how: ShutdownHow) -> None:
+        try:
+            self.sock.shutdown(_SHUT[how])
+        except OSError:
+            pass  # already disconnected: shutting down is then a no-op
+
+    def _close(self) -> None:
+        self.sock.close()
+
+
+def _describe(sock: socket.socket) -> str:
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "socket"
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{peer or sock.getsockname()}"
+    return f"tcp:{peer[0]}:{peer[1]}"

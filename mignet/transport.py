@@ -1,0 +1,44 @@
+"""Opening channels from migration URIs: the one place that maps a scheme to a transport."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .channel import Channel
+from .errors import SetupError
+from .uri import Address, parse_uri
+
+
+class Listener(Protocol):
+    address: Address
+
+    def accept(self, timeout: float | None = None) -> Channel: ...
+
+    def close(self) -> None: ...
+
+
+def listen(uri: str) -> Listener:
+    """Listen on ``uri`` (tcp:, unix: or rdma:); ``SetupError`` with the fix on failure."""
+    address = parse_uri(uri)
+    if address.scheme == "rdma":
+        try:
+            from .rdma import listen_rdma
+        except ImportError as exc:
+            raise SetupError(f"rdma: URIs need pyverbs ({exc}); run tools/rxe/setup.sh") from exc
+        return listen_rdma(address)  # type: ignore[no-any-return]
+    from .tcp import listen_socket
+
+    return listen_socket(address)
+
+
+def connect(uri: str, timeout: float | None = 30.0) -> Channel:
+    address = parse_uri(uri)
+    if address.scheme == "rdma":
+        try:
+            from .rdma import connect_rdma
+        except ImportError as exc:
+            raise SetupError(f"rdma: URIs need pyverbs ({exc}); run tools/rxe/setup.sh") from exc
+        return connect_rdma(address, timeout)  # type: ignore[no-any-return]
+    from .tcp import connect_socket
+
+    return connect_socket(address, timeout)

@@ -1,0 +1,80 @@
+"""Terminal output: progress bars while bytes move, and a stats table at the end (rich).
+
+Everything goes to stderr, so stdout stays free for machine-readable lines (``--json``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+console = Console(stderr=True, highlight=False)
+
+
+@contextmanager
+def transfer_progress(label: str, poll: Callable[[], tuple[int, int | None, str]],
+                      enabled: bool = True, interval: float = 0.1) -> Iterator[None]:
+    """Show a bar that refreshes from ``poll() -> (done, total, note)`` every ``interval``
+    seconds while the body runs (the work itself runs in another thread)."""
+    if not enabled:
+        yield
+        return
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+        TransferSpeedColumn(), TimeRemainingColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[note]}"), console=console, transient=False,
+    )
+    stop = threading.Event()
+    with progress:
+        task = progress.add_task(label, total=None, note="")
+
+        def refresh() -> None:
+            while not stop.wait(interval):
+                done, total, note = poll()
+                progress.update(task, completed=done, total=total, note=note)
+        t = threading.Thread(target=refresh, name="ui/progress", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+            done, total, note = poll()
+            progress.update(task, completed=done, total=total, note=note)
+
+
+def stats_table(title: str, rows: list[tuple[str, Any]]) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    for key, value in rows:
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def rate(nbytes: float, seconds: float) -> str:
+    if seconds <= 0:
+        return "-"
+    return f"{nbytes / seconds / 1e9:.2f} GB/s"

@@ -1,0 +1,118 @@
+"""The command line, as separate processes over real loopback sockets."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mignet.ram import GuestRam, block_filename
+
+
+def start_recv(cmd: list[str], env: dict[str, str], *extra: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([*cmd, "recv", "--listen", "tcp:127.0.0.1:0", "--json", "--quiet", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    first = json.loads(proc.stdout.readline())
+    assert first["event"] == "listening"
+    return proc, first["uri"]
+
+
+def test_send_to_recv_between_processes_digest_matches(mignet_cmd: list[str], subprocess_env: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    out = tmp_path / "guest"
+    proc, uri = start_recv(mignet_cmd, subprocess_env, "--out", str(out))
+    send = subprocess.run([*mignet_cmd, "send", uri, "--size", "48M", "--fill", "mixed", "--seed", "5",
+                           "--json", "--quiet"], capture_output=True, text=True, env=subprocess_env, timeout=120)
+    assert send.returncode == 0, send.stderr
+    sent = json.loads(send.stdout.strip().splitlines()[-1])
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    got = json.loads(stdout.strip().splitlines()[-1])
+    assert got["ram_sha256"] == sent["ram_sha256"]
+    expected = GuestRam.generate(48 << 20, "mixed", seed=5)
+    assert got["ram_sha256"] == expected.digest()
+    ram_file = out / block_filename("pc.ram")
+    assert np.array_equal(np.fromfile(ram_file, np.uint8), expected["pc.ram"].data)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["ram_sha256"] == expected.digest()
+    devices = json.loads((out / "devices.json").read_text())
+    assert [d["idstr"] for d in devices["devices"]] == ["mignet-cpu/0", "mignet-cpu/1", "mignet-serial", "mignet-timer"]
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], pattern: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert pattern in lines[0], lines[0]
+
+
+def test_bad_uri(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    r = subprocess.run([*mignet_cmd, "send", "http://x", "--size", "1M"], capture_output=True, text=True,
+                       env=subprocess_env, timeout=60)
+    one_line_error(r, "tcp:HOST:PORT")
+
+
+def test_port_in_use(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        r = subprocess.run([*mignet_cmd, "recv", "--listen", f"tcp:127.0.0.1:{port}"], capture_output=True,
+                           text=True, env=subprocess_env, timeout=60)
+    one_line_error(r, "already in use")
+
+
+def test_nothing_listening(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    r = subprocess.run([*mignet_cmd, "send", f"tcp:127.0.0.1:{port}", "--size", "1M"], capture_output=True,
+                       text=True, env=subprocess_env, timeout=60)
+    one_line_error(r, "nothing is listening")
+
+
+def test_peer_that_is_not_a_migration_source(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    proc, uri = start_recv(mignet_cmd, subprocess_env)
+    host, port = uri.removeprefix("tcp:").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        _, stderr = proc.communicate(timeout=60)
+    one_line_error(subprocess.CompletedProcess([], proc.returncode, "", stderr), "not a migration stream")
+
+
+def test_peer_that_is_not_a_migration_destination(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    """A server that reads a little and hangs up: the sender reports a lost connection."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def rude() -> None:
+        conn, _ = server.accept()
+        conn.recv(100)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        conn.close()
+    t = threading.Thread(target=rude)
+    t.start()
+    r = subprocess.run([*mignet_cmd, "send", f"tcp:127.0.0.1:{server.getsockname()[1]}", "--size", "64M",
+                        "--quiet"], capture_output=True, text=True, env=subprocess_env, timeout=60)
+    t.join()
+    server.close()
+    one_line_error(r, "connection lost")
+
+
+def test_send_requires_a_source(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    r = subprocess.run([*mignet_cmd, "send", "tcp:127.0.0.1:1"], capture_output=True, text=True,
+                       env=subprocess_env, timeout=60)
+    one_line_error(r, "--image FILE or --size")
+
+
+@pytest.mark.slow
+def test_demo_says_ok(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    r = subprocess.run([*mignet_cmd, "demo", "--size", "64M"], capture_output=True, text=True,
+                       env=subprocess_env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "identical to the source" in r.stderr

@@ -1,0 +1,160 @@
+"""The threaded loader over real sockets: placement, the prediction fast path's recovery,
+layout checks and the big-lock rules."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mignet.bql import bql_held
+from mignet.devices import DeviceSet
+from mignet.errors import ConnectionLostError, MigrationCancelled, ProtocolError
+from mignet.loadvm import LOAD_THREAD_NAME, Loader, start_load_thread
+from mignet.ram import GuestRam, RamBlock
+from mignet.savevm import Sender
+from mignet.stream import PAGE_SIZE
+from tests.support.streams import channel_pair, encode_stream, feed_in_chunks
+
+
+def load_bytes(data: bytes, chunks: list[int], **kw: object) -> tuple[Loader, object]:
+    tx, rx = channel_pair()
+    feeder = feed_in_chunks(tx, data, chunks)
+    loader = Loader(rx, **kw)  # type: ignore[arg-type]
+    result = start_load_thread(loader).join(60)
+    feeder.join(5)
+    rx.close()
+    return loader, result
+
+
+def mixed_ram(pages: int, seed: int) -> GuestRam:
+    return GuestRam.generate(pages * PAGE_SIZE, "mixed", seed=seed)
+
+
+@pytest.mark.parametrize("chunks", [[1 << 20], [4105, 4103, 9], [1, 7, 4096, 8200, 3], [65536, 12345]])
+@pytest.mark.parametrize("fill", ["random", "mixed"])
+def test_partial_reads_and_mispredictions_never_corrupt(chunks: list[int], fill: str) -> None:
+    src = GuestRam.generate(300 * PAGE_SIZE, fill, seed=len(chunks))  # type: ignore[arg-type]
+    devices = DeviceSet.example(2)
+    loader, result = load_bytes(encode_stream(src, devices), chunks, devices=DeviceSet.empty())
+    assert result.ram.digest() == src.digest()  # type: ignore[attr-defined]
+    assert result.devices.state_equal(devices)  # type: ignore[attr-defined]
+
+
+def test_out_of_order_pages_defeat_prediction_safely() -> None:
+    """Pages sent in a shuffled order make nearly every prediction wrong; RAM stays exact."""
+    src = mixed_ram(200, 5)
+    order = [("pc.ram", i) for i in np.random.default_rng(1).permutation(200).tolist()]
+    loader, result = load_bytes(encode_stream(src, None, order), [1 << 16])
+    assert result.ram.digest() == src.digest()  # type: ignore[attr-defined]
+
+
+def test_prediction_places_runs_directly() -> None:
+    src = GuestRam.generate(2048 * PAGE_SIZE, "random", seed=3)
+    loader, result = load_bytes(encode_stream(src), [1 << 20])
+    assert result.ram.digest() == src.digest()  # type: ignore[attr-defined]
+    assert loader.stats.predicted_pages > 1900
+
+
+def test_into_a_given_ram_checks_the_layout(tmp_path: Path) -> None:
+    src = mixed_ram(64, 1)
+    dst = GuestRam([RamBlock.from_file("pc.ram", tmp_path / "img", writable=True, size=64 * PAGE_SIZE)])
+    _, result = load_bytes(encode_stream(src), [10000], ram=dst)
+    assert np.array_equal(np.fromfile(tmp_path / "img", np.uint8), src["pc.ram"].data)
+    wrong = GuestRam([RamBlock.anonymous("pc.ram", 32 * PAGE_SIZE)])
+    with pytest.raises(ProtocolError, match="is 131072 bytes here but 262144 in the stream"):
+        load_bytes(encode_stream(src), [10000], ram=wrong)
+    other = GuestRam([RamBlock.anonymous("other", 64 * PAGE_SIZE)])
+    with pytest.raises(ProtocolError, match="which this destination lacks"):
+        load_bytes(encode_stream(src), [10000], ram=other)
+
+
+def test_truncated_stream_is_connection_lost_or_truncated() -> None:
+    data = encode_stream(mixed_ram(64, 2))
+    with pytest.raises((ProtocolError, ConnectionLostError), match="truncated|closed"):
+        load_bytes(data[:len(data) // 2 + 3], [5000])
+
+
+def test_loader_runs_in_its_own_named_thread_without_the_big_lock() -> None:
+    seen: dict[str, object] = {}
+    tx, rx = channel_pair()
+    src = mixed_ram(64, 3)
+    feeder = feed_in_chunks(tx, encode_stream(src, DeviceSet.example(1)), [8192])
+
+    class Probe(DeviceSet):
+        def load(self, *args: object) -> None:  # type: ignore[override]
+            seen.setdefault("thread", threading.current_thread().name)
+            super().load(*args)  # type: ignore[arg-type]
+
+    loader = Loader(rx, devices=Probe())
+    start_load_thread(loader).join(30)
+    feeder.join(5)
+    rx.close()
+    assert seen["thread"] == LOAD_THREAD_NAME
+    # RAM loading must not hold the big lock: a loader started under it refuses to run.
+    tx2, rx2 = channel_pair()
+    with bql_held():
+        from mignet.errors import BqlMisuseError
+        with pytest.raises(BqlMisuseError):
+            Loader(rx2).run()
+    tx2.close()
+    rx2.close()
+
+
+def test_main_loop_holding_the_big_lock_delays_device_load_not_ram() -> None:
+    """RAM keeps flowing while another thread holds the big lock; the device sections wait."""
+    src = GuestRam.generate(512 * PAGE_SIZE, "random", seed=9)
+    tx, rx = channel_pair()
+    feeder = feed_in_chunks(tx, encode_stream(src, DeviceSet.example(3)), [1 << 16])
+    loader = Loader(rx)
+    with bql_held():
+        t = start_load_thread(loader)
+        for _ in range(200):
+            if loader.stats.normal_pages == 512:
+                break
+            threading.Event().wait(0.01)
+        assert loader.stats.normal_pages == 512  # RAM loaded while we held the lock
+        assert loader.stats.device_sections == 0  # devices wait for the lock
+    result = t.join(30)
+    feeder.join(5)
+    rx.close()
+    assert result.stats.device_sections == 4
+
+
+def test_cancel_wakes_the_loader() -> None:
+    tx, rx = channel_pair()
+    tx.write_all(encode_stream(mixed_ram(16, 1))[:100])
+    loader = Loader(rx)
+    t = start_load_thread(loader)
+    threading.Event().wait(0.1)
+    loader.cancel()
+    with pytest.raises(MigrationCancelled):
+        t.join(5)
+    tx.close()
+    rx.close()
+
+
+def test_sender_to_loader_over_tcp_with_devices() -> None:
+    from mignet.transport import connect, listen
+
+    src = mixed_ram(1024, 4)
+    devs = DeviceSet.example(4)
+    lst = listen("tcp:127.0.0.1:0")
+    box: dict[str, object] = {}
+
+    def send() -> None:
+        ch = connect(str(lst.address))
+        box["stats"] = Sender(ch, src, devs, section_bytes=1 << 20).run()
+        ch.close()
+    t = threading.Thread(target=send)
+    t.start()
+    ch = lst.accept(10)
+    result = start_load_thread(Loader(ch)).join(60)
+    t.join(10)
+    ch.close()
+    lst.close()
+    assert result.ram.digest() == src.digest()
+    assert result.devices.state_equal(devs)
+    assert result.stats.sections >= 2 and result.stats.zero_pages > 0

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run every test: the host suite, then the RDMA suite inside one
+# soft-RoCE guest (real rdma_rxe), where the guest can boot. Fails if any part fails or if
+# a part ran no test at all.
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+bash tools/setup.sh || exit 1
+py=.venv/bin/python
+
+echo "== host tests =="
+$py -m pytest -q -m "not rdma" -p no:cacheprovider "$@"
+host=$?
+
+rdma=0
+if compgen -G "tests/rdma/test_*.py" >/dev/null; then
+    reason="$($py -c 'import sys; sys.path.insert(0, "tools/rxe"); from run_in_guest import guest_available; print(guest_available() or "")')"
+    if [[ -n "$reason" ]]; then
+        echo "== RDMA tests: cannot boot the soft-RoCE guest: $reason =="
+        rdma=1
+    else
+        echo "== RDMA tests (inside a soft-RoCE guest) =="
+        $py tools/rxe/run_in_guest.py --timeout 900 -- "$root/.venv/bin/python" -m pytest -q -m rdma \
+            -p no:cacheprovider tests/rdma
+        rdma=$?
+    fi
+fi
+echo "== host tests exit $host, RDMA tests exit $rdma =="
+[[ $host -eq 0 && $rdma -eq 0 ]]
