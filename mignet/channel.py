@@ -19,7 +19,7 @@ import select
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Union
+from typing import Any, Protocol, Union
 
 from .coroutine import in_coroutine, wait_fds, yield_until
 from .errors import ClosedChannelError, ConnectionLostError
@@ -41,8 +41,28 @@ class ShutdownHow(enum.Enum):
     BOTH = "both"
 
 
+class RemotePagePlacement(Protocol):
+    """A transport that places page data in the peer's RAM itself (RDMA WRITE), so page
+    payloads never travel in the byte stream. Sockets have none."""
+
+    def register_destination_ram(self, ram: Any) -> None:
+        """Destination, when the stream announces its blocks: register guest RAM for
+        remote writes and tell the source where each block lives."""
+
+    def write_pages(self, block: Any, offsets: Any) -> int:
+        """Source: write the pages at ``offsets`` (numpy array of byte offsets) of
+        ``block`` into the destination's copy; returns bytes written."""
+
+    def fence(self) -> None:
+        """Source: return once every page written so far has landed at the destination
+        (before device state is sent)."""
+
+
 class Channel(ABC):
     """A bidirectional byte stream with QIOChannel semantics."""
+
+    #: Set by transports that write pages into the peer's RAM directly (RDMA).
+    page_placement: RemotePagePlacement | None = None
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -7,6 +7,7 @@ QEMU, a truncated stream) ends as one line on stderr and a non-zero exit, never 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -267,8 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench.cli import add_bench_parser
 
-    add_bench_parser(sub)
+    bench_sub = add_bench_parser(sub)
+    for module in _PLUGINS:  # subcommands of subpackages: serve (QMP), rxe and bench rdma
+        try:
+            plugin = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        plugin.register(sub, bench_sub)
     return p
+
+
+# Each module has ``register(subparsers, bench_subparsers)``.
+_PLUGINS = ("mignet.qmp.cli", "mignet.rdma.cli", "mignet.live.cli")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -211,6 +211,8 @@ class Loader:
                     raise ProtocolError(
                         f"RAM block {name!r} is {block.size} bytes here but {size} in the stream")
         self.stats.ram_total = event.total
+        if self.channel.page_placement is not None:
+            self.channel.page_placement.register_destination_ram(self.ram)
 
     def _select_block(self, name: str) -> RamBlock:
         if name != self._block_name:

@@ -62,6 +62,10 @@ class Sender:
         self.section_bytes = section_bytes
         self.machine_type = machine_type
         self._cancelled = threading.Event()
+        self.placement = channel.page_placement
+        # The destination starts zeroed: in the first pass zero pages need not be sent when
+        # pages travel outside the stream (RDMA); later passes must clear pages that became zero.
+        self.first_pass = True
         self._section_open = False
         self._since_section = 0
 
@@ -102,14 +106,30 @@ class Sender:
                 self._write([enc.ram_section(final=False)])
                 self._section_open = True
             zero = block.zero_mask(first, count)
-            bufs = _batch_buffers(enc, block.name, view, first, zero)
-            self._write(bufs)
+            if self.placement is not None:
+                self._place_remotely(block, first, zero)
+            else:
+                self._write(_batch_buffers(enc, block.name, view, first, zero))
             nzero = int(np.count_nonzero(zero))
             self.stats.zero_pages += nzero
             self.stats.normal_pages += count - nzero
             self.stats.pages_scanned += count
             if self._since_section >= self.section_bytes:
                 self.close_section()
+
+    def _place_remotely(self, block: RamBlock, first: int, zero: np.ndarray) -> None:
+        """RDMA: data pages are written into the destination's RAM; only ZERO records (and
+        none in the first pass) go in the stream."""
+        assert self.placement is not None
+        pages = np.arange(first, first + len(zero), dtype=np.uint64) * PAGE_SIZE
+        data = pages[~zero]
+        if len(data):
+            n = self.placement.write_pages(block, data)
+            self.stats.transferred += n
+            self._since_section += n
+            self.limiter.consume(n, self._cancelled)
+        if not self.first_pass and zero.any():
+            self._write([self.encoder.zero_records(block.name, pages[zero])])
 
     def close_section(self) -> None:
         if self._section_open:
@@ -123,6 +143,8 @@ class Sender:
         enc = self.encoder
         self.close_section()
         self._write([enc.ram_section(final=True), enc.ram_section_close()])
+        if self.placement is not None:
+            self.placement.fence()  # every page has landed before device state is sent
         if before_devices is not None:
             before_devices()
         parts: list[object] = []

@@ -9,7 +9,8 @@ from typing import Any
 from ..ram import parse_size
 
 
-def add_bench_parser(sub: Any) -> None:
+def add_bench_parser(sub: Any) -> Any:
+    """Add ``bench``; returns its subparsers so plugins can add their benchmarks."""
     b = sub.add_parser("bench", help="benchmarks (figures side by side in one run)")
     bsub = b.add_subparsers(dest="bench", required=True)
     t = bsub.add_parser("tcp", help="mignet migration vs a raw socket loop over loopback")
@@ -17,6 +18,7 @@ def add_bench_parser(sub: Any) -> None:
     t.add_argument("--repeat", type=int, default=3)
     t.add_argument("--json-out", metavar="FILE", help="also write the figures as JSON")
     t.set_defaults(func=cmd_bench_tcp)
+    return bsub
 
 
 def cmd_bench_tcp(args: argparse.Namespace) -> int:
