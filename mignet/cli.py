@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             plugin = importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name != module:
+            if exc.name is None or not module.startswith(exc.name):
                 raise
             continue
         plugin.register(sub, bench_sub)
