@@ -32,6 +32,7 @@ import numpy as np
 
 from .bql import assert_bql_not_held, bql_held
 from .channel import Channel
+from .coroutine import run_coroutine
 from .devices import KNOWN_DEVICES, DeviceSet
 from .errors import MigrationCancelled, MignetError, ProtocolError
 from .ram import GuestRam, RamBlock
@@ -387,3 +388,15 @@ class LoadThread:
 
 def start_load_thread(loader: Loader) -> LoadThread:
     return LoadThread(loader).start()
+
+
+async def load_in_coroutine(loader: Loader) -> LoadResult:
+    """The pre-threading model: the same ``Loader.run`` as a coroutine of the main loop.
+
+    The channel becomes non-blocking, so a read that would block goes through
+    ``wait_cond``, which yields to the loop; on a :class:`~mignet.mainloop.MainLoop` the
+    coroutine therefore holds the big lock except while yielded, as QEMU's did.
+    """
+    loader.threaded = False
+    loader.channel.set_blocking(False)
+    return await run_coroutine(loader.run)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -45,7 +46,8 @@ def encode_stream(ram: GuestRam, devices: DeviceSet | None = None,
     return b"".join(bytes(x) for x in out)
 
 
-def feed_in_chunks(channel: SocketChannel, data: bytes, sizes: list[int]) -> threading.Thread:
+def feed_in_chunks(channel: SocketChannel, data: bytes, sizes: list[int],
+                   delay: float = 0.0) -> threading.Thread:
     """Write ``data`` from a thread in chunks of the given sizes (cycled), then close —
     this makes the receiver see every kind of partial read."""
     def run() -> None:
@@ -57,6 +59,8 @@ def feed_in_chunks(channel: SocketChannel, data: bytes, sizes: list[int]) -> thr
                 channel.write_all(data[pos:pos + n])
                 pos += n
                 i += 1
+                if delay:
+                    time.sleep(delay)
         except ConnectionLostError:
             pass  # the receiver rejected the stream and closed: that is what some tests want
         finally:
