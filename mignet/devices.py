@@ -10,6 +10,7 @@ version-1 stream still loads (the field then keeps its reset value).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,10 +40,38 @@ TIMER = VMStateDescription("mignet-timer", version_id=3, minimum_version_id=2, f
     VMStateField("drift_ppm", "int32", version_added=3),
 ))
 
-# idstr -> layout: what the decoder may parse field by field.
-KNOWN_DEVICES: dict[str, VMStateDescription] = {
-    "mignet-cpu/0": CPU, "mignet-cpu/1": CPU, "mignet-serial": SERIAL, "mignet-timer": TIMER,
-}
+# A device with a large state (e.g. a GPU or NIC ring): makes device-heavy streams for the
+# receive-model benchmark, where loading device state holds the big lock.
+BLOB = VMStateDescription("mignet-blob", version_id=1, minimum_version_id=1, fields=(
+    VMStateField("generation", "uint64"),
+    VMStateField("state", "buffer", size=64 << 10),
+))
+
+
+class _KnownDevices(Mapping[str, VMStateDescription]):
+    """idstr -> layout: what the decoder may parse field by field. Fixed names plus any
+    number of ``mignet-blob/N`` instances."""
+
+    _fixed: dict[str, VMStateDescription] = {
+        "mignet-cpu/0": CPU, "mignet-cpu/1": CPU, "mignet-serial": SERIAL, "mignet-timer": TIMER,
+    }
+
+    def __getitem__(self, idstr: str) -> VMStateDescription:
+        if idstr in self._fixed:
+            return self._fixed[idstr]
+        prefix, _, index = idstr.partition("/")
+        if prefix == BLOB.name and index.isdigit():
+            return BLOB
+        raise KeyError(idstr)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fixed)
+
+    def __len__(self) -> int:
+        return len(self._fixed)
+
+
+KNOWN_DEVICES: Mapping[str, VMStateDescription] = _KnownDevices()
 
 
 @dataclass
@@ -78,6 +107,16 @@ class DeviceSet:
         devs.append(Device("mignet-timer", TIMER, {
             "clock_ns": u64(), "enabled": True, "period_ns": 1_000_000, "drift_ppm": -12}))
         return cls(devs)
+
+    @classmethod
+    def heavy(cls, count: int, seed: int = 0) -> DeviceSet:
+        """The example devices plus ``count`` 64 KiB blobs: a stream heavy in device state."""
+        devs = cls.example(seed)
+        rng = np.random.default_rng(seed + 1)
+        for i in range(count):
+            devs.devices.append(Device(f"mignet-blob/{i}", BLOB, {
+                "generation": i, "state": rng.bytes(BLOB.fields[1].size)}, instance_id=i))
+        return devs
 
     @classmethod
     def empty(cls) -> DeviceSet:

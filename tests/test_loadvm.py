@@ -158,3 +158,11 @@ def test_sender_to_loader_over_tcp_with_devices() -> None:
     assert result.ram.digest() == src.digest()
     assert result.devices.state_equal(devs)
     assert result.stats.sections >= 2 and result.stats.zero_pages > 0
+
+
+def test_device_heavy_stream_round_trips() -> None:
+    src = mixed_ram(32, 6)
+    devices = DeviceSet.heavy(6, seed=2)
+    _, result = load_bytes(encode_stream(src, devices), [70000, 100])
+    assert result.devices.state_equal(devices)  # type: ignore[attr-defined]
+    assert len(result.devices.devices) == 10  # type: ignore[attr-defined]
