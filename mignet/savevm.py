@@ -70,6 +70,9 @@ class Sender:
         self._staging = np.empty(BATCH_PAGES * PAGE_RECORD_SIZE, dtype=np.uint8)
         self._section_open = False
         self._since_section = 0
+        # QEMU flushes the stop-and-copy round "regardless of rate limiting": live precopy
+        # clears this for its final round (max-bandwidth only shapes the live rounds).
+        self.rate_limited = True
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -87,16 +90,58 @@ class Sender:
             raise
         self.stats.transferred += n
         self._since_section += n
-        self.limiter.consume(n, self._cancelled)
+        if self.rate_limited:
+            self.limiter.consume(n, self._cancelled)
 
     # --- the stream ------------------------------------------------------------------
     def run(self) -> SendStats:
-        enc = self.encoder
-        self._write([enc.header(), enc.configuration(self.machine_type), enc.ram_start(self.ram.layout())])
+        self.start()
         for block in self.ram:
             self.send_pages(block, range_pages(block))
         self.finish()
         return self.stats
+
+    def start(self) -> None:
+        """The stream header, configuration and the RAM setup section (block list)."""
+        enc = self.encoder
+        self._write([enc.header(), enc.configuration(self.machine_type), enc.ram_start(self.ram.layout())])
+
+    def send_page_list(self, block: RamBlock, pages: np.ndarray, batch: int = BATCH_PAGES) -> None:
+        """Send the pages of ``block`` whose indices are in ``pages`` (ascending), e.g. the
+        dirty pages of a live round, which are scattered: runs of one page each would cost a
+        batch per page through :meth:`send_pages`. One zero check and one vectored write per
+        ``batch`` pages, whatever their spacing."""
+        enc = self.encoder
+        words = block.page_words()
+        for start in range(0, len(pages), batch):
+            idx = pages[start:start + batch]
+            if not self._section_open:
+                self._write([enc.ram_section(final=False)])
+                self._section_open = True
+            zero = ~words[idx].any(axis=1)
+            offsets = idx.astype(np.uint64) * np.uint64(PAGE_SIZE)
+            if self.placement is not None:
+                if (~zero).any():
+                    n = self.placement.write_pages(block, offsets[~zero])
+                    self.stats.transferred += n
+                    self._since_section += n
+                    if self.rate_limited:
+                        self.limiter.consume(n, self._cancelled)
+                if not self.first_pass and zero.any():
+                    self._write([enc.zero_records(block.name, offsets[zero])])
+            else:
+                bufs: list[object] = []
+                if zero.any():
+                    bufs.append(enc.zero_records(block.name, offsets[zero]))
+                if not zero.all():
+                    bufs += enc.page_records(block.name, block.data, offsets[~zero], self._staging)
+                self._write(bufs)
+            nzero = int(np.count_nonzero(zero))
+            self.stats.zero_pages += nzero
+            self.stats.normal_pages += len(idx) - nzero
+            self.stats.pages_scanned += len(idx)
+            if self._since_section >= self.section_bytes:
+                self.close_section()
 
     def send_pages(self, block: RamBlock, batches: Iterable[tuple[int, int]]) -> None:
         """Send pages of ``block`` given as (first page, count) batches, zero pages as ZERO
@@ -128,7 +173,8 @@ class Sender:
             n = self.placement.write_pages(block, data)
             self.stats.transferred += n
             self._since_section += n
-            self.limiter.consume(n, self._cancelled)
+            if self.rate_limited:
+                self.limiter.consume(n, self._cancelled)
         if not self.first_pass and zero.any():
             self._write([self.encoder.zero_records(block.name, pages[zero])])
 
