@@ -11,6 +11,8 @@ Callers need to tell apart *who* is at fault, because each calls for a different
 * ``SetupError`` — the environment refused a resource we asked for (bad URI, port in use,
   no RDMA device). The message names the fix.
 * ``MigrationCancelled`` — someone asked us to stop; not a failure of either side.
+* ``RequestRefused`` — a control request (QMP) was refused: bad argument or wrong moment
+  (``InvalidOptionError``, ``OptionLockedError``). The requester can fix it.
 """
 
 from __future__ import annotations
@@ -55,3 +57,18 @@ class SetupError(MignetError):
 
 class MigrationCancelled(MignetError):
     """The migration was cancelled on request (``migrate-cancel``, Ctrl-C)."""
+
+
+class RequestRefused(MignetError):
+    """A control-plane request (a QMP command) was refused: a bad argument, or the wrong
+    moment (``migrate`` while one runs). Neither a bug in mignet nor the peer's fault — the
+    requester can fix it, and nothing changed. QMP reports it as ``GenericError``."""
+
+
+class InvalidOptionError(RequestRefused):
+    """A migration capability or parameter name, type or value is not acceptable."""
+
+
+class OptionLockedError(RequestRefused):
+    """A migration option may not change now: a running migration (outgoing or incoming)
+    holds the option lock. Only the allowlisted parameters may change at any time."""
