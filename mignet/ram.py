@@ -11,6 +11,7 @@ reduction, never a Python loop per page.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import re
 import urllib.parse
@@ -37,6 +38,19 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+def allocate_guest_memory(size: int) -> np.ndarray:
+    """Zeroed anonymous memory for guest RAM, backed by transparent huge pages where the
+    kernel allows (QEMU madvises its RAM the same way). On this machine kind first touch of
+    fresh memory runs at 0.4-1.6 GB/s with 4 KiB pages and 6-7 GB/s with huge pages, and
+    first touch is what bounds a receiver. Pages stay lazily allocated either way."""
+    mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mem.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):
+        pass  # no THP: plain pages work, only slower to fault in
+    return np.frombuffer(mem, dtype=np.uint8)
+
+
 @dataclass
 class RamBlock:
     """One RAM block. ``data`` is a 1-D uint8 array of ``size`` bytes (whole pages).
@@ -60,7 +74,7 @@ class RamBlock:
     def anonymous(cls, name: str, size: int) -> RamBlock:
         if size <= 0 or size % PAGE_SIZE:
             raise SetupError(f"RAM block {name!r}: size {size} is not a positive multiple of 4 KiB")
-        return cls(name, np.zeros(size, dtype=np.uint8), np.ones(size // PAGE_SIZE, dtype=bool))
+        return cls(name, allocate_guest_memory(size), np.ones(size // PAGE_SIZE, dtype=bool))
 
     @classmethod
     def from_file(cls, name: str, path: Path, *, writable: bool, size: int | None = None) -> RamBlock:

@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 
-import numpy as np
+from ..ram import allocate_guest_memory
 
 
 def main() -> int:
@@ -23,8 +23,9 @@ def main() -> int:
     server = socket.create_server(("127.0.0.1", 0))
     print(json.dumps({"event": "listening", "uri": f"tcp:127.0.0.1:{server.getsockname()[1]}"}), flush=True)
     conn, _ = server.accept()
+    server.close()
     t0 = time.monotonic()
-    ram = np.zeros(args.size, dtype=np.uint8)
+    ram = allocate_guest_memory(args.size)  # the same memory mignet's receiver gets
     view = memoryview(ram)
     got = 0
     while got < args.size:
