@@ -1,0 +1,31 @@
+"""The ``rdma:`` transport: rdma_cm + RC verbs through Debian's pyverbs.
+
+Nothing here imports pyverbs at package import time, so ``import mignet.rdma`` (and the CLI
+plugin) works on hosts without RDMA; the first ``listen_rdma``/``connect_rdma`` imports it and
+turns a missing device, module or memlock limit into a one-line ``SetupError``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..uri import Address
+    from .channel import RdmaChannel, RdmaListener
+
+
+def listen_rdma(address: Address) -> RdmaListener:
+    """Listen for one incoming RDMA migration on ``address`` (an ``rdma:HOST:PORT``)."""
+    from .channel import RdmaListener
+
+    return RdmaListener.open(address)
+
+
+def connect_rdma(address: Address, timeout: float | None = 30.0) -> RdmaChannel:
+    """Connect to an ``rdma:HOST:PORT`` listener; the channel places pages by RDMA WRITE."""
+    from .channel import RdmaChannel
+
+    return RdmaChannel.connect(address, timeout)
+
+
+__all__ = ["listen_rdma", "connect_rdma"]
