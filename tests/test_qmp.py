@@ -338,3 +338,19 @@ def test_real_qemu_source_into_mignet_destination_set_up_over_qmp(tmp_path: Path
             assert "pc.bios" in blocks and guest["devices"] > 20
             assert statuses(dst.events()) == ["setup", "active", "completed"]
     asyncio.run(main())
+
+
+def test_incoming_uri_on_the_command_line_listens_at_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with serve(tmp_path, "dst", "--incoming", f"unix:{tmp_path}/mig.sock") as dst:
+            info = await dst.x("query-migrate")
+            assert info == {"status": "setup",
+                            "socket-address": [{"type": "unix", "path": f"{tmp_path}/mig.sock"}]}
+            _, desc = await dst.error("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+            assert desc == "The incoming migration has already been started"
+            _, desc = await dst.error("migrate", {"uri": "tcp:127.0.0.1:1"})
+            assert desc == "Guest is waiting for an incoming migration"
+            await dst.x("migrate-cancel")  # stops listening
+            assert (await dst.wait_status(*FINAL))["status"] == "cancelled"
+            assert statuses(dst.events()) == ["cancelling", "cancelled"]  # setup came before we connected
+    asyncio.run(main())
