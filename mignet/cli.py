@@ -99,7 +99,8 @@ def _load_stats_dict(s: LoadStats) -> dict[str, Any]:
             "stream_bytes": s.bytes_received, "normal_pages": s.normal_pages,
             "zero_pages": s.zero_pages, "ram_sections": s.sections,
             "device_sections": s.device_sections, "seconds": round(s.elapsed, 4),
-            "predicted_pages": s.predicted_pages, "mispredictions": s.mispredictions}
+            "predicted_pages": s.predicted_pages, "mispredictions": s.mispredictions,
+            "switchover_at": s.switchover_at}  # CLOCK_MONOTONIC: live downtime on one host
 
 
 def _print_load_table(result: LoadResult, digest: str, out: GuestDir | None) -> None:
@@ -129,6 +130,8 @@ def _source_ram(args: argparse.Namespace) -> GuestRam:
 def cmd_send(args: argparse.Namespace) -> int:
     if not args.image and not args.size:
         raise SetupError("say what to send: --image FILE or --size SIZE [--fill random|zero|mixed]")
+    if args.live:
+        return _send_live(args)
     ram = _source_ram(args)
     devices = DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed)
     channel = connect(args.uri)
@@ -141,6 +144,38 @@ def cmd_send(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"event": "completed", "ram_sha256": digest, "transferred": stats.transferred,
                     "seconds": round(stats.elapsed, 4)})
+    return 0
+
+
+def _live_params(args: argparse.Namespace) -> Any:
+    from .live.precopy import PrecopyParams
+
+    return PrecopyParams(downtime_limit_ms=args.downtime_limit, max_bandwidth=parse_rate(args.max_bandwidth),
+                         auto_converge=args.auto_converge)
+
+
+def _send_live(args: argparse.Namespace) -> int:
+    """Live precopy of a running synthetic guest (its vCPUs write at --dirty-rate)."""
+    from .live.dirty import page_aligned
+    from .live.session import print_live_table, run_live
+
+    if args.image:
+        raise SetupError("--live migrates a running synthetic guest: use --size, not --image "
+                         "(its vCPUs would write into the image)")
+    ram = page_aligned(_source_ram(args))
+    devices = DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed)
+    channel = connect(args.uri)
+    precopy, workload = run_live(channel, ram, devices, dirty_rate=parse_rate(args.dirty_rate),
+                                 params=_live_params(args), quiet=args.quiet, seed=args.seed)
+    channel.close()
+    digest = ram.digest() if args.json or not args.quiet else ""
+    if not args.quiet:
+        print_live_table(precopy, workload)
+        console.print(f"source RAM sha256 at stop-and-copy: {digest[:16]}…")
+    if args.json:
+        info = precopy.query_migrate()
+        _emit_json({"event": "completed", "ram_sha256": digest, "transferred": info["ram"]["transferred"],
+                    "seconds": info["total-time"] / 1000, "migration": info})
     return 0
 
 
@@ -184,45 +219,49 @@ def _print_send_table(s: SendStats, digest: str) -> None:
 
 # --- demo ----------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Both ends on loopback: a receiver process, this process sends, digests compared."""
+    """Both ends on loopback: a receiver process, this process migrates a *running* guest
+    (vCPU threads writing at --dirty-rate) by live precopy; digests compared afterwards."""
+    from .live.dirty import page_aligned
+    from .live.session import print_live_table, run_live
+
     size = parse_size(args.size)
-    console.print(f"mignet demo: migrating a {human_bytes(size)} {args.fill} guest over "
-                  "loopback TCP to a separate receiver process")
+    dirty_rate = parse_rate(args.dirty_rate)
+    console.print(f"mignet demo: live-migrating a {human_bytes(size)} {args.fill} guest, its vCPUs "
+                  f"writing {human_bytes(dirty_rate)}/s, over loopback TCP to a separate receiver process")
     receiver = subprocess.Popen(
         [sys.executable, "-m", "mignet", "recv", "--listen", "tcp:127.0.0.1:0", "--json", "--quiet",
          "--max-ram", str(size + (64 << 20))],
         stdout=subprocess.PIPE, text=True)
+    done: dict[str, Any] = {}
+
+    def destination_loaded() -> float | None:
+        """The receiver's switchover on this host's CLOCK_MONOTONIC (its JSON line)."""
+        assert receiver.stdout is not None
+        line = receiver.stdout.readline()
+        if receiver.wait(60) != 0 or not line:
+            raise MignetError("the receiver failed; see its message above")
+        done.update(json.loads(line))
+        return done["stats"].get("switchover_at")  # type: ignore[no-any-return]
     try:
         assert receiver.stdout is not None
         first = json.loads(receiver.stdout.readline() or "{}")
         if first.get("event") != "listening":
             raise SetupError("the receiver process did not start; run `mignet recv` to see why")
-        ram = GuestRam.generate(size, args.fill, seed=args.seed)
+        ram = page_aligned(GuestRam.generate(size, args.fill, seed=args.seed))
         devices = DeviceSet.example(args.seed)
-        source_digest = ram.digest()
         channel = connect(first["uri"])
-        stats = _run_send(Sender(channel, ram, devices), quiet=False)
+        precopy, workload = run_live(channel, ram, devices, dirty_rate=dirty_rate, params=_live_params(args),
+                                     destination_loaded=destination_loaded, seed=args.seed)
         channel.close()
-        line = receiver.stdout.readline()
-        if receiver.wait(60) != 0 or not line:
-            raise MignetError("the receiver failed; see its message above")
-        done = json.loads(line)
+        source_digest = ram.digest()  # the vCPUs are stopped: RAM as frozen at stop-and-copy
     finally:
         if receiver.poll() is None:
             receiver.send_signal(signal.SIGINT)
             receiver.wait(10)
-    same = done["ram_sha256"] == source_digest
-    recv_stats = done["stats"]
-    stats_table("demo result", [
-        ("guest RAM", f"{human_bytes(size)} ({args.fill})"),
-        ("stream bytes", human_bytes(stats.transferred)),
-        ("pages: data / zero", f"{recv_stats['normal_pages']} / {recv_stats['zero_pages']}"),
-        ("receiver time", f"{recv_stats['seconds']:.2f} s"),
-        ("throughput", rate(stats.transferred, recv_stats["seconds"])),
-        ("source sha256", source_digest[:16] + "…"),
-        ("received sha256", done["ram_sha256"][:16] + "…"),
-    ])
-    if same:
+    print_live_table(precopy, workload, "demo result")
+    stats_table("digests", [("source sha256 (frozen at stop-and-copy)", source_digest[:16] + "…"),
+                            ("received sha256", done["ram_sha256"][:16] + "…")])
+    if done["ram_sha256"] == source_digest:
         console.print("[bold green]OK[/]: the received RAM is identical to the source (sha256 match)")
         return 0
     console.print("[bold red]FAILED[/]: the received RAM differs from the source")
@@ -256,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-name", default="pc.ram", help="RAM block name for --image")
     s.add_argument("--max-bandwidth", default="0", metavar="RATE", help="e.g. 128MiB/s; 0 = unlimited")
     s.add_argument("--no-devices", action="store_true", help="send no device-state sections")
+    s.add_argument("--live", action="store_true",
+                   help="live precopy: the guest keeps running (vCPUs writing at --dirty-rate)")
+    s.add_argument("--dirty-rate", default="200MiB/s", metavar="RATE", help="with --live: guest write rate")
+    _add_live_options(s)
     s.add_argument("--json", action="store_true")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_send)
@@ -264,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size", default="1G")
     d.add_argument("--fill", choices=["random", "zero", "mixed"], default="mixed")
     d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--dirty-rate", default="100MiB/s", metavar="RATE", help="guest write rate (0 = idle)")
+    d.add_argument("--max-bandwidth", default="0", metavar="RATE", help="e.g. 128MiB/s; 0 = unlimited")
+    _add_live_options(d)
     d.set_defaults(func=cmd_demo)
 
     from .bench.cli import add_bench_parser
@@ -278,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         plugin.register(sub, bench_sub)
     return p
+
+
+def _add_live_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--downtime-limit", type=int, default=300, metavar="MS",
+                   help="switch over once the rest fits in MS at the measured bandwidth (QEMU: 300)")
+    p.add_argument("--auto-converge", action="store_true",
+                   help="throttle the vCPUs progressively while the dirty rate outruns the link")
 
 
 # Each module has ``register(subparsers, bench_subparsers)``.

@@ -244,10 +244,9 @@ class Precopy:
         for block in sender.ram:
             sender.send_page_list(block, np.flatnonzero(final[block.name]))
         sender.finish()
-        c.sent_all = time.monotonic()
+        c.sent_all = c.finished = time.monotonic()  # total-time ends on the source's side
         c.remaining_pages = 0
         loaded = self.destination_loaded() if self.destination_loaded is not None else None
-        c.finished = time.monotonic()
         if loaded is not None:
             c.downtime, c.downtime_at = loaded - c.stopped, "destination"
         else:
