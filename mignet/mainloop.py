@@ -45,6 +45,14 @@ class BqlSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
         return ready  # type: ignore[no-any-return]
 
 
+_current: MainLoop | None = None
+
+
+def current_main_loop() -> MainLoop | None:
+    """The MainLoop running on this process's main thread, if any."""
+    return _current
+
+
 class MainLoop:
     """Owns an asyncio loop whose handlers run under the big lock."""
 
@@ -55,11 +63,14 @@ class MainLoop:
     def run(self, main: Coroutine[Any, Any, T]) -> T:
         """Run ``main`` to completion on this thread, holding the big lock except in
         ``select()``, as QEMU's main loop does."""
+        global _current
         asyncio.set_event_loop(self.loop)
+        _current = self
         try:
             with bql_held():
                 return self.loop.run_until_complete(main)
         finally:
+            _current = None
             asyncio.set_event_loop(None)
 
     def close(self) -> None:
@@ -70,6 +81,16 @@ class MainLoop:
         if on:
             self.selector.stalls.clear()
             self.selector._left_select = None
+
+
+def summarize(samples: list[float]) -> dict[str, float | int]:
+    """count, p50, p99 and max of durations in seconds, reported in milliseconds."""
+    if not samples:
+        return {"count": 0, "p50-ms": 0.0, "p99-ms": 0.0, "max-ms": 0.0}
+    ordered = sorted(samples)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
+    return {"count": len(ordered), "p50-ms": round(pick(0.5), 3), "p99-ms": round(pick(0.99), 3),
+            "max-ms": round(ordered[-1] * 1000, 3)}
 
 
 def record_bql_holds(on: bool = True) -> list[float]:

@@ -14,6 +14,7 @@ status is published, so a client that sees "completed" may change options at onc
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from .channel import Channel
 from .devices import DeviceSet
 from .errors import MigrationCancelled, MignetError, RequestRefused
 from .guest_dir import GuestDir
-from .loadvm import Loader, LoadThread, start_load_thread
+from .loadvm import Loader, LoadThread, load_in_coroutine, start_load_thread
 from .options import OptionSet
 from .ram import GuestRam, RamBlock
 from .savevm import Sender
@@ -49,6 +50,9 @@ class Guest:
     out: GuestDir | None = None
     max_ram: int = 1 << 40
     incoming_deferred: bool = False  # started with --incoming defer: waits for migrate-incoming
+    # "thread": load in mig/dst/main (QEMU today); "coroutine": load as a coroutine of the
+    # main loop, holding the big lock except while yielded (QEMU before the loader thread).
+    recv_model: str = "thread"
     description: dict[str, Any] | None = field(default=None, repr=False)
 
 
@@ -147,6 +151,10 @@ class Migrations:
             self.options.end("incoming")
             raise
         self._incoming_used = True
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None  # not on a loop: only the threaded model is possible
         with self._mutex:
             self._listener = listener
         inc = self.state.incoming
@@ -186,8 +194,13 @@ class Migrations:
             inc.counters = lambda: _load_counters(loader)
             if not inc.move(frozenset({Phase.LISTENING}), Phase.RAM):
                 raise MigrationCancelled("incoming migration cancelled")
-            thread: LoadThread = start_load_thread(loader)
-            result = thread.join()
+            if self.guest.recv_model == "coroutine":
+                if self._loop is None:
+                    raise MignetError("the coroutine receive model needs a main loop")
+                result = asyncio.run_coroutine_threadsafe(load_in_coroutine(loader), self._loop).result()
+            else:
+                thread: LoadThread = start_load_thread(loader)
+                result = thread.join()
             self.guest.ram, self.guest.devices = result.ram, result.devices
             self.guest.description = result.description
             if self.guest.out is not None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..devices import DeviceSet
 from ..guest_dir import GuestDir
+from ..mainloop import MainLoop
 from ..migration import Guest, Migrations
 from ..options import OptionSet
 from ..ram import GuestRam, parse_size
@@ -46,6 +47,9 @@ def register(sub: Any, bench_sub: Any) -> None:
     s.add_argument("--out", metavar="DIR", help="destination: write the received guest to DIR")
     s.add_argument("--max-ram", default=str(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
                    metavar="SIZE", help="destination: refuse sources with more RAM")
+    s.add_argument("--recv-model", choices=["thread", "coroutine"], default="thread",
+                   help="destination: load in the mig/dst/main thread (default) or as a coroutine "
+                        "of the main loop holding the big lock (QEMU's old model)")
     s.add_argument("--json", action="store_true", help="print the QMP addresses as one JSON line")
     s.set_defaults(func=cmd_serve)
 
@@ -54,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.incoming is not None:
         guest = Guest(ram=None, devices=DeviceSet.empty(), incoming_deferred=True,
                       out=GuestDir(Path(args.out)) if args.out else None,
-                      max_ram=parse_size(args.max_ram))
+                      max_ram=parse_size(args.max_ram), recv_model=args.recv_model)
         runstate = "inmigrate"
     else:
         ram = (GuestRam.from_image(Path(args.image), name=args.block_name) if args.image
@@ -62,7 +66,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         guest = Guest(ram=ram,
                       devices=DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed))
         runstate = "running"
-    return asyncio.run(_serve(args, guest, runstate))
+    loop = MainLoop()  # handlers hold the big lock; it is free only while the loop waits
+    try:
+        return loop.run(_serve(args, guest, runstate))
+    finally:
+        loop.close()
 
 
 async def _serve(args: argparse.Namespace, guest: Guest, runstate: str) -> int:

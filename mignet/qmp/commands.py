@@ -16,7 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
+from ..bql import BQL
 from ..errors import RequestRefused
+from ..mainloop import current_main_loop, record_bql_holds, summarize
 from ..migration import Migrations
 from ..options import OptionSet
 from ..state import MigrationState, MigrationStatus
@@ -68,6 +70,7 @@ class Commands:
             "query-commands": self.query_commands,
             "quit": self.quit,
             "x-mignet-query-guest": self.query_guest,
+            "x-mignet-loop-stats": self.loop_stats,
         }
 
     # --- migration ---------------------------------------------------------------------
@@ -171,6 +174,25 @@ class Commands:
         check_args(args)
         self.on_quit()
         return {}
+
+    def loop_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        """mignet's own: big-lock hold times and main-loop stalls since the last reset, the
+        figures the receive-model benchmark reports. ``reset`` clears and starts recording;
+        ``samples`` adds every recorded duration (seconds)."""
+        check_args(args, optional={"reset": bool, "samples": bool})
+        main = current_main_loop()
+        if main is None:
+            raise QmpError("GenericError", "this process does not run mignet's main loop")
+        if args.get("reset"):
+            record_bql_holds(True)
+            main.record_stalls(True)
+        holds, stalls = list(BQL.hold_times), list(main.selector.stalls)
+        info: dict[str, Any] = {"bql-holds": summarize(holds), "main-loop-stalls": summarize(stalls),
+                                "recv-model": self.migrations.guest.recv_model}
+        if args.get("samples"):
+            info["bql-hold-samples"] = holds
+            info["stall-samples"] = stalls
+        return info
 
     def query_guest(self, args: dict[str, Any]) -> Any:
         """mignet's own: digests of the guest's RAM (per block and overall, as

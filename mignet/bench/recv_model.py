@@ -1,0 +1,205 @@
+"""``mignet bench recv-model``: the threaded loader against the coroutine loader, for real.
+
+For each receive model and each stream shape, a destination ``mignet serve --incoming defer
+--recv-model MODEL`` is driven over QMP exactly as management software would: the benchmark
+sends ``query-migrate`` every 10 ms during the load and times each answer (the control
+plane's latency), sends a ``migrate-set-capabilities`` mid-load (which must be refused in
+both models: the option lock does not depend on the big lock), and afterwards asks the
+destination for its big-lock hold times and main-loop stalls (``x-mignet-loop-stats``).
+The source is a separate process, so the client's timings are not disturbed by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import MignetError
+from ..mainloop import summarize
+from ..ui import console, human_bytes, stats_table
+
+POLL_INTERVAL = 0.010
+
+
+@dataclass
+class Shape:
+    name: str
+    size: str
+    blobs: int
+
+    def describe(self) -> str:
+        extra = f" + {self.blobs} x 64 KiB device sections" if self.blobs else ""
+        return f"{self.size} random RAM{extra}"
+
+
+@dataclass
+class ModelRun:
+    model: str
+    shape: str
+    seconds: float = 0.0
+    nbytes: int = 0
+    latencies: list[float] = field(default_factory=list)  # seconds
+    latency_times: list[float] = field(default_factory=list)  # since the load started
+    set_caps_refused: bool | None = None
+    set_caps_error: str = ""
+    loop_stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.seconds / 1e9 if self.seconds else 0.0
+
+
+async def _run_one(model: str, shape: Shape, workdir: Path) -> ModelRun:
+    from qemu.qmp import QMPClient
+    from qemu.qmp.qmp_client import ExecuteError
+
+    sock = workdir / f"dst-{model}-{shape.name}.qmp"
+    dst = subprocess.Popen([sys.executable, "-m", "mignet", "serve", "--qmp", f"unix:{sock}",
+                            "--incoming", "defer", "--recv-model", model, "--json"],
+                           stdout=subprocess.PIPE, text=True)
+    run = ModelRun(model, shape.name)
+    src: subprocess.Popen[str] | None = None
+    qmp = QMPClient(f"bench-{model}")
+    try:
+        assert dst.stdout is not None
+        await asyncio.to_thread(dst.stdout.readline)  # {"event": "qmp-listening", ...}
+        await qmp.connect(str(sock))
+        await qmp.execute("x-mignet-loop-stats", {"reset": True})
+        await qmp.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        info = await qmp.execute("query-migrate")
+        port = info["socket-address"][0]["port"]  # type: ignore[index]
+        src = subprocess.Popen([sys.executable, "-m", "mignet.bench.source", f"tcp:127.0.0.1:{port}",
+                                "--size", shape.size, "--blobs", str(shape.blobs)],
+                               stdout=subprocess.PIPE, text=True)
+        started: float | None = None
+        status = ""
+        while status not in ("completed", "failed", "cancelled"):
+            t0 = time.perf_counter()
+            info = await qmp.execute("query-migrate")
+            t1 = time.perf_counter()
+            status = info.get("status", "")  # type: ignore[union-attr]
+            if status == "active":
+                if started is None:
+                    started = t0
+                run.latencies.append(t1 - t0)
+                run.latency_times.append(t0 - started)
+                if run.set_caps_refused is None:  # the first answer while the load runs
+                    try:
+                        await qmp.execute("migrate-set-capabilities", {"capabilities": [
+                            {"capability": "events", "state": True}]})
+                        run.set_caps_refused = False
+                    except ExecuteError as exc:
+                        run.set_caps_refused = True
+                        run.set_caps_error = exc.error.error.desc
+            await asyncio.sleep(max(0.0, POLL_INTERVAL - (time.perf_counter() - t0)))
+        if status != "completed":
+            raise MignetError(f"{model} load ended {status}: {info.get('error-desc', '')}")  # type: ignore[union-attr]
+        ram = info["ram"]  # type: ignore[index]
+        run.nbytes = int(ram["total"])
+        run.seconds = (info["total-time"] - info.get("setup-time", 0)) / 1000  # type: ignore[index,union-attr]
+        run.loop_stats = await qmp.execute("x-mignet-loop-stats", {"samples": True})  # type: ignore[assignment]
+        await qmp.execute("quit")
+    finally:
+        try:
+            await qmp.disconnect()
+        except (EOFError, ConnectionError):
+            pass  # after quit the destination closes first
+        for proc in (src, dst):
+            if proc is not None:
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    return run
+
+
+def _plot(runs: list[ModelRun], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths: list[Path] = []
+    shapes = sorted({r.shape for r in runs})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for r in (r for r in runs if r.shape == shape):
+            ax.plot(r.latency_times, [x * 1000 for x in r.latencies], ".", ms=3,
+                    label=f"{r.model} (p99 {summarize(r.latencies)['p99-ms']:.1f} ms)")
+        ax.set_yscale("log")
+        ax.set_xlabel("seconds into the load")
+        ax.set_ylabel("query-migrate latency (ms)")
+        ax.set_title(f"control plane during a load: {shape}")
+        ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "recv-model-latency.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for r in (r for r in runs if r.shape == shape):
+            holds = sorted(x * 1000 for x in r.loop_stats.get("bql-hold-samples", []))
+            if holds:
+                ax.plot(holds, [i / len(holds) for i in range(1, len(holds) + 1)], label=r.model)
+        ax.set_xscale("log")
+        ax.set_xlabel("big-lock hold time (ms)")
+        ax.set_ylabel("fraction of holds (CDF)")
+        ax.set_title(f"big-lock holds: {shape}")
+        ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "recv-model-bql.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def bench_recv_model(size: str, blobs: int, out_dir: Path | None, repeat: int = 1) -> dict[str, Any]:
+    shapes = [Shape("ram", size, 0), Shape("devices", "64M", blobs)]
+    runs: list[ModelRun] = []
+    with tempfile.TemporaryDirectory(prefix="mignet-bench-") as tmp:
+        for _ in range(repeat):
+            for shape in shapes:
+                for model in ("thread", "coroutine"):
+                    console.print(f"  {model:9s} loading {shape.describe()} …")
+                    run = asyncio.run(_run_one(model, shape, Path(tmp)))
+                    runs.append(run)
+    rows: list[tuple[str, Any]] = []
+    result: dict[str, Any] = {"runs": []}
+    for r in runs:
+        lat = summarize(r.latencies)
+        holds = r.loop_stats.get("bql-holds", {})
+        stalls = r.loop_stats.get("main-loop-stalls", {})
+        rows.append((f"{r.shape} / {r.model}",
+                     f"{r.gbps:.2f} GB/s | query-migrate p50 {lat['p50-ms']:.1f} p99 {lat['p99-ms']:.1f} "
+                     f"max {lat['max-ms']:.1f} ms (n={lat['count']}) | BQL hold p99 {holds.get('p99-ms', 0):.1f} "
+                     f"max {holds.get('max-ms', 0):.1f} ms | longest stall {stalls.get('max-ms', 0):.1f} ms | "
+                     f"set-caps mid-load {'refused' if r.set_caps_refused else 'NOT refused' if r.set_caps_refused is False else 'not tried'}"))
+        result["runs"].append({
+            "model": r.model, "shape": r.shape, "gbps": round(r.gbps, 3), "seconds": round(r.seconds, 3),
+            "query_migrate_latency": lat, "bql_holds": holds, "main_loop_stalls": stalls,
+            "set_capabilities_refused": r.set_caps_refused, "set_capabilities_error": r.set_caps_error,
+        })
+    stats_table("mignet bench recv-model (TCP loopback; destination driven over QMP)", rows)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result["plots"] = [str(p) for p in _plot(runs, out_dir)]
+        console.print(f"plots: {', '.join(result['plots'])}")
+    return result
+
+
+def describe_size(size: str) -> str:
+    from ..ram import parse_size
+
+    return human_bytes(parse_size(size))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(json.dumps(bench_recv_model("256M", 200, None), indent=1))

@@ -1,0 +1,37 @@
+"""A benchmark source process: sends one stream and prints its timing as JSON.
+
+Separate from ``mignet send`` so a benchmark can ask for shapes the CLI does not offer
+(a device-heavy guest) without growing the user-facing command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..devices import DeviceSet
+from ..ram import GuestRam, parse_size
+from ..savevm import Sender
+from ..transport import connect
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("uri")
+    p.add_argument("--size", default="2G")
+    p.add_argument("--fill", default="random")
+    p.add_argument("--blobs", type=int, default=0, help="64 KiB device sections to add")
+    args = p.parse_args()
+    ram = GuestRam.generate(parse_size(args.size), args.fill, seed=5)
+    devices = DeviceSet.heavy(args.blobs, seed=5) if args.blobs else DeviceSet.example(5)
+    channel = connect(args.uri)
+    stats = Sender(channel, ram, devices).run()
+    channel.close()
+    print(json.dumps({"seconds": stats.elapsed, "transferred": stats.transferred,
+                      "ram": ram.total}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
