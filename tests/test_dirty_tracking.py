@@ -122,4 +122,4 @@ def test_hash_fallback_finds_written_pages_and_is_announced_once(capsys: pytest.
         assert np.array_equal(np.flatnonzero(log.sync()["pc.ram"]), written)
         assert not log.sync()["pc.ram"].any()
     err = capsys.readouterr().err
-    assert err.count("falling back to per-page hashing") <= 1  # once per process
+    assert err.count("per-page hashing, as asked") <= 1  # once per process

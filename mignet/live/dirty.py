@@ -330,8 +330,10 @@ class DirtyLog:
     _uffd: _Uffd | None = None
 
     def __post_init__(self) -> None:
-        problem = "page hashing forced" if self.force_fallback else kernel_tracking_error()
-        if problem is None:
+        problem = None if self.force_fallback else kernel_tracking_error()
+        if self.force_fallback:
+            announce_once("dirty tracking by per-page hashing, as asked (a full read of RAM per round)")
+        elif problem is None:
             self._uffd = _Uffd()
         else:
             announce_once(f"kernel dirty tracking unavailable ({problem}); "

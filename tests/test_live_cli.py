@@ -1,0 +1,34 @@
+"""``mignet send --live`` into ``mignet recv``, as separate processes over loopback TCP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from tests.test_cli import one_line_error, start_recv
+
+
+def test_send_live_arrives_identical_to_frozen_source(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    proc, uri = start_recv(mignet_cmd, subprocess_env)
+    send = subprocess.run([*mignet_cmd, "send", uri, "--size", "32M", "--live", "--dirty-rate", "64MiB/s",
+                           "--max-bandwidth", "64MiB/s", "--downtime-limit", "200", "--auto-converge",
+                           "--json", "--quiet"], capture_output=True, text=True, env=subprocess_env, timeout=120)
+    assert send.returncode == 0, send.stderr
+    sent = json.loads(send.stdout.strip().splitlines()[-1])
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    got = json.loads(stdout.strip().splitlines()[-1])
+    assert got["ram_sha256"] == sent["ram_sha256"]
+    info = sent["migration"]
+    assert info["status"] == "completed" and info["ram"]["dirty-sync-count"] >= 2
+    assert info["x-mignet"]["downtime-measured-at"] == "source"  # no return path to the source
+    assert got["stats"]["switchover_at"] is not None
+
+
+def test_send_live_refuses_an_image(mignet_cmd: list[str], subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    image = tmp_path / "ram.img"
+    image.write_bytes(b"\0" * 8192)
+    r = subprocess.run([*mignet_cmd, "send", "tcp:127.0.0.1:1", "--image", str(image), "--live"],
+                       capture_output=True, text=True, env=subprocess_env, timeout=60)
+    one_line_error(r, "--live migrates a running synthetic guest")
