@@ -16,8 +16,9 @@ Writing results back: the guest's / is read-only and /tmp, /var, /home ... are
 overlays that vanish when the guest exits. Pass ``--rwdir DIR`` (repeatable) to make a
 host directory writable from the guest at the same path (9p, written through at once).
 
-CLI::
+CLI (``tools/rxe/run_in_guest.py`` is the same entry point, kept for scripts)::
 
+    mignet rxe run [--mem 2G] [--timeout 900] [--rwdir DIR] -- CMD...
     python tools/rxe/run_in_guest.py [--mem 2G] [--timeout 900] [--rwdir DIR] -- CMD...
 
 Exit status: CMD's; 124 on timeout; 125 if the guest could not boot or set up rxe.
@@ -39,7 +40,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # mignet/rdma/rxe_guest.py -> checkout
 VENV = REPO_ROOT / ".venv"
 RXE_KO_GLOB = "kernel/drivers/infiniband/sw/rxe/rdma_rxe.ko*"
 GUEST_ADDR = "10.9.0.1"
@@ -239,12 +240,8 @@ def run_in_guest(
     return subprocess.CompletedProcess(cmd, rc, output, None)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI wrapper around :func:`run_in_guest`."""
-    ap = argparse.ArgumentParser(
-        description="Run CMD inside a soft-RoCE (rdma_rxe) guest; exit with CMD's status.",
-        usage="%(prog)s [--mem 2G] [--timeout 900] [--rwdir DIR]... -- CMD...",
-    )
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of ``mignet rxe run`` and ``tools/rxe/run_in_guest.py``."""
     ap.add_argument("--mem", default="2G", help="guest memory (default 2G)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds (default 900)")
     ap.add_argument("--rwdir", action="append", default=[],
@@ -252,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true",
                     help="only report whether a guest can boot here")
     ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD...")
-    args = ap.parse_args(argv)
+
+
+def run_cli(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
+    """Run the parsed command line: boot, run CMD, return its exit status."""
     if args.check:
         reason = guest_available()
         print(reason or "ok", file=sys.stderr)
@@ -270,6 +270,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rxe: timed out after {args.timeout:.0f} s", file=sys.stderr)
         return EXIT_TIMEOUT
     return result.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI wrapper around :func:`run_in_guest`."""
+    ap = argparse.ArgumentParser(
+        description="Run CMD inside a soft-RoCE (rdma_rxe) guest; exit with CMD's status.",
+        usage="%(prog)s [--mem 2G] [--timeout 900] [--rwdir DIR]... -- CMD...",
+    )
+    add_arguments(ap)
+    return run_cli(ap.parse_args(argv), ap)
 
 
 if __name__ == "__main__":

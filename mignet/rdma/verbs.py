@@ -154,10 +154,11 @@ def create_with_fd(create: Callable[[], Any], target: str) -> tuple[Any, int]:
     return obj, fd
 
 
-def readable(fd: int, timeout: float = 0.0) -> bool:
+def readable(fd: int, timeout: float | None = 0.0) -> bool:
+    """Is ``fd`` readable within ``timeout`` seconds (None: wait for ever)?"""
     p = select.poll()
     p.register(fd, select.POLLIN)
-    return bool(p.poll(timeout * 1000.0))
+    return bool(p.poll(None if timeout is None else timeout * 1000.0))
 
 
 # --- names for diagnostics ----------------------------------------------------------------
@@ -194,7 +195,7 @@ class CmEvents:
         """The next event (not yet acked), or TimeoutError."""
         from pyverbs.cmid import CMEvent
 
-        if not readable(self.fd, 1e9 if timeout is None else max(0.0, timeout)):
+        if not readable(self.fd, None if timeout is None else max(0.0, timeout)):
             raise TimeoutError("no rdma_cm event")
         return CMEvent(self.chan)
 

@@ -1,0 +1,115 @@
+"""``mignet bench rdma``: mignet's RDMA migration against ``ib_write_bw`` and mignet TCP.
+
+Run inside one soft-RoCE guest (``mignet rxe run -- mignet bench rdma``), so all three
+share the same emulated CPUs and the same rxe device; under TCG the absolute figures are
+tiny, the ratios are what this measures.
+
+* ``ib_write_bw`` (perftest): RDMA WRITEs of ``MAX_WRITE`` (1 MiB) bytes, the size mignet's
+  coalesced page writes reach on contiguous RAM, ``WRITE_WINDOW`` in flight (``-t``), over
+  rdma_cm (``-R``), as many iterations as the guest has MiB. Its "MB/sec" is MiB/s.
+* mignet RDMA: ``mignet recv --listen rdma:…`` in a fresh process, a random guest sent from
+  this process; the receiver's time from accepting to holding every byte (registration of
+  its RAM included, as in a real migration).
+* mignet TCP: the same over loopback TCP in the same guest.
+
+Figures are MiB/s (2^20 bytes), medians over ``repeat`` alternating runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from ..devices import DeviceSet
+from ..errors import MignetError, SetupError
+from ..ram import GuestRam
+from ..savevm import Sender
+from ..transport import connect
+from ..ui import console, human_bytes, stats_table
+from .channel import WRITE_WINDOW
+from .placement import MAX_WRITE
+
+MiB = 1 << 20
+_BW_LINE = re.compile(r"^\s*(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$")
+
+
+def ib_write_bw(addr: str, port: int, size: int, device: str = "rxe0") -> float:
+    """Run perftest's ib_write_bw server and client here; its average bandwidth in MiB/s."""
+    iters = max(10, size // MAX_WRITE)
+    common = ["ib_write_bw", "-d", device, "-R", "-F", "-s", str(MAX_WRITE), "-n", str(iters),
+              "-t", str(WRITE_WINDOW), "-p", str(port)]
+    try:
+        server = subprocess.Popen(common, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    except FileNotFoundError:
+        raise SetupError("ib_write_bw missing: install perftest (tools/rxe/setup.sh)") from None
+    time.sleep(1.0)  # let the server listen
+    client = subprocess.run([*common, addr], capture_output=True, text=True, timeout=300)
+    out, _ = server.communicate(timeout=60)
+    for line in (client.stdout + "\n" + out).splitlines():
+        m = _BW_LINE.match(line)
+        if m:
+            return float(m.group(4))
+    raise MignetError(f"ib_write_bw failed (exit {client.returncode}): "
+                      f"{(client.stdout + client.stderr).strip().splitlines()[-1:]}")
+
+
+def _mignet_run(uri: str, ram: GuestRam, devices: DeviceSet) -> tuple[float, dict[str, Any]]:
+    """One migration to a fresh ``mignet recv`` process; (receiver MiB/s, its stats)."""
+    proc = subprocess.Popen([sys.executable, "-m", "mignet", "recv", "--listen", uri, "--json",
+                             "--quiet"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    first = json.loads(proc.stdout.readline() or "{}")
+    if first.get("event") != "listening":
+        proc.kill()
+        raise MignetError(f"benchmark receiver did not start on {uri}")
+    channel = connect(first["uri"])
+    Sender(channel, ram, devices).run()
+    channel.close()
+    line = proc.stdout.readline()
+    if proc.wait(120) != 0 or not line:
+        raise MignetError("benchmark receiver failed")
+    done = json.loads(line)
+    if done["ram_sha256"] != ram.digest():
+        raise MignetError("benchmark receiver got different RAM")
+    return ram.total / MiB / done["stats"]["seconds"], done["stats"]
+
+
+def bench_rdma(size: int, repeat: int, addr: str, port: int = 19500) -> dict[str, Any]:
+    console.print(f"generating a {human_bytes(size)} random guest …")
+    ram = GuestRam.generate(size, "random", seed=13)
+    devices = DeviceSet.example(13)
+    runs: dict[str, list[float]] = {"ib_write_bw": [], "mignet_rdma": [], "mignet_tcp": []}
+    for i in range(repeat):
+        order = list(runs) if i % 2 == 0 else list(reversed(runs))
+        for kind in order:
+            port += 1
+            if kind == "ib_write_bw":
+                mib_s = ib_write_bw(addr, port, size)
+            elif kind == "mignet_rdma":
+                mib_s, _ = _mignet_run(f"rdma:{addr}:{port}", ram, devices)
+            else:
+                mib_s, _ = _mignet_run("tcp:127.0.0.1:0", ram, devices)
+            runs[kind].append(mib_s)
+            console.print(f"  run {i + 1}/{repeat} {kind:12s}: {mib_s:8.1f} MiB/s")
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    result = {
+        "size": size, "repeat": repeat, "message_size": MAX_WRITE, "window": WRITE_WINDOW,
+        "runs_mib_s": {k: [round(x, 1) for x in v] for k, v in runs.items()},
+        "median_mib_s": {k: round(v, 1) for k, v in med.items()},
+        "rdma_vs_ib_write_bw": round(med["mignet_rdma"] / med["ib_write_bw"], 3),
+        "rdma_vs_tcp": round(med["mignet_rdma"] / med["mignet_tcp"], 3),
+    }
+    stats_table(f"mignet bench rdma ({human_bytes(size)} random guest, "
+                f"{human_bytes(MAX_WRITE)} writes, {WRITE_WINDOW} in flight)", [
+        ("ib_write_bw", f"{med['ib_write_bw']:.1f} MiB/s  {result['runs_mib_s']['ib_write_bw']}"),
+        ("mignet RDMA", f"{med['mignet_rdma']:.1f} MiB/s  {result['runs_mib_s']['mignet_rdma']}"),
+        ("mignet TCP (loopback)", f"{med['mignet_tcp']:.1f} MiB/s  {result['runs_mib_s']['mignet_tcp']}"),
+        ("mignet RDMA / ib_write_bw", f"{result['rdma_vs_ib_write_bw']:.2f}  (target >= 0.8)"),
+        ("mignet RDMA / mignet TCP", f"{result['rdma_vs_tcp']:.2f}"),
+    ])
+    return result

@@ -1,0 +1,106 @@
+"""``mignet send``/``recv`` over ``rdma:`` between processes, a killed source, and the setup
+errors, each of which must be one line on stderr that names the fix."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import subprocess
+import time
+
+import pytest
+
+from mignet.ram import GuestRam
+
+pytestmark = pytest.mark.rdma
+
+
+def start_recv(cmd: list[str], env: dict[str, str], uri: str,
+               **kw: object) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([*cmd, "recv", "--listen", uri, "--json", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            **kw)  # type: ignore[call-overload]
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    assert first, proc.communicate(timeout=30)[1]
+    assert json.loads(first)["event"] == "listening"
+    return proc
+
+
+def one_line_error(stderr: str, pattern: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert pattern in lines[0], lines[0]
+    return lines[0]
+
+
+def rc_qps() -> int:
+    """RC queue pairs that exist on the device now (both ends connected: 2)."""
+    out = subprocess.run(["rdma", "res", "show", "qp"], capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines() if " type RC " in line and "state RTS" in line)
+
+
+def test_send_recv_between_processes_digest_matches(mignet_cmd: list[str],
+                                                    subprocess_env: dict[str, str],
+                                                    rdma_uri: str) -> None:
+    recv = start_recv(mignet_cmd, subprocess_env, rdma_uri)
+    send = subprocess.run([*mignet_cmd, "send", rdma_uri, "--size", "32M", "--fill", "mixed",
+                           "--seed", "8", "--json", "--quiet"], capture_output=True, text=True,
+                          env=subprocess_env, timeout=180)
+    assert send.returncode == 0, send.stderr
+    stdout, stderr = recv.communicate(timeout=120)
+    assert recv.returncode == 0, stderr
+    got = json.loads(stdout.strip().splitlines()[-1])
+    assert got["ram_sha256"] == json.loads(send.stdout.strip().splitlines()[-1])["ram_sha256"]
+    assert got["ram_sha256"] == GuestRam.generate(32 << 20, "mixed", seed=8).digest()
+    assert got["stats"]["device_sections"] == 4
+
+
+def test_killed_source_gives_receiver_one_line_error(mignet_cmd: list[str],
+                                                     subprocess_env: dict[str, str],
+                                                     rdma_uri: str) -> None:
+    recv = start_recv(mignet_cmd, subprocess_env, rdma_uri)
+    send = subprocess.Popen([*mignet_cmd, "send", rdma_uri, "--size", "64M", "--quiet",
+                             "--max-bandwidth", "4MiB/s"], env=subprocess_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while rc_qps() < 2 and time.monotonic() < deadline and send.poll() is None:
+        time.sleep(0.3)
+    assert send.poll() is None and rc_qps() >= 2, "the sender never connected"
+    time.sleep(2)  # mid-migration: 64 MiB at 4 MiB/s takes 16 s
+    send.send_signal(signal.SIGKILL)
+    send.wait(10)
+    t0 = time.monotonic()
+    _, stderr = recv.communicate(timeout=60)
+    assert recv.returncode == 1
+    assert time.monotonic() - t0 < 30
+    one_line_error(stderr, "disconnected")
+
+
+def _low_memlock(limit: int):  # noqa: ANN202 - a preexec_fn
+    def apply() -> None:
+        _, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, hard))
+    return apply
+
+
+def test_memlock_too_low_one_line_error_on_both_sides(mignet_cmd: list[str],
+                                                      subprocess_env: dict[str, str],
+                                                      rdma_uri: str) -> None:
+    # a source whose limit cannot even hold the message rings
+    send = subprocess.run([*mignet_cmd, "send", rdma_uri, "--size", "32M"], capture_output=True,
+                          text=True, env=subprocess_env, timeout=120,
+                          preexec_fn=_low_memlock(256 << 10))
+    assert send.returncode == 1
+    one_line_error(send.stderr, "RLIMIT_MEMLOCK is 262144: raise it with ulimit -l unlimited")
+    # a destination whose limit is below the guest RAM it must register
+    recv = start_recv(mignet_cmd, subprocess_env, rdma_uri, preexec_fn=_low_memlock(8 << 20))
+    send = subprocess.run([*mignet_cmd, "send", rdma_uri, "--size", "32M", "--quiet"],
+                          capture_output=True, text=True, env=subprocess_env, timeout=120)
+    _, stderr = recv.communicate(timeout=60)
+    assert recv.returncode == 1
+    one_line_error(stderr, "RLIMIT_MEMLOCK is 8388608: raise it with ulimit -l unlimited")
+    assert send.returncode == 1  # the source hears of it as a lost connection
+    one_line_error(send.stderr, "mignet: error:")
