@@ -25,6 +25,8 @@ from .devices import DeviceSet
 from .errors import MigrationCancelled, MignetError, RequestRefused
 from .guest_dir import GuestDir
 from .loadvm import Loader, LoadThread, load_in_coroutine, start_load_thread
+from .live.precopy import Precopy, PrecopyParams
+from .live.workload import Workload
 from .options import OptionSet
 from .ram import GuestRam, RamBlock
 from .savevm import Sender
@@ -53,6 +55,7 @@ class Guest:
     # "thread": load in mig/dst/main (QEMU today); "coroutine": load as a coroutine of the
     # main loop, holding the big lock except while yielded (QEMU before the loader thread).
     recv_model: str = "thread"
+    workload: Workload | None = None  # the source's running vCPUs (None: a paused guest)
     description: dict[str, Any] | None = field(default=None, repr=False)
 
 
@@ -100,26 +103,30 @@ class Migrations:
             assert self.guest.ram is not None
             sender = Sender(channel, self.guest.ram, self.guest.devices,
                             max_bandwidth=self.options.parameter("max-bandwidth"))
+            precopy = Precopy(sender, self.guest.workload, self._precopy_params(),
+                              on_round=lambda r: events and self.emit("MIGRATION_PASS", {"pass": r.round + 1}))
 
-            def on_option(name: str, value: Any) -> None:
-                if name == "max-bandwidth":  # allowlisted: takes effect within 100 ms
-                    sender.limiter.set_limit(value)
+            def on_option(name: str, value: Any) -> None:  # allowlisted while migrating
+                if name == "max-bandwidth":  # takes effect within 100 ms
+                    precopy.set_max_bandwidth(value)
+                elif name == "downtime-limit":  # read at the next sync
+                    precopy.params.downtime_limit_ms = int(value)
             remove_observer = self.options.add_observer(on_option)
-            sender.limiter.set_limit(self.options.parameter("max-bandwidth"))  # a change meanwhile
+            precopy.set_max_bandwidth(self.options.parameter("max-bandwidth"))  # a change meanwhile
             with self._mutex:
                 self._sender = sender
-            out.counters = lambda: _send_counters(sender)
+            out.counters = lambda: _precopy_counters(precopy)
             if not out.move(frozenset({Phase.CONNECTING}), Phase.RAM):
                 raise MigrationCancelled("outgoing migration cancelled")
             if events:
                 self.emit("MIGRATION_PASS", {"pass": 1})
-            sender.run()
+            result = precopy.run()  # rounds while the vCPUs run, then stop and copy
             self.state.runstate = "finish-migrate"
             if not out.move(frozenset({Phase.RAM}), Phase.SWITCHOVER):
                 raise MigrationCancelled("outgoing migration cancelled")
-            out.downtime_ms = int(sender.stats.elapsed * 1000)  # stop-and-copy: all of it
-            self._end(out, "outgoing", Phase.DONE)
             self.state.runstate = "postmigrate"
+            out.downtime_ms = int(result.get("downtime", 0))
+            self._end(out, "outgoing", Phase.DONE)
         except MigrationCancelled:
             self._end(out, "outgoing", Phase.CANCELLED)
             self.state.runstate = "running"
@@ -135,6 +142,18 @@ class Migrations:
                 self._sender = None
             if channel is not None:
                 channel.close()
+
+    def _precopy_params(self) -> PrecopyParams:
+        o = self.options
+        return PrecopyParams(
+            downtime_limit_ms=int(o.parameter("downtime-limit")),
+            max_bandwidth=int(o.parameter("max-bandwidth")),
+            auto_converge=bool(o.capability("auto-converge")),
+            cpu_throttle_initial=int(o.parameter("cpu-throttle-initial")),
+            cpu_throttle_increment=int(o.parameter("cpu-throttle-increment")),
+            max_cpu_throttle=int(o.parameter("max-cpu-throttle")),
+            throttle_trigger_threshold=int(o.parameter("throttle-trigger-threshold")),
+        )
 
     # --- incoming --------------------------------------------------------------------
     def start_incoming(self, uri: str, config: Mapping[str, Any] | None = None) -> list[dict[str, str]]:
@@ -257,11 +276,17 @@ def _failed_or_cancelled(side: DirectionState) -> Phase:
     return Phase.CANCELLED if side.phase is Phase.CANCELLING else Phase.FAILED
 
 
-def _send_counters(sender: Sender) -> RamCounters:
-    s = sender.stats
-    return RamCounters(transferred=s.transferred, remaining=max(0, s.ram_total - s.ram_done),
-                       total=s.ram_total, duplicate=s.zero_pages, normal=s.normal_pages,
-                       dirty_sync_count=1, precopy_bytes=s.transferred)
+def _precopy_counters(precopy: Precopy) -> RamCounters:
+    info = precopy.query_migrate()
+    ram = info.get("ram")
+    if ram is None:
+        return RamCounters()
+    return RamCounters(transferred=ram["transferred"], remaining=ram["remaining"], total=ram["total"],
+                       duplicate=ram["duplicate"], normal=ram["normal"],
+                       dirty_sync_count=ram["dirty-sync-count"], precopy_bytes=ram["precopy-bytes"],
+                       downtime_bytes=ram["downtime-bytes"], dirty_pages_rate=ram["dirty-pages-rate"],
+                       expected_downtime_ms=info.get("expected-downtime"), mbps=ram["mbps"],
+                       pages_per_second=ram["pages-per-second"])
 
 
 def _load_counters(loader: Loader) -> RamCounters:

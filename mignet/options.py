@@ -39,7 +39,9 @@ CAPABILITIES: tuple[str, ...] = (
 )
 # Capabilities mignet can honour when enabled. The others change the stream or need a
 # return path; accepting them and then migrating without them would silently lie.
-SUPPORTED_CAPABILITIES = frozenset({"events", "late-block-activate"})
+# auto-converge throttles the source's vCPUs (mignet.live); rdma-pin-all picks the RDMA
+# registration mode.
+SUPPORTED_CAPABILITIES = frozenset({"events", "late-block-activate", "auto-converge", "rdma-pin-all"})
 
 
 @dataclass(frozen=True)

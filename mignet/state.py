@@ -110,6 +110,10 @@ class RamCounters:
     dirty_sync_count: int = 0
     precopy_bytes: int = 0
     downtime_bytes: int = 0
+    dirty_pages_rate: int = 0  # pages/s, measured at the last sync
+    expected_downtime_ms: int | None = None  # None: use downtime-limit
+    mbps: float | None = None  # None: the glue's own rate meter
+    pages_per_second: int | None = None
 
 
 class RateMeter:

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ..devices import DeviceSet
+from ..cli import parse_rate
 from ..guest_dir import GuestDir
+from ..live.workload import Workload
 from ..mainloop import MainLoop
 from ..migration import Guest, Migrations
 from ..options import OptionSet
@@ -44,6 +46,9 @@ def register(sub: Any, bench_sub: Any) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--block-name", default="pc.ram", help="RAM block name for --image")
     s.add_argument("--no-devices", action="store_true", help="a source without device state")
+    s.add_argument("--dirty-rate", default="0", metavar="RATE",
+                   help="source: vCPU threads keep writing guest RAM at RATE (e.g. 64MiB/s), so "
+                        "migrate runs live precopy rounds")
     s.add_argument("--out", metavar="DIR", help="destination: write the received guest to DIR")
     s.add_argument("--max-ram", default=str(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
                    metavar="SIZE", help="destination: refuse sources with more RAM")
@@ -63,14 +68,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         ram = (GuestRam.from_image(Path(args.image), name=args.block_name) if args.image
                else GuestRam.generate(parse_size(args.size), args.fill, seed=args.seed))
+        rate = parse_rate(args.dirty_rate)
         guest = Guest(ram=ram,
-                      devices=DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed))
+                      devices=DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed),
+                      workload=Workload(ram, rate, seed=args.seed) if rate else None)
+        if guest.workload is not None:
+            guest.workload.start()
         runstate = "running"
     loop = MainLoop()  # handlers hold the big lock; it is free only while the loop waits
     try:
         return loop.run(_serve(args, guest, runstate))
     finally:
         loop.close()
+        if guest.workload is not None:
+            guest.workload.stop()
 
 
 async def _serve(args: argparse.Namespace, guest: Guest, runstate: str) -> int:

@@ -140,16 +140,19 @@ class Commands:
             if side.downtime_ms is not None:
                 info["downtime"] = side.downtime_ms
         else:
-            info["expected-downtime"] = int(self.options.parameter("downtime-limit"))
+            info["expected-downtime"] = (c.expected_downtime_ms if c.expected_downtime_ms is not None
+                                         else int(self.options.parameter("downtime-limit")))
         if status is MigrationStatus.COMPLETED:
             elapsed = max(1e-9, now - (side.setup_done or side.started))
             mbps, pps = c.transferred * 8 / elapsed / 1e6, c.normal / elapsed
         else:
             mbps, pps = side.meter.sample(c.transferred, c.normal + c.duplicate)
+            if c.mbps is not None and c.pages_per_second is not None:
+                mbps, pps = c.mbps, c.pages_per_second  # the precopy driver's per-round rates
         info["ram"] = {
             "transferred": c.transferred, "remaining": c.remaining, "total": c.total,
             "duplicate": c.duplicate, "skipped": 0, "normal": c.normal,
-            "normal-bytes": c.normal * PAGE_SIZE, "dirty-pages-rate": 0, "mbps": round(mbps, 3),
+            "normal-bytes": c.normal * PAGE_SIZE, "dirty-pages-rate": c.dirty_pages_rate, "mbps": round(mbps, 3),
             "dirty-sync-count": c.dirty_sync_count, "postcopy-requests": 0,
             "page-size": PAGE_SIZE, "multifd-bytes": 0, "pages-per-second": int(pps),
             "precopy-bytes": c.precopy_bytes, "downtime-bytes": c.downtime_bytes,
