@@ -76,10 +76,13 @@ def bql_held() -> Iterator[None]:
     BQL.lock()
     try:
         yield
-    finally:
-        if not BQL.locked_by_me():
-            raise BqlMisuseError("the big lock was released inside a bql_held() block and not retaken")
-        BQL.unlock()
+    except BaseException:
+        if BQL.locked_by_me():
+            BQL.unlock()
+        raise  # the body's error wins over any lock misuse it may also have caused
+    if not BQL.locked_by_me():
+        raise BqlMisuseError("the big lock was released inside a bql_held() block and not retaken")
+    BQL.unlock()
 
 
 @contextmanager

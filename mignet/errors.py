@@ -39,6 +39,11 @@ class ConnectionLostError(MignetError):
     """The connection ended or broke while more data was expected."""
 
 
+class StreamTruncatedError(ConnectionLostError):
+    """The input ended in the middle of the stream: the source went away (or was killed)
+    before sending EOF. The bytes that came were valid; there were not enough of them."""
+
+
 class MisuseError(MignetError):
     """A local programming error: an API was used against its contract."""
 

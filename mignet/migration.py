@@ -103,7 +103,13 @@ class Migrations:
             assert self.guest.ram is not None
             sender = Sender(channel, self.guest.ram, self.guest.devices,
                             max_bandwidth=self.options.parameter("max-bandwidth"))
-            precopy = Precopy(sender, self.guest.workload, self._precopy_params(),
+            # Only a running guest has vCPUs to stop (after a completed migration it stays
+            # stopped: a second migrate sends it paused, as QEMU from postmigrate).
+            workload = self.guest.workload if self.guest.workload and self.guest.workload.running else None
+
+            def stopped() -> None:
+                self.state.runstate = "finish-migrate"
+            precopy = Precopy(sender, workload, self._precopy_params(), on_stop=stopped,
                               on_round=lambda r: events and self.emit("MIGRATION_PASS", {"pass": r.round + 1}))
 
             def on_option(name: str, value: Any) -> None:  # allowlisted while migrating
@@ -121,8 +127,9 @@ class Migrations:
             if events:
                 self.emit("MIGRATION_PASS", {"pass": 1})
             result = precopy.run()  # rounds while the vCPUs run, then stop and copy
-            self.state.runstate = "finish-migrate"
             if not out.move(frozenset({Phase.RAM}), Phase.SWITCHOVER):
+                if workload is not None:
+                    workload.start()  # cancelled at the last moment: the guest runs on
                 raise MigrationCancelled("outgoing migration cancelled")
             self.state.runstate = "postmigrate"
             out.downtime_ms = int(result.get("downtime", 0))

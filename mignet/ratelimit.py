@@ -27,6 +27,10 @@ class RateLimiter:
     def set_limit(self, bytes_per_second: int) -> None:
         """Change the limit; a sender sleeping on the old limit wakes at once."""
         self._limit = max(0, int(bytes_per_second))
+        # A new window: bytes sent under the old limit are not charged at the new one
+        # (QEMU resets its rate-limit window on a max-bandwidth change too).
+        self._used = 0
+        self._window_start = time.monotonic()
         self._wake.set()
 
     def consume(self, nbytes: int, should_stop: threading.Event | None = None) -> float:

@@ -71,10 +71,11 @@ def test_into_a_given_ram_checks_the_layout(tmp_path: Path) -> None:
         load_bytes(encode_stream(src), [10000], ram=other)
 
 
-def test_truncated_stream_is_connection_lost_or_truncated() -> None:
-    data = encode_stream(mixed_ram(64, 2))
-    with pytest.raises((ProtocolError, ConnectionLostError), match="truncated|closed"):
-        load_bytes(data[:len(data) // 2 + 3], [5000])
+@pytest.mark.parametrize("cut", [0.5, 0.9, 0.999])
+def test_a_source_that_stops_mid_stream_is_a_lost_connection(cut: float) -> None:
+    data = encode_stream(mixed_ram(64, 2), DeviceSet.example(1))
+    with pytest.raises(ConnectionLostError, match="truncated|closed"):
+        load_bytes(data[:int(len(data) * cut)], [5000])
 
 
 def test_loader_runs_in_its_own_named_thread_without_the_big_lock() -> None:

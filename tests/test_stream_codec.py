@@ -13,6 +13,7 @@ from mignet.devices import KNOWN_DEVICES, DeviceSet
 from mignet.errors import ProtocolError
 from mignet.ram import GuestRam, RamBlock
 from mignet.stream import (
+    StreamEncoder,
     NEED_DATA,
     PAGE_SIZE,
     DeviceState,
@@ -142,8 +143,6 @@ def page_word(offset: int, flags: int) -> bytes:
     (lambda d: patch(d, b"\x01a", b"\x01z", 1), "unknown block 'z'"),
     (lambda d: patch(d, page_word(0, 0x08), page_word(0, 0x28)), "CONTINUE with no previous RAM block"),
     (lambda d: patch(d, b"\x7e\x00\x00\x00\x00", b"\x7e\x00\x00\x00\x09", 1), "bad section footer"),
-    (lambda d: d[:-200], "stream truncated"),
-    (lambda d: d[:len(d) // 2], "stream truncated"),
     (lambda d: d + b"junk", "after the end of the stream"),
     (lambda d: patch(d, b"mignet-serial", b"mignet-seriaL")[:-300], "without EOF after device sections"),
 ])
@@ -208,3 +207,33 @@ def test_unknown_device_is_kept_raw_and_split_with_the_description() -> None:
     no_desc = renamed[:renamed.rindex(b"\x00\x06") + 1]
     events2, _ = decode_all(no_desc)
     assert [d.raw for d in events2 if isinstance(d, DeviceState)] == [d.raw for d in devs]
+
+
+def test_unknown_device_tail_after_a_long_buffered_prefix() -> None:
+    """Regression: the decoder trims its buffer as it goes; the tail of unknown device
+    sections must still be split from the right offset (found in review)."""
+    ram = GuestRam([RamBlock.anonymous("a", 4096 * PAGE_SIZE)])  # all zero: 4096 ZERO records
+    ram["a"].data[:PAGE_SIZE] = 1
+    data = encode_stream(ram, DeviceSet.example(2))
+    renamed = patch(data, b"mignet-serial", b"mignet-seriaL")
+    renamed = patch(renamed, b'"name":"mignet-serial"', b'"name":"mignet-seriaL"')
+    for chunk in ([1 << 16], [4096, 9, 70000]):
+        events, out = decode_all(renamed, chunk)
+        assert [e.idstr for e in events if isinstance(e, DeviceState)][-2] == "mignet-seriaL"
+        assert np.array_equal(out["a"], ram["a"].data)
+
+
+def test_block_sizes_must_be_whole_pages() -> None:
+    a, b = PAGE_SIZE + 1, 2 * PAGE_SIZE - 1  # the total is whole pages, the blocks are not
+    data = (b"QEVM\x00\x00\x00\x03" + b"\x01" + struct.pack(">I", 0) + b"\x03ram" + struct.pack(">II", 0, 4)
+            + struct.pack(">Q", (a + b) | 0x04) + b"\x01a" + struct.pack(">Q", a) + b"\x01b" + struct.pack(">Q", b))
+    with pytest.raises(ProtocolError, match="not a whole number of pages"):
+        decode_all(data)
+
+
+def test_truncation_is_a_lost_connection_not_a_bad_stream() -> None:
+    from mignet.errors import ConnectionLostError, StreamTruncatedError
+
+    with pytest.raises(StreamTruncatedError) as info:
+        decode_all(good_stream()[:-300])
+    assert isinstance(info.value, ConnectionLostError) and not isinstance(info.value, ProtocolError)

@@ -101,12 +101,14 @@ class Precopy:
                  params: PrecopyParams | None = None, *,
                  destination_loaded: Callable[[], float | None] | None = None,
                  on_round: Callable[[RoundStats], None] | None = None,
+                 on_stop: Callable[[], None] | None = None,
                  force_fallback: bool = False) -> None:
         self.sender = sender
         self.workload = workload
         self.params = params or PrecopyParams()
         self.destination_loaded = destination_loaded
         self.on_round = on_round
+        self.on_stop = on_stop  # the vCPUs just stopped for the final copy (runstate change)
         self.force_fallback = force_fallback
         self.status = "none"
         self.rounds: list[RoundStats] = []
@@ -235,6 +237,8 @@ class Precopy:
         self.status = "device"  # QEMU's state while the guest is stopped for the last copy
         if self.workload is not None:
             self.workload.stop()
+        if self.on_stop is not None:
+            self.on_stop()
         last = log.sync()  # writes since the deciding sync, up to the stop
         c.sync_count += 1
         sender.rate_limited = False  # QEMU flushes the rest regardless of max-bandwidth

@@ -91,7 +91,9 @@ async def _serve(args: argparse.Namespace, guest: Guest, runstate: str) -> int:
     migrations = Migrations(guest, options, state, lambda e, d: server.emit(e, d))
     commands = Commands(migrations, options, state, on_quit=lambda: server.quit.set())
     server = QmpServer(commands.table())
-    state.set_listener(lambda _direction, status: server.emit("MIGRATION", {"status": status.value}))
+    # QEMU sends MIGRATION only with the "events" capability (migrate_generate_event).
+    state.set_listener(lambda _direction, status: options.capability("events")
+                       and server.emit("MIGRATION", {"status": status.value}))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.quit.set)

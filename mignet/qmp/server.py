@@ -243,6 +243,8 @@ class QmpServer:
             raise
         except MignetError as exc:
             raise QmpError("GenericError", str(exc)) from None
+        except Exception as exc:  # a bug in a handler: answer it, keep the session
+            raise QmpError("GenericError", f"internal error in {name}: {exc!r}") from exc
         return result
 
 class _Session:

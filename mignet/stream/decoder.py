@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from ..errors import MisuseError, ProtocolError
+from ..errors import MisuseError, ProtocolError, StreamTruncatedError
 from ..vmstate import VMStateDescription
 from .constants import (
     CONTINUE_PAGE_FLAGS,
@@ -69,6 +69,12 @@ _KNOWN_RAM_FLAGS = int(RamFlag.ZERO | RamFlag.MEM_SIZE | RamFlag.PAGE | RamFlag.
 _TAIL_CHUNK = 1 << 16
 # A VM description larger than this is not a VM description.
 MAX_VMDESC_BYTES = 64 << 20
+# Real QEMU's device state is ~12 KB (plus a ~100 KB description); this bounds what a peer
+# can make us buffer while we wait for the description that splits it.
+MAX_DEVICE_TAIL_BYTES = 256 << 20
+# After a ZERO record, the next records are likely ZERO too: read up to this many bytes of
+# them at once. A page that follows instead has at most this much copied from the buffer.
+ZERO_READAHEAD = 9 * 455
 # QEMU's ram_load: block names are at most 255 bytes (u8 length).
 _KIND_BY_TYPE: dict[int, SectionKind] = {
     SectionType.SECTION_START: "start", SectionType.SECTION_PART: "part",
@@ -120,6 +126,7 @@ class StreamDecoder:
         self._tail_start = 0
         self._pending: list[Event] = []
         self._finished = False
+        self._zero_ahead = False  # the last record was ZERO: read the next ones in bulk
 
     # --- input -----------------------------------------------------------------------
     @property
@@ -133,17 +140,25 @@ class StreamDecoder:
 
     def wanted(self) -> int:
         """Bytes to feed next: exact wherever page data could follow, so a driver that
-        reads exactly this many never pulls page payload into the decoder."""
+        reads exactly this many never pulls page payload into the decoder — except after a
+        ZERO record, where up to ``ZERO_READAHEAD`` bytes are asked for (zero runs then cost
+        one read, not two per page; a page that ends the run has at most that much copied)."""
         if self.state is DecoderState.PAGE_PAYLOAD:
             return max(0, self._payload_left - self.buffered)
         if self.state is DecoderState.DEVICE_TAIL:
             return _TAIL_CHUNK
+        if self._zero_ahead and self.state is DecoderState.RAM_RECORDS:
+            return max(self._need, ZERO_READAHEAD - self.buffered)
         return max(1, self._need)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if self._eof:
             raise MisuseError("receive_data() after receive_eof()")
-        if self._pos > (1 << 16) and self._pos * 2 > len(self._buf):
+        if self.state is DecoderState.DEVICE_TAIL:
+            if len(self._buf) - self._tail_start + len(data) > MAX_DEVICE_TAIL_BYTES:
+                raise self._error(
+                    f"more than {MAX_DEVICE_TAIL_BYTES >> 20} MiB of device state of unknown layout")
+        elif self._pos > (1 << 16) and self._pos * 2 > len(self._buf):
             del self._buf[:self._pos]
             self._base += self._pos
             self._pos = 0
@@ -216,10 +231,11 @@ class StreamDecoder:
                 raise MisuseError("next_event() called after StreamFinished")
             self._finished = True
             return StreamFinished()
-        raise self._error(
-            f"stream truncated: the source stopped sending in state {self.state.value} "
-            f"({self.buffered} stray bytes); the migration did not complete",
-        )
+        where = self.state.value
+        self.state = DecoderState.ERROR
+        raise StreamTruncatedError(
+            f"stream truncated at offset {self.offset}: the source stopped sending in state "
+            f"{where} ({self.buffered} stray bytes); the migration did not complete")
 
     def _step(self) -> Event | _NeedData:
         state = self.state
@@ -345,6 +361,7 @@ class StreamDecoder:
         flags = word & FLAGS_MASK
         offset = word & ~FLAGS_MASK
         if flags == CONTINUE_PAGE_FLAGS:  # the common case first
+            self._zero_ahead = False
             block = self._block
             if block is None:
                 raise self._error("CONTINUE with no previous RAM block")
@@ -366,6 +383,7 @@ class StreamDecoder:
             if flags != RamFlag.EOS or offset:
                 raise self._error(f"EOS record with extra bits {word:#x}")
             self._pos += 8
+            self._zero_ahead = False
             self._goto(DecoderState.RAM_FOOTER)
             self._need = 5
             return self._footer_then(DecoderState.TOP, RamEndOfSection(
@@ -398,9 +416,11 @@ class StreamDecoder:
             self._pos += head + 1
             self._block = block
             self._need = 8
+            self._zero_ahead = True
             return RamZero(block, offset, fill)
         self._pos += head
         self._block = block
+        self._zero_ahead = False
         self._payload_left = PAGE_SIZE
         self._goto(DecoderState.PAGE_PAYLOAD)
         return RamPage(block, offset)
@@ -430,6 +450,8 @@ class StreamDecoder:
                 raise self._error("RAM block with an empty name")
             if any(name == b for b, _ in blocks):
                 raise self._error(f"RAM block {name!r} announced twice")
+            if size % PAGE_SIZE:
+                raise self._error(f"RAM block {name!r} of {size} bytes is not a whole number of pages")
             if size == 0 or seen + size > total:
                 raise self._error(
                     f"RAM block {name!r} of {size} bytes does not fit MEM_SIZE total {total}")

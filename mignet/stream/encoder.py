@@ -139,7 +139,7 @@ class StreamEncoder:
         pages = data.reshape(-1, PAGE_SIZE)
         idx = rest // np.uint64(PAGE_SIZE)
         lo, hi = int(idx[0]), int(idx[-1]) + 1
-        if hi - lo == n - 1:  # contiguous run: a plain slice copy
+        if hi - lo == n - 1 and (n == 2 or bool((np.diff(idx) == 1).all())):  # a run: slice copy
             records[:, 8:] = pages[lo:hi]
         else:
             records[:, 8:] = pages[idx.astype(np.intp)]

@@ -7,7 +7,7 @@ import socket
 from collections.abc import Sequence
 
 from ..channel import Buffer, Channel, IOCondition, ShutdownHow, WritableBuffer
-from ..errors import ConnectionLostError
+from ..errors import ClosedChannelError, ConnectionLostError
 
 _SHUT = {ShutdownHow.READ: socket.SHUT_RD, ShutdownHow.WRITE: socket.SHUT_WR,
          ShutdownHow.BOTH: socket.SHUT_RDWR}
@@ -60,7 +60,9 @@ class SocketChannel(Channel):
         except OSError as exc:
             raise self._lost(exc) from exc
 
-    def _lost(self, exc: OSError) -> ConnectionLostError:
+    def _lost(self, exc: OSError) -> ConnectionLostError | ClosedChannelError:
+        if self._closed:  # closed by another thread while this one was in a system call
+            return ClosedChannelError(f"channel {self.name} was closed during I/O")
         if exc.errno in (errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT):
             return ConnectionLostError(f"{self.name}: connection lost ({exc.strerror})")
         return ConnectionLostError(f"{self.name}: socket error: {exc}")
