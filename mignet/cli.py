@@ -31,10 +31,13 @@ from .ui import console, human_bytes, rate, stats_table, transfer_progress
 
 
 def peak_rss() -> int:
-    """This process's peak resident memory in bytes."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident memory in bytes (VmHWM: unlike ru_maxrss, it is not
+    inherited from the parent across fork and exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def parse_rate(text: str) -> int:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import socket
 import sys
 import time
 
+from ..cli import peak_rss
 from ..ram import allocate_guest_memory
 
 
@@ -36,7 +36,7 @@ def main() -> int:
         got += n
     seconds = time.monotonic() - t0
     print(json.dumps({"event": "completed", "seconds": seconds, "bytes": got,
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}),
+                      "peak_rss": peak_rss()}),
           flush=True)
     return 0
 
