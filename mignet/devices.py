@@ -89,7 +89,6 @@ class DeviceSet:
 
     devices: list[Device] = field(default_factory=list)
     raw: list[tuple[str, int, int, bytes]] = field(default_factory=list)  # idstr, inst, ver, bytes
-    loaded_sections = 0
 
     @classmethod
     def example(cls, seed: int = 0) -> DeviceSet:
@@ -129,7 +128,6 @@ class DeviceSet:
              values: dict[str, Any] | None) -> None:
         """Apply one device section. Must hold the big lock: this is main-loop state."""
         assert_bql_held("loading device state")
-        self.loaded_sections += 1
         if values is None:
             self.raw.append((idstr, instance_id, version_id, raw))
             return

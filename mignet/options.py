@@ -25,8 +25,8 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import InvalidOptionError, MisuseError, OptionLockedError
+from .stream.constants import PAGE_SIZE
 
-PAGE_SIZE = 4096
 SIZE_MAX = (1 << 64) - 1
 MAX_MIGRATE_DOWNTIME_MS = 2_000_000  # QEMU's MAX_MIGRATE_DOWNTIME_SECONDS (2000 s) in ms
 

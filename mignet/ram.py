@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import mmap
-import os
 import re
 import urllib.parse
 from collections.abc import Iterator
@@ -217,7 +216,3 @@ def fill_random(data: np.ndarray, seed: int, chunk: int = 64 << 20) -> None:
 def block_filename(name: str) -> str:
     """A file name for a block name such as '/rom@etc/acpi/tables' (reversible quoting)."""
     return urllib.parse.quote(name, safe="@.-_") + ".ram"
-
-
-def block_name_from_filename(filename: str) -> str:
-    return urllib.parse.unquote(os.path.basename(filename).removesuffix(".ram"))

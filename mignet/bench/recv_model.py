@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import MignetError
 from ..mainloop import summarize
-from ..ui import console, human_bytes, stats_table
+from ..ui import console, stats_table
 
 POLL_INTERVAL = 0.010
 
@@ -193,12 +193,6 @@ def bench_recv_model(size: str, blobs: int, out_dir: Path | None, repeat: int = 
         result["plots"] = [str(p) for p in _plot(runs, out_dir)]
         console.print(f"plots: {', '.join(result['plots'])}")
     return result
-
-
-def describe_size(size: str) -> str:
-    from ..ram import parse_size
-
-    return human_bytes(parse_size(size))
 
 
 if __name__ == "__main__":  # pragma: no cover

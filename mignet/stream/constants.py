@@ -7,7 +7,6 @@ import enum
 QEMU_VM_FILE_MAGIC = 0x5145564D  # "QEVM"
 QEMU_VM_FILE_VERSION = 3
 PAGE_SIZE = 4096
-PAGE_MASK = ~(PAGE_SIZE - 1)
 FLAGS_MASK = PAGE_SIZE - 1  # flags live in the low bits of a record's offset word
 
 
@@ -50,7 +49,6 @@ UNSUPPORTED_RAM_FLAGS: dict[RamFlag, str] = {
     RamFlag.MULTIFD_FLUSH: "multifd flushes: disable the multifd capability on the source",
 }
 
-SECTION_FOOTER_SIZE = 5  # 0x7E + be32 section id
 RECORD_HEADER_SIZE = 8
 PAGE_RECORD_SIZE = RECORD_HEADER_SIZE + PAGE_SIZE
 # A CONTINUE'd full page: what the receiver's fast path predicts.

@@ -29,6 +29,7 @@ from .constants import (
     QEMU_VM_FILE_MAGIC,
     QEMU_VM_FILE_VERSION,
     RAM_SECTION_NAME,
+    RAM_SECTION_VERSION,
     UNSUPPORTED_RAM_FLAGS,
     RamFlag,
     SectionType,
@@ -53,8 +54,6 @@ from .state import FINAL_STATES, DecoderState, check_transition
 
 class _NeedData:
     """Sentinel: feed more bytes (``wanted`` says how many) before the next event."""
-
-    _instance: _NeedData | None = None
 
     def __repr__(self) -> str:
         return "NEED_DATA"
@@ -335,8 +334,8 @@ class StreamDecoder:
                 raise self._error(
                     f"iterable section {idstr!r} is not supported (only 'ram'); disable the "
                     "source capability that adds it (e.g. block migration, dirty bitmaps)")
-            if version != 4:
-                raise self._error(f"ram section version {version}, mignet loads version 4")
+            if version != RAM_SECTION_VERSION:
+                raise self._error(f"ram section version {version}, mignet loads version {RAM_SECTION_VERSION}")
             if sid in self._sections:
                 raise self._error(f"section id {sid} started twice")
             self._sections[sid] = idstr
