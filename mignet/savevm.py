@@ -106,77 +106,51 @@ class Sender:
         enc = self.encoder
         self._write([enc.header(), enc.configuration(self.machine_type), enc.ram_start(self.ram.layout())])
 
+    def send_pages(self, block: RamBlock, batches: Iterable[tuple[int, int]]) -> None:
+        """Send the pages of ``block`` given as (first page, count) batches (a full pass)."""
+        for first, count in batches:
+            self._send_batch(block, np.arange(first, first + count), block.zero_mask(first, count))
+
     def send_page_list(self, block: RamBlock, pages: np.ndarray, batch: int = BATCH_PAGES) -> None:
         """Send the pages of ``block`` whose indices are in ``pages`` (ascending), e.g. the
-        dirty pages of a live round, which are scattered: runs of one page each would cost a
-        batch per page through :meth:`send_pages`. One zero check and one vectored write per
+        dirty pages of a live round, which are scattered: one zero check and one write per
         ``batch`` pages, whatever their spacing."""
-        enc = self.encoder
         words = block.page_words()
         for start in range(0, len(pages), batch):
             idx = pages[start:start + batch]
-            if not self._section_open:
-                self._write([enc.ram_section(final=False)])
-                self._section_open = True
-            zero = ~words[idx].any(axis=1)
-            offsets = idx.astype(np.uint64) * np.uint64(PAGE_SIZE)
-            if self.placement is not None:
-                if (~zero).any():
-                    n = self.placement.write_pages(block, offsets[~zero])
-                    self.stats.transferred += n
-                    self._since_section += n
-                    if self.rate_limited:
-                        self.limiter.consume(n, self._cancelled)
-                if not self.first_pass and zero.any():
-                    self._write([enc.zero_records(block.name, offsets[zero])])
-            else:
-                bufs: list[object] = []
-                if zero.any():
-                    bufs.append(enc.zero_records(block.name, offsets[zero]))
-                if not zero.all():
-                    bufs += enc.page_records(block.name, block.data, offsets[~zero], self._staging)
-                self._write(bufs)
-            nzero = int(np.count_nonzero(zero))
-            self.stats.zero_pages += nzero
-            self.stats.normal_pages += len(idx) - nzero
-            self.stats.pages_scanned += len(idx)
-            if self._since_section >= self.section_bytes:
-                self.close_section()
+            self._send_batch(block, idx, ~words[idx].any(axis=1))
 
-    def send_pages(self, block: RamBlock, batches: Iterable[tuple[int, int]]) -> None:
-        """Send pages of ``block`` given as (first page, count) batches, zero pages as ZERO
-        records. Live rounds call this with the dirty pages of each round."""
+    def _send_batch(self, block: RamBlock, idx: np.ndarray, zero: np.ndarray) -> None:
+        """One batch: ZERO records for the zero pages, then the data pages — in the stream,
+        packed from guest RAM, or, where the transport places pages itself (RDMA), written
+        into the destination's RAM with only the ZERO records in the stream (none in the
+        first pass: the destination starts zeroed)."""
         enc = self.encoder
-        for first, count in batches:
-            if not self._section_open:
-                self._write([enc.ram_section(final=False)])
-                self._section_open = True
-            zero = block.zero_mask(first, count)
-            if self.placement is not None:
-                self._place_remotely(block, first, zero)
-            else:
-                self._write(_batch_buffers(enc, block, first, zero, self._staging))
-            nzero = int(np.count_nonzero(zero))
-            self.stats.zero_pages += nzero
-            self.stats.normal_pages += count - nzero
-            self.stats.pages_scanned += count
-            if self._since_section >= self.section_bytes:
-                self.close_section()
-
-    def _place_remotely(self, block: RamBlock, first: int, zero: np.ndarray) -> None:
-        """RDMA: data pages are written into the destination's RAM; only ZERO records (and
-        none in the first pass) go in the stream."""
-        assert self.placement is not None
-        pages = np.arange(first, first + len(zero), dtype=np.uint64) * PAGE_SIZE
-        data = pages[~zero]
-        if len(data):
-            n = self.placement.write_pages(block, data)
-            self.stats.transferred += n
-            self._since_section += n
-            if self.rate_limited:
-                self.limiter.consume(n, self._cancelled)
-        if not self.first_pass and zero.any():
-            self._write([self.encoder.zero_records(block.name, pages[zero])])
+        if not self._section_open:
+            self._write([enc.ram_section(final=False)])
+            self._section_open = True
+        offsets = idx.astype(np.uint64) * np.uint64(PAGE_SIZE)
+        nzero = int(np.count_nonzero(zero))
+        data = offsets[~zero] if nzero else offsets
+        zero_records = enc.zero_records(block.name, offsets[zero]) if nzero else b""
+        if self.placement is not None:
+            if len(data):
+                n = self.placement.write_pages(block, data)
+                self.stats.transferred += n
+                self._since_section += n
+                if self.rate_limited:
+                    self.limiter.consume(n, self._cancelled)
+            if nzero and not self.first_pass:
+                self._write([zero_records])
+        else:
+            bufs: list[object] = [zero_records] if nzero else []
+            bufs += enc.page_records(block.name, block.data, data, self._staging)
+            self._write(bufs)
+        self.stats.zero_pages += nzero
+        self.stats.normal_pages += len(idx) - nzero
+        self.stats.pages_scanned += len(idx)
+        if self._since_section >= self.section_bytes:
+            self.close_section()
 
     def close_section(self) -> None:
         if self._section_open:
@@ -212,27 +186,3 @@ class Sender:
 def range_pages(block: RamBlock, batch: int = BATCH_PAGES) -> Iterable[tuple[int, int]]:
     for first in range(0, block.pages, batch):
         yield first, min(batch, block.pages - first)
-
-
-def _batch_buffers(enc: StreamEncoder, block: RamBlock, first: int, zero: np.ndarray,
-                   staging: np.ndarray) -> list[object]:
-    """Split a batch into runs of zero / data pages and encode each run (data runs are
-    packed into ``staging``, which is free again once the batch is written)."""
-    count = len(zero)
-    name = block.name
-    if not zero.any():
-        offsets = np.arange(first, first + count, dtype=np.uint64) * PAGE_SIZE
-        return enc.page_records(name, block.data, offsets, staging)
-    edges = np.flatnonzero(np.diff(zero.view(np.int8))) + 1
-    starts = np.concatenate(([0], edges))
-    ends = np.concatenate((edges, [count]))
-    bufs: list[object] = []
-    used = 0
-    for a, b in zip(starts.tolist(), ends.tolist()):
-        offsets = np.arange(first + a, first + b, dtype=np.uint64) * PAGE_SIZE
-        if zero[a]:
-            bufs.append(enc.zero_records(name, offsets))
-        else:
-            bufs += enc.page_records(name, block.data, offsets, staging[used:])
-            used += (b - a - 1) * PAGE_RECORD_SIZE
-    return bufs
