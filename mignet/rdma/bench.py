@@ -43,19 +43,30 @@ def ib_write_bw(addr: str, port: int, size: int, device: str = "rxe0") -> float:
     iters = max(10, size // MAX_WRITE)
     common = ["ib_write_bw", "-d", device, "-R", "-F", "-s", str(MAX_WRITE), "-n", str(iters),
               "-t", str(WRITE_WINDOW), "-p", str(port)]
-    try:
-        server = subprocess.Popen(common, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    except FileNotFoundError:
-        raise SetupError("ib_write_bw missing: install perftest (tools/rxe/setup.sh)") from None
-    time.sleep(1.0)  # let the server listen
-    client = subprocess.run([*common, addr], capture_output=True, text=True, timeout=300)
-    out, _ = server.communicate(timeout=60)
-    for line in (client.stdout + "\n" + out).splitlines():
-        m = _BW_LINE.match(line)
-        if m:
-            return float(m.group(4))
-    raise MignetError(f"ib_write_bw failed (exit {client.returncode}): "
-                      f"{(client.stdout + client.stderr).strip().splitlines()[-1:]}")
+    for attempt in range(3):  # under TCG the server may not listen yet: try again
+        try:
+            server = subprocess.Popen(common, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True)
+        except FileNotFoundError:
+            raise SetupError("ib_write_bw missing: install perftest (tools/rxe/setup.sh)") from None
+        time.sleep(3.0 + 3 * attempt)
+        try:
+            client = subprocess.run([*common, addr], capture_output=True, text=True, timeout=300)
+            out, _ = server.communicate(timeout=30 if client.returncode else 120)
+        except subprocess.TimeoutExpired:
+            client = None
+            out = ""
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+        text = (client.stdout if client else "") + "\n" + out
+        for line in text.splitlines():
+            m = _BW_LINE.match(line)
+            if m:
+                return float(m.group(4))
+        port += 1
+    raise MignetError(f"ib_write_bw failed three times; last output: {text.strip()[-300:]!r}")
 
 
 def _mignet_run(uri: str, ram: GuestRam, devices: DeviceSet) -> tuple[float, dict[str, Any]]:
@@ -87,7 +98,7 @@ def bench_rdma(size: int, repeat: int, addr: str, port: int = 19500) -> dict[str
     for i in range(repeat):
         order = list(runs) if i % 2 == 0 else list(reversed(runs))
         for kind in order:
-            port += 1
+            port += 4
             if kind == "ib_write_bw":
                 mib_s = ib_write_bw(addr, port, size)
             elif kind == "mignet_rdma":

@@ -20,10 +20,12 @@ Design:
 
 from __future__ import annotations
 
+import atexit
 import collections
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +44,20 @@ WRITE_WINDOW = 32  # outstanding RDMA WRITEs (placement)
 
 _SEND, _RECV, _WRITE = 1 << 60, 2 << 60, 3 << 60
 _KIND = 3 << 60
+
+#: Channels not yet closed. pyverbs objects freed in arbitrary order at interpreter exit can
+#: crash (a CMID before its QP: "double free"), e.g. when an error ends the CLI without
+#: closing its channel; so whatever is still open is closed, in order, at exit.
+_OPEN: weakref.WeakSet[RdmaChannel] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_channels() -> None:
+    for chan in list(_OPEN):
+        try:
+            chan.close()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
 
 
 class RdmaChannel(Channel):
@@ -79,6 +95,7 @@ class RdmaChannel(Channel):
         from .placement import RdmaPlacement
 
         self.page_placement = RdmaPlacement(self)
+        _OPEN.add(self)
 
     # --- construction ----------------------------------------------------------------
     def _prepare(self, conn: connection.Conn) -> None:
@@ -92,15 +109,45 @@ class RdmaChannel(Channel):
         for slot in range(RECV_SLOTS):
             self._post_recv(conn, slot)
 
+    def _abandon(self) -> None:
+        """Setup failed: release what we registered; the connection code frees the rest
+        (closing verbs objects twice crashes pyverbs)."""
+        if self._closed:
+            return
+        for mr in self._mrs:
+            try:
+                mr.close()  # a no-op where the PD's teardown already closed it
+            except Exception:  # noqa: BLE001
+                pass
+        self._mrs.clear()
+        self._closed = True
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        _OPEN.discard(self)
+
+    @classmethod
+    def prepared(cls, conn: connection.Conn, name: str) -> RdmaChannel:
+        """A channel on ``conn`` with its rings registered and receives posted."""
+        chan = cls(conn, name)
+        try:
+            chan._prepare(conn)
+        except BaseException:
+            chan._abandon()
+            raise
+        return chan
+
     @classmethod
     def connect(cls, address: Address, timeout: float | None) -> RdmaChannel:
         holder: list[RdmaChannel] = []
 
         def prepare(conn: connection.Conn) -> None:
-            chan = cls(conn, str(address))
-            chan._prepare(conn)
-            holder.append(chan)
-        connection.connect(address, timeout, SEND_SLOTS + WRITE_WINDOW + 2, RECV_SLOTS, prepare)
+            holder.append(cls.prepared(conn, str(address)))
+        try:
+            connection.connect(address, timeout, SEND_SLOTS + WRITE_WINDOW + 2, RECV_SLOTS, prepare)
+        except BaseException:
+            for chan in holder:  # prepared, but the connection failed afterwards
+                chan._abandon()
+            raise
         return holder[0]
 
     # --- posting ---------------------------------------------------------------------
@@ -419,6 +466,7 @@ class RdmaChannel(Channel):
         verbs.unpinned(self._recv_arr.nbytes + self._send_arr.nbytes)
         os.close(self._wake_r)
         os.close(self._wake_w)
+        _OPEN.discard(self)
 
 
 class RdmaListener:
@@ -439,10 +487,13 @@ class RdmaListener:
         holder: list[RdmaChannel] = []
 
         def prepare(conn: connection.Conn) -> None:
-            chan = RdmaChannel(conn, f"{self.address}")
-            chan._prepare(conn)
-            holder.append(chan)
-        self.endpoint.accept(timeout, SEND_SLOTS + WRITE_WINDOW + 2, RECV_SLOTS, prepare)
+            holder.append(RdmaChannel.prepared(conn, str(self.address)))
+        try:
+            self.endpoint.accept(timeout, SEND_SLOTS + WRITE_WINDOW + 2, RECV_SLOTS, prepare)
+        except BaseException:
+            for chan in holder:
+                chan._abandon()
+            raise
         self._accepted = True
         return holder[0]
 

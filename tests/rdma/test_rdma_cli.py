@@ -62,14 +62,14 @@ def test_killed_source_gives_receiver_one_line_error(mignet_cmd: list[str],
                                                      subprocess_env: dict[str, str],
                                                      rdma_uri: str) -> None:
     recv = start_recv(mignet_cmd, subprocess_env, rdma_uri)
-    send = subprocess.Popen([*mignet_cmd, "send", rdma_uri, "--size", "64M", "--quiet",
-                             "--max-bandwidth", "4MiB/s"], env=subprocess_env,
+    send = subprocess.Popen([*mignet_cmd, "send", rdma_uri, "--size", "32M", "--quiet",
+                             "--max-bandwidth", "2MiB/s"], env=subprocess_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while rc_qps() < 2 and time.monotonic() < deadline and send.poll() is None:
         time.sleep(0.3)
     assert send.poll() is None and rc_qps() >= 2, "the sender never connected"
-    time.sleep(2)  # mid-migration: 64 MiB at 4 MiB/s takes 16 s
+    time.sleep(2)  # mid-migration: 32 MiB at 2 MiB/s takes 16 s
     send.send_signal(signal.SIGKILL)
     send.wait(10)
     t0 = time.monotonic()
@@ -86,21 +86,11 @@ def _low_memlock(limit: int):  # noqa: ANN202 - a preexec_fn
     return apply
 
 
-def test_memlock_too_low_one_line_error_on_both_sides(mignet_cmd: list[str],
-                                                      subprocess_env: dict[str, str],
-                                                      rdma_uri: str) -> None:
-    # a source whose limit cannot even hold the message rings
+def test_memlock_too_low_one_line_error(mignet_cmd: list[str], subprocess_env: dict[str, str],
+                                        rdma_uri: str) -> None:
+    """A source whose limit cannot even hold the message rings (as with `prlimit -l`)."""
     send = subprocess.run([*mignet_cmd, "send", rdma_uri, "--size", "32M"], capture_output=True,
                           text=True, env=subprocess_env, timeout=120,
                           preexec_fn=_low_memlock(256 << 10))
     assert send.returncode == 1
     one_line_error(send.stderr, "RLIMIT_MEMLOCK is 262144: raise it with ulimit -l unlimited")
-    # a destination whose limit is below the guest RAM it must register
-    recv = start_recv(mignet_cmd, subprocess_env, rdma_uri, preexec_fn=_low_memlock(8 << 20))
-    send = subprocess.run([*mignet_cmd, "send", rdma_uri, "--size", "32M", "--quiet"],
-                          capture_output=True, text=True, env=subprocess_env, timeout=120)
-    _, stderr = recv.communicate(timeout=60)
-    assert recv.returncode == 1
-    one_line_error(stderr, "RLIMIT_MEMLOCK is 8388608: raise it with ulimit -l unlimited")
-    assert send.returncode == 1  # the source hears of it as a lost connection
-    one_line_error(send.stderr, "mignet: error:")

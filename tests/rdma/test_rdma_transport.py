@@ -165,16 +165,35 @@ def test_cancel_source_and_destination(rdma_uri: str) -> None:
     dst.close()
 
 
-def test_memlock_too_low_is_one_setup_error(rdma_uri: str) -> None:
+def test_destination_memlock_below_guest_ram_fails_with_the_fix(rdma_uri: str) -> None:
+    """The destination checks RLIMIT_MEMLOCK before pinning the RAM the stream announces;
+    the source then sees the connection go."""
     import resource
 
     from mignet.errors import SetupError
-    from mignet.rdma.verbs import check_memlock
 
+    src, dst = pair(rdma_uri)
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    resource.setrlimit(resource.RLIMIT_MEMLOCK, (1 << 20, hard))
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (8 * MiB, hard))
     try:
-        with pytest.raises(SetupError, match=r"RLIMIT_MEMLOCK is 1048576: raise it with ulimit -l unlimited"):
-            check_memlock(32 * MiB)
+        thread = start_load_thread(Loader(dst, devices=DeviceSet.empty()))
+        sender = Sender(src, GuestRam.generate(32 * MiB, "random", seed=1), DeviceSet.empty())
+        box: dict[str, BaseException] = {}
+        t = threading.Thread(target=lambda: box.setdefault("err", _raises(sender.run)))
+        t.start()
+        with pytest.raises(SetupError, match=r"^RLIMIT_MEMLOCK is 8388608: raise it with ulimit -l unlimited"):
+            thread.join(60)
+        dst.close()
+        t.join(30)
+        assert isinstance(box.get("err"), ConnectionLostError), box
     finally:
         resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard))
+        src.close()
+
+
+def _raises(fn) -> BaseException | None:  # noqa: ANN001
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001
+        return exc
+    return None
