@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,8 @@ from typing import Any
 
 from ..errors import MignetError
 from ..mainloop import summarize
+from ..ram import parse_size
+from .tcp import warm_free_memory
 from ..ui import console, stats_table
 
 POLL_INTERVAL = 0.010
@@ -75,9 +78,14 @@ async def _run_one(model: str, shape: Shape, workdir: Path) -> ModelRun:
         await qmp.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
         info = await qmp.execute("query-migrate")
         port = info["socket-address"][0]["port"]  # type: ignore[index]
-        src = subprocess.Popen([sys.executable, "-m", "mignet.bench.source", f"tcp:127.0.0.1:{port}",
+        src = subprocess.Popen([sys.executable, "-m", "mignet.bench.source", "-",
                                 "--size", shape.size, "--blobs", str(shape.blobs)],
-                               stdout=subprocess.PIPE, text=True)
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert src.stdin is not None and src.stdout is not None
+        await asyncio.to_thread(src.stdout.readline)  # the source guest exists
+        warm_free_memory(parse_size(shape.size) + (256 << 20))  # as bench tcp: same for both models
+        src.stdin.write(f"tcp:127.0.0.1:{port}\n")
+        src.stdin.flush()
         started: float | None = None
         status = ""
         while status not in ("completed", "failed", "cancelled"):
@@ -165,28 +173,39 @@ def bench_recv_model(size: str, blobs: int, out_dir: Path | None, repeat: int = 
     shapes = [Shape("ram", size, 0), Shape("devices", "64M", blobs)]
     runs: list[ModelRun] = []
     with tempfile.TemporaryDirectory(prefix="mignet-bench-") as tmp:
-        for _ in range(repeat):
+        for i in range(repeat):
             for shape in shapes:
-                for model in ("thread", "coroutine"):
+                for model in (("thread", "coroutine") if i % 2 == 0 else ("coroutine", "thread")):
                     console.print(f"  {model:9s} loading {shape.describe()} …")
                     run = asyncio.run(_run_one(model, shape, Path(tmp)))
                     runs.append(run)
     rows: list[tuple[str, Any]] = []
-    result: dict[str, Any] = {"runs": []}
+    result: dict[str, Any] = {"runs": [], "summary": []}
     for r in runs:
-        lat = summarize(r.latencies)
-        holds = r.loop_stats.get("bql-holds", {})
-        stalls = r.loop_stats.get("main-loop-stalls", {})
-        rows.append((f"{r.shape} / {r.model}",
-                     f"{r.gbps:.2f} GB/s | query-migrate p50 {lat['p50-ms']:.1f} p99 {lat['p99-ms']:.1f} "
-                     f"max {lat['max-ms']:.1f} ms (n={lat['count']}) | BQL hold p99 {holds.get('p99-ms', 0):.1f} "
-                     f"max {holds.get('max-ms', 0):.1f} ms | longest stall {stalls.get('max-ms', 0):.1f} ms | "
-                     f"set-caps mid-load {'refused' if r.set_caps_refused else 'NOT refused' if r.set_caps_refused is False else 'not tried'}"))
         result["runs"].append({
             "model": r.model, "shape": r.shape, "gbps": round(r.gbps, 3), "seconds": round(r.seconds, 3),
-            "query_migrate_latency": lat, "bql_holds": holds, "main_loop_stalls": stalls,
+            "query_migrate_latency": summarize(r.latencies),
+            "bql_holds": r.loop_stats.get("bql-holds", {}),
+            "main_loop_stalls": r.loop_stats.get("main-loop-stalls", {}),
             "set_capabilities_refused": r.set_caps_refused, "set_capabilities_error": r.set_caps_error,
         })
+    for shape in shapes:  # one row per (stream, model): throughput median, samples pooled
+        for model in ("thread", "coroutine"):
+            group = [r for r in runs if r.shape == shape.name and r.model == model]
+            gbps = statistics.median(r.gbps for r in group)
+            lat = summarize([x for r in group for x in r.latencies])
+            holds = summarize([x for r in group for x in r.loop_stats.get("bql-hold-samples", [])])
+            stall = max(r.loop_stats.get("main-loop-stalls", {}).get("max-ms", 0.0) for r in group)
+            refused = all(r.set_caps_refused for r in group)
+            rows.append((f"{shape.name} / {model}",
+                         f"{gbps:.2f} GB/s {[round(r.gbps, 2) for r in group]} | query-migrate p50 "
+                         f"{lat['p50-ms']:.1f} p99 {lat['p99-ms']:.1f} max {lat['max-ms']:.1f} ms "
+                         f"(n={lat['count']}) | BQL hold p50 {holds['p50-ms']:.2f} p99 {holds['p99-ms']:.1f} "
+                         f"max {holds['max-ms']:.1f} ms | longest stall {stall:.1f} ms | set-caps mid-load "
+                         f"{'refused' if refused else 'NOT refused'}"))
+            result["summary"].append({"shape": shape.name, "model": model, "gbps_median": round(gbps, 3),
+                                      "query_migrate_latency": lat, "bql_holds": holds,
+                                      "longest_stall_ms": stall, "set_capabilities_refused": refused})
     stats_table("mignet bench recv-model (TCP loopback; destination driven over QMP)", rows)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -18,14 +18,19 @@ from ..transport import connect
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("uri")
+    p.add_argument("uri", help="where to send; '-': print 'ready' once the guest exists, then "
+                               "read the URI from stdin (so the benchmark can time what follows)")
     p.add_argument("--size", default="2G")
     p.add_argument("--fill", default="random")
     p.add_argument("--blobs", type=int, default=0, help="64 KiB device sections to add")
     args = p.parse_args()
     ram = GuestRam.generate(parse_size(args.size), args.fill, seed=5)
     devices = DeviceSet.heavy(args.blobs, seed=5) if args.blobs else DeviceSet.example(5)
-    channel = connect(args.uri)
+    uri = args.uri
+    if uri == "-":
+        print("ready", flush=True)
+        uri = sys.stdin.readline().strip()
+    channel = connect(uri)
     stats = Sender(channel, ram, devices).run()
     channel.close()
     print(json.dumps({"seconds": stats.elapsed, "transferred": stats.transferred,

@@ -75,6 +75,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if guest.workload is not None:
             guest.workload.start()
         runstate = "running"
+    # The loader thread and the main loop share the GIL: a shorter switch interval (default
+    # 5 ms) bounds how long a QMP command waits for it during a full-speed load.
+    sys.setswitchinterval(0.001)
     loop = MainLoop()  # handlers hold the big lock; it is free only while the loop waits
     try:
         return loop.run(_serve(args, guest, runstate))
