@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from .loadvm import Loader, LoadResult, LoadStats, start_load_thread
 from .ram import GuestRam, RamBlock, parse_size
 from .savevm import Sender, SendStats
 from .transport import connect, listen
-from .ui import console, human_bytes, rate, stats_table, transfer_progress
+from .ui import console, human_bytes, rate, run_with_progress, stats_table, transfer_progress
 
 
 def peak_rss() -> int:
@@ -183,30 +182,10 @@ def _send_live(args: argparse.Namespace) -> int:
 
 
 def _run_send(sender: Sender, quiet: bool) -> SendStats:
-    box: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            box["stats"] = sender.run()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            box["error"] = exc
-    t = threading.Thread(target=work, name="mig/src/main", daemon=True)
-
     def poll() -> tuple[int, int | None, str]:
         s = sender.stats
         return s.ram_done, s.ram_total, f"{s.zero_pages} zero pages"
-    try:
-        with transfer_progress("sending", poll, enabled=not quiet):
-            t.start()
-            while t.is_alive():
-                t.join(0.2)
-    except KeyboardInterrupt:
-        sender.cancel()
-        t.join(5)
-        raise MigrationCancelled("cancelled by Ctrl-C") from None
-    if "error" in box:
-        raise box["error"]
-    return box["stats"]  # type: ignore[no-any-return]
+    return run_with_progress(sender.run, label="sending", poll=poll, cancel=sender.cancel, quiet=quiet)
 
 
 def _print_send_table(s: SendStats, digest: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -23,6 +23,7 @@ from rich.progress import (
 from rich.table import Table
 
 console = Console(stderr=True, highlight=False)
+T = TypeVar("T")
 
 
 @contextmanager
@@ -55,6 +56,43 @@ def transfer_progress(label: str, poll: Callable[[], tuple[int, int | None, str]
             t.join()
             done, total, note = poll()
             progress.update(task, completed=done, total=total, note=note)
+
+
+def run_with_progress(work: Callable[[], T], *, label: str,
+                      poll: Callable[[], tuple[int, int | None, str]], cancel: Callable[[], None],
+                      quiet: bool, thread_name: str = "mig/src/main",
+                      force_after: tuple[float, Callable[[], None]] | None = None) -> T:
+    """Run ``work`` in its own thread while the main thread shows progress; Ctrl-C calls
+    ``cancel`` and raises MigrationCancelled; ``work``'s error is re-raised here.
+    ``force_after`` = (seconds, action) runs ``action`` once after that long (benchmarks)."""
+    from .errors import MigrationCancelled
+
+    box: dict[str, Any] = {}
+
+    def body() -> None:
+        try:
+            box["result"] = work()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            box["error"] = exc
+    t = threading.Thread(target=body, name=thread_name, daemon=True)
+    timer = threading.Timer(force_after[0], force_after[1]) if force_after else None
+    try:
+        with transfer_progress(label, poll, enabled=not quiet):
+            t.start()
+            if timer is not None:
+                timer.start()
+            while t.is_alive():
+                t.join(0.2)
+    except KeyboardInterrupt:
+        cancel()
+        t.join(5)
+        raise MigrationCancelled("cancelled by Ctrl-C") from None
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]  # type: ignore[no-any-return]
 
 
 def stats_table(title: str, rows: list[tuple[str, Any]]) -> None:

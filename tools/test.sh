@@ -20,7 +20,7 @@ if compgen -G "tests/rdma/test_*.py" >/dev/null; then
         rdma=1
     else
         echo "== RDMA tests (inside a soft-RoCE guest) =="
-        $py tools/rxe/run_in_guest.py --timeout 900 -- "$root/.venv/bin/python" -m pytest -q -m rdma \
+        $py tools/rxe/run_in_guest.py --timeout 600 -- "$root/.venv/bin/python" -m pytest -q -m rdma \
             -p no:cacheprovider tests/rdma
         rdma=$?
     fi

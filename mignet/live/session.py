@@ -7,16 +7,14 @@ and measure the same thing.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
 from ..channel import Channel
 from ..devices import DeviceSet
-from ..errors import MigrationCancelled
 from ..ram import GuestRam
 from ..savevm import Sender
-from ..ui import human_bytes, stats_table, transfer_progress
+from ..ui import human_bytes, run_with_progress, stats_table
 from .precopy import Precopy, PrecopyParams
 from .workload import Workload
 
@@ -48,35 +46,11 @@ def run_live(channel: Channel, ram: GuestRam, devices: DeviceSet, *, dirty_rate:
     workload = Workload(ram, dirty_rate, hot_fraction=hot_fraction, seed=seed)
     precopy = Precopy(Sender(channel, ram, devices), workload, params,
                       destination_loaded=destination_loaded)
-    box: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            box["info"] = precopy.run()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            box["error"] = exc
-    t = threading.Thread(target=work, name="mig/src/main", daemon=True)
-    timer = threading.Timer(force_after, precopy.force_switchover) if force_after else None
-
     def poll() -> tuple[int, int | None, str]:
         info = precopy.query_migrate()
         return info.get("ram", {}).get("transferred", 0), None, progress_note(info)
-    try:
-        with transfer_progress("live migration", poll, enabled=not quiet):
-            t.start()
-            if timer is not None:
-                timer.start()
-            while t.is_alive():
-                t.join(0.2)
-    except KeyboardInterrupt:
-        precopy.cancel()
-        t.join(5)
-        raise MigrationCancelled("cancelled by Ctrl-C") from None
-    finally:
-        if timer is not None:
-            timer.cancel()
-    if "error" in box:
-        raise box["error"]
+    run_with_progress(precopy.run, label="live migration", poll=poll, cancel=precopy.cancel,
+                      quiet=quiet, force_after=(force_after, precopy.force_switchover) if force_after else None)
     return precopy, workload
 
 

@@ -22,7 +22,6 @@ import inspect
 import json
 import os
 import socket
-import stat
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 from .. import __version__
 from ..bql import bql_held
 from ..errors import MignetError, SetupError
+from ..tcp.socket_listener import bind_unix
 from ..uri import parse_uri
 
 #: The QEMU whose qapi/migration.json this server implements; clients gate features on it.
@@ -259,23 +259,9 @@ class _Session:
             self.writer.write(json.dumps(msg).encode() + b"\r\n")
 
 def _unix_socket_0600(path: str) -> socket.socket:
-    """Bind a UNIX socket that is mode 0600 from the moment it exists: the umask is set
-    around bind() (no window where others could connect), then chmod makes it explicit."""
-    try:
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)  # a stale socket from an earlier run
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(path)
-    except OSError as exc:
-        sock.close()
-        raise SetupError(f"cannot listen for QMP on unix:{path}: {exc.strerror}") from exc
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
+    """A QMP UNIX socket that is mode 0600 from the moment it exists: whoever can connect
+    controls the guest."""
+    sock = bind_unix(path, mode=0o600)
     sock.listen(16)
     sock.setblocking(False)
     return sock

@@ -10,6 +10,7 @@ import errno
 import os
 import socket
 import stat
+import tempfile
 
 from ..channel import IOCondition
 from ..errors import ClosedChannelError, SetupError
@@ -71,18 +72,7 @@ class SocketListener:
 def listen_socket(address: Address, backlog: int = 16) -> SocketListener:
     """Bind and listen on a tcp or unix address."""
     if address.scheme == "unix":
-        path = address.path
-        try:
-            if stat.S_ISSOCK(os.stat(path).st_mode):
-                os.unlink(path)  # a stale socket from an earlier run
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(path)
-        except OSError as exc:
-            sock.close()
-            raise SetupError(f"cannot listen on unix:{path}: {exc.strerror}") from exc
+        sock = bind_unix(address.path)
         sock.listen(backlog)
         return SocketListener(sock, address)
     infos = _resolve(address, passive=True)
@@ -102,6 +92,40 @@ def listen_socket(address: Address, backlog: int = 16) -> SocketListener:
     sock.listen(backlog)
     real = Address(address.scheme, address.host, sock.getsockname()[1])
     return SocketListener(sock, real)
+
+
+def bind_unix(path: str, mode: int | None = None) -> socket.socket:
+    """A UNIX stream socket bound at ``path`` (a stale socket file there is replaced).
+
+    With ``mode``, the socket has that mode from the moment it appears at ``path``: it is
+    bound in a private 0700 directory beside ``path``, chmod-ed, then renamed into place —
+    no window where others could connect, and no process-wide umask change."""
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)  # a stale socket from an earlier run
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if mode is None:
+            sock.bind(path)
+        else:
+            private = tempfile.mkdtemp(prefix=".mignet-", dir=os.path.dirname(os.path.abspath(path)))
+            try:
+                staged = os.path.join(private, "s")
+                sock.bind(staged)
+                os.chmod(staged, mode)
+                os.rename(staged, path)
+            finally:
+                try:
+                    os.unlink(staged)  # only still there if something failed before rename
+                except FileNotFoundError:
+                    pass
+                os.rmdir(private)
+    except OSError as exc:
+        sock.close()
+        raise SetupError(f"cannot listen on unix:{path}: {exc.strerror}") from exc
+    return sock
 
 
 def connect_socket(address: Address, timeout: float | None = 30.0) -> SocketChannel:
