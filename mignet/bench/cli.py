@@ -24,6 +24,8 @@ def add_bench_parser(sub: Any) -> Any:
     r.add_argument("--blobs", type=int, default=1000, help="64 KiB device sections in the device-heavy stream")
     r.add_argument("--repeat", type=int, default=1)
     r.add_argument("--plots", default="docs", metavar="DIR", help="where the PNG plots go")
+    r.add_argument("--listen", default="tcp:127.0.0.1:0", metavar="URI",
+                   help="where destinations listen, e.g. rdma:10.9.0.1:7480 inside the soft-RoCE guest")
     r.add_argument("--json-out", metavar="FILE")
     r.set_defaults(func=cmd_bench_recv_model)
     return bsub
@@ -44,7 +46,7 @@ def cmd_bench_recv_model(args: argparse.Namespace) -> int:
 
     from .recv_model import bench_recv_model
 
-    result = bench_recv_model(args.size, args.blobs, Path(args.plots), args.repeat)
+    result = bench_recv_model(args.size, args.blobs, Path(args.plots), args.repeat, args.listen)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=1)

@@ -59,7 +59,7 @@ class ModelRun:
         return self.nbytes / self.seconds / 1e9 if self.seconds else 0.0
 
 
-async def _run_one(model: str, shape: Shape, workdir: Path) -> ModelRun:
+async def _run_one(model: str, shape: Shape, workdir: Path, listen: str = "tcp:127.0.0.1:0") -> ModelRun:
     from qemu.qmp import QMPClient
     from qemu.qmp.qmp_client import ExecuteError
 
@@ -75,16 +75,17 @@ async def _run_one(model: str, shape: Shape, workdir: Path) -> ModelRun:
         await asyncio.to_thread(dst.stdout.readline)  # {"event": "qmp-listening", ...}
         await qmp.connect(str(sock))
         await qmp.execute("x-mignet-loop-stats", {"reset": True})
-        await qmp.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        await qmp.execute("migrate-incoming", {"uri": listen})
         info = await qmp.execute("query-migrate")
-        port = info["socket-address"][0]["port"]  # type: ignore[index]
+        where = info["socket-address"][0]  # type: ignore[index]
+        uri = f"{listen.partition(':')[0]}:{where['host']}:{where['port']}"
         src = subprocess.Popen([sys.executable, "-m", "mignet.bench.source", "-",
                                 "--size", shape.size, "--blobs", str(shape.blobs)],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert src.stdin is not None and src.stdout is not None
         await asyncio.to_thread(src.stdout.readline)  # the source guest exists
         warm_free_memory(parse_size(shape.size) + (256 << 20))  # as bench tcp: same for both models
-        src.stdin.write(f"tcp:127.0.0.1:{port}\n")
+        src.stdin.write(uri + "\n")
         src.stdin.flush()
         started: float | None = None
         status = ""
@@ -169,7 +170,8 @@ def _plot(runs: list[ModelRun], out_dir: Path) -> list[Path]:
     return paths
 
 
-def bench_recv_model(size: str, blobs: int, out_dir: Path | None, repeat: int = 1) -> dict[str, Any]:
+def bench_recv_model(size: str, blobs: int, out_dir: Path | None, repeat: int = 1,
+                     listen: str = "tcp:127.0.0.1:0") -> dict[str, Any]:
     shapes = [Shape("ram", size, 0), Shape("devices", "64M", blobs)]
     runs: list[ModelRun] = []
     with tempfile.TemporaryDirectory(prefix="mignet-bench-") as tmp:
@@ -177,7 +179,7 @@ def bench_recv_model(size: str, blobs: int, out_dir: Path | None, repeat: int = 
             for shape in shapes:
                 for model in (("thread", "coroutine") if i % 2 == 0 else ("coroutine", "thread")):
                     console.print(f"  {model:9s} loading {shape.describe()} …")
-                    run = asyncio.run(_run_one(model, shape, Path(tmp)))
+                    run = asyncio.run(_run_one(model, shape, Path(tmp), listen))
                     runs.append(run)
     rows: list[tuple[str, Any]] = []
     result: dict[str, Any] = {"runs": [], "summary": []}
@@ -206,7 +208,7 @@ def bench_recv_model(size: str, blobs: int, out_dir: Path | None, repeat: int = 
             result["summary"].append({"shape": shape.name, "model": model, "gbps_median": round(gbps, 3),
                                       "query_migrate_latency": lat, "bql_holds": holds,
                                       "longest_stall_ms": stall, "set_capabilities_refused": refused})
-    stats_table("mignet bench recv-model (TCP loopback; destination driven over QMP)", rows)
+    stats_table(f"mignet bench recv-model ({listen.partition(':')[0]}; destination driven over QMP)", rows)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         result["plots"] = [str(p) for p in _plot(runs, out_dir)]
