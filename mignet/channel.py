@@ -91,6 +91,12 @@ class Channel(ABC):
         disconnect or cancel wakes a waiter.
         """
 
+    def hint_bulk_reads(self, low_water: int) -> None:
+        """The reader is about to pull bulk data with large vectored reads: a transport may
+        wake it only once ``low_water`` bytes (or the end) are there, so each read moves
+        more and costs fewer calls. Reads asking for less still return as soon as that much
+        is there. Default: no-op."""
+
     @abstractmethod
     def _set_blocking(self, blocking: bool) -> None: ...
 

@@ -57,6 +57,7 @@ from .stream.state import DecoderState
 
 MAX_RUN = 511  # (1 + 2 * 511 + 1) buffers fit Linux's IOV_MAX of 1024
 MIN_RUN = 4
+BULK_LOW_WATER = 2 << 20  # see SocketChannel.hint_bulk_reads
 LOAD_THREAD_NAME = "mig/dst/main"
 
 
@@ -143,6 +144,8 @@ class Loader:
         ConnectionLostError when the peer vanished, MigrationCancelled on cancel."""
         if self.threaded:
             assert_bql_not_held("the threaded loader")
+            if self.channel.blocking:
+                self.channel.hint_bulk_reads(BULK_LOW_WATER)
         dec = self.decoder
         try:
             while True:
