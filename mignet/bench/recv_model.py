@@ -135,10 +135,21 @@ def _plot(runs: list[ModelRun], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths: list[Path] = []
     shapes = sorted({r.shape for r in runs})
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4), squeeze=False)
-    for ax, shape in zip(axes[0], shapes):
+
+    def figure(name: str, draw: Any) -> Path:
+        """One panel per stream shape; ``draw(ax, shape)`` plots it."""
+        fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4), squeeze=False)
+        for ax, shape in zip(axes[0], shapes):
+            draw(ax, shape)
+            ax.legend()
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def latency(ax: Any, shape: str) -> None:
         for r in (r for r in runs if r.shape == shape):
             ax.plot(r.latency_times, [x * 1000 for x in r.latencies], ".", ms=3,
                     label=f"{r.model} (p99 {summarize(r.latencies)['p99-ms']:.1f} ms)")
@@ -146,27 +157,18 @@ def _plot(runs: list[ModelRun], out_dir: Path) -> list[Path]:
         ax.set_xlabel("seconds into the load")
         ax.set_ylabel("query-migrate latency (ms)")
         ax.set_title(f"control plane during a load: {shape}")
-        ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / "recv-model-latency.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4), squeeze=False)
-    for ax, shape in zip(axes[0], shapes):
+    def holds(ax: Any, shape: str) -> None:
         for r in (r for r in runs if r.shape == shape):
-            holds = sorted(x * 1000 for x in r.loop_stats.get("bql-hold-samples", []))
-            if holds:
-                ax.plot(holds, [i / len(holds) for i in range(1, len(holds) + 1)], label=r.model)
+            ms = sorted(x * 1000 for x in r.loop_stats.get("bql-hold-samples", []))
+            if ms:
+                ax.plot(ms, [i / len(ms) for i in range(1, len(ms) + 1)], label=r.model)
         ax.set_xscale("log")
         ax.set_xlabel("big-lock hold time (ms)")
         ax.set_ylabel("fraction of holds (CDF)")
         ax.set_title(f"big-lock holds: {shape}")
-        ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / "recv-model-bql.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+
+    paths = [figure("recv-model-latency.png", latency), figure("recv-model-bql.png", holds)]
     return paths
 
 
