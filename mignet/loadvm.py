@@ -58,6 +58,7 @@ from .stream.state import DecoderState
 MAX_RUN = 511  # (1 + 2 * 511 + 1) buffers fit Linux's IOV_MAX of 1024
 MIN_RUN = 4
 BULK_LOW_WATER = 2 << 20  # see SocketChannel.hint_bulk_reads
+BQL_BURST = 0.002  # longest the loader keeps the big lock for a burst of device sections
 LOAD_THREAD_NAME = "mig/dst/main"
 
 
@@ -124,6 +125,7 @@ class Loader:
         word_bytes = memoryview(self._words).cast("B")
         self._word_views = [word_bytes[i * 8:i * 8 + 8] for i in range(MAX_RUN + 1)]
         self._run = MIN_RUN
+        self._stash: Any = None  # an event taken during a device burst, not yet handled
         self._block_name: str | None = None
         self._block: RamBlock | None = None
         self._block_view: memoryview | None = None
@@ -149,7 +151,7 @@ class Loader:
         dec = self.decoder
         try:
             while True:
-                event = dec.next_event()
+                event, self._stash = (self._stash, None) if self._stash is not None else (dec.next_event(), None)
                 cls = type(event)
                 if cls is RamPage:
                     self._place_page(event)  # type: ignore[arg-type]
@@ -345,10 +347,22 @@ class Loader:
 
     # --- devices and switchover ------------------------------------------------------
     def _load_device(self, event: DeviceState) -> None:
+        """Apply device sections under the big lock: this one, then those that follow and
+        are already buffered, for up to ``BQL_BURST`` seconds — one lock handoff per burst
+        instead of per section, and never a wait for I/O with the lock held."""
+        deadline = time.perf_counter() + BQL_BURST
         with bql_held():
-            self.devices.load(event.idstr, event.instance_id, event.version_id, event.raw,
-                              event.fields)
-        self.stats.device_sections += 1
+            while True:
+                self.devices.load(event.idstr, event.instance_id, event.version_id, event.raw,
+                                  event.fields)
+                self.stats.device_sections += 1
+                if time.perf_counter() >= deadline:
+                    return
+                nxt = self.decoder.next_event()  # from the buffer only: NEED_DATA otherwise
+                if type(nxt) is not DeviceState:
+                    self._stash = nxt  # handled by run() without the lock
+                    return
+                event = nxt
 
     def _switchover(self) -> None:
         """EOF: every section is loaded. Like QEMU's switchover, this touches main-loop

@@ -74,6 +74,9 @@ MAX_DEVICE_TAIL_BYTES = 256 << 20
 # After a ZERO record, the next records are likely ZERO too: read up to this many bytes of
 # them at once. A page that follows instead has at most this much copied from the buffer.
 ZERO_READAHEAD = 9 * 455
+# Device sections come after the last RAM record: reading ahead there copies no page data,
+# and lets the loader apply a burst of sections under one hold of the big lock.
+DEVICE_READAHEAD = 1 << 20
 # QEMU's ram_load: block names are at most 255 bytes (u8 length).
 _KIND_BY_TYPE: dict[int, SectionKind] = {
     SectionType.SECTION_START: "start", SectionType.SECTION_PART: "part",
@@ -126,6 +129,7 @@ class StreamDecoder:
         self._pending: list[Event] = []
         self._finished = False
         self._zero_ahead = False  # the last record was ZERO: read the next ones in bulk
+        self._device_ahead = False  # device state has begun: no page data follows, read in bulk
 
     # --- input -----------------------------------------------------------------------
     @property
@@ -141,13 +145,16 @@ class StreamDecoder:
         """Bytes to feed next: exact wherever page data could follow, so a driver that
         reads exactly this many never pulls page payload into the decoder — except after a
         ZERO record, where up to ``ZERO_READAHEAD`` bytes are asked for (zero runs then cost
-        one read, not two per page; a page that ends the run has at most that much copied)."""
+        one read, not two per page; a page that ends the run has at most that much copied),
+        and once device sections have begun (``DEVICE_READAHEAD``: no RAM follows them)."""
         if self.state is DecoderState.PAGE_PAYLOAD:
             return max(0, self._payload_left - self.buffered)
         if self.state is DecoderState.DEVICE_TAIL:
             return _TAIL_CHUNK
         if self._zero_ahead and self.state is DecoderState.RAM_RECORDS:
             return max(self._need, ZERO_READAHEAD - self.buffered)
+        if self._device_ahead and self.state is DecoderState.TOP:
+            return max(self._need, DEVICE_READAHEAD)
         return max(1, self._need)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
@@ -500,6 +507,7 @@ class StreamDecoder:
         fields = desc.decode(raw, version)
         self._pos += body + size
         self._section_id = sid
+        self._device_ahead = True
         return self._footer_then(DecoderState.TOP, DeviceState(sid, idstr, instance, version, raw, fields))
 
     def _vmdescription(self) -> Event | _NeedData:
