@@ -92,10 +92,10 @@ class Channel(ABC):
         """
 
     def hint_bulk_reads(self, low_water: int) -> None:
-        """The reader is about to pull bulk data with large vectored reads: a transport may
-        wake it only once ``low_water`` bytes (or the end) are there, so each read moves
-        more and costs fewer calls. Reads asking for less still return as soon as that much
-        is there. Default: no-op."""
+        """Until told otherwise (``hint_bulk_reads(1)``), a transport may wake a blocking
+        read only once ``low_water`` bytes (or the end) are there, so each large vectored
+        read moves more and costs fewer calls. Reads asking for less wait for what they
+        ask. Default: no-op."""
 
     @abstractmethod
     def _set_blocking(self, blocking: bool) -> None: ...

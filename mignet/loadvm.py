@@ -126,6 +126,7 @@ class Loader:
         self._word_views = [word_bytes[i * 8:i * 8 + 8] for i in range(MAX_RUN + 1)]
         self._run = MIN_RUN
         self._stash: Any = None  # an event taken during a device burst, not yet handled
+        self._bulk_on = False
         self._block_name: str | None = None
         self._block: RamBlock | None = None
         self._block_view: memoryview | None = None
@@ -146,8 +147,6 @@ class Loader:
         ConnectionLostError when the peer vanished, MigrationCancelled on cancel."""
         if self.threaded:
             assert_bql_not_held("the threaded loader")
-            if self.channel.blocking:
-                self.channel.hint_bulk_reads(BULK_LOW_WATER)
         dec = self.decoder
         try:
             while True:
@@ -191,8 +190,19 @@ class Loader:
         assert self.ram is not None
         return LoadResult(self.stats, self.ram, self.devices, self.description)
 
+    def _bulk(self, on: bool) -> None:
+        """Low water only for predicted-run reads (threaded, blocking): every other read
+        must return with whatever is there, or a read-ahead could wait for bytes the peer
+        sends only later."""
+        if on != self._bulk_on and self.threaded and self.channel.blocking:
+            self.channel.hint_bulk_reads(BULK_LOW_WATER if on else 1)
+            self._bulk_on = on
+
     def _feed(self) -> None:
-        """Read exactly what the decoder asks for (never page payload) and feed it."""
+        """Read what the decoder asks for (never page payload, bar the read-aheads its
+        ``wanted`` documents) and feed it. Invariant the RDMA transport relies on: every
+        event already buffered is applied before the next read."""
+        self._bulk(False)
         want = min(self.decoder.wanted(), len(self._small))
         n = self.channel.read_some_into([self._small_view[:want]])
         if n == 0:
@@ -261,6 +271,7 @@ class Loader:
                 iov[1:2 * n:2] = self._word_views[:n]
                 iov[2:2 * n + 1:2] = [mv[o:o + PAGE_SIZE] for o in range(end, end + n * PAGE_SIZE, PAGE_SIZE)]
             iov[2 * n + 1] = self._word_views[n]
+            self._bulk(n > 0)
             got = self.channel.read_some_into(iov)
             if got == 0:
                 if self.cancelled:

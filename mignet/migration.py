@@ -98,6 +98,7 @@ class Migrations:
         out = self.state.outgoing
         channel: Channel | None = None
         remove_observer: Callable[[], None] = lambda: None  # noqa: E731
+        old_runstate = self.state.runstate
         try:
             channel = connect(uri)
             assert self.guest.ram is not None
@@ -108,6 +109,11 @@ class Migrations:
             workload = self.guest.workload if self.guest.workload and self.guest.workload.running else None
 
             def stopped() -> None:
+                """vCPUs stopped for the final copy: from here the migration can no longer be
+                cancelled (the rest of the stream is about to go out; a destination that got
+                it would start while the source resumed)."""
+                if not out.move(frozenset({Phase.RAM}), Phase.SWITCHOVER):
+                    raise MigrationCancelled("outgoing migration cancelled")  # vCPUs resume
                 self.state.runstate = "finish-migrate"
             precopy = Precopy(sender, workload, self._precopy_params(), on_stop=stopped,
                               on_round=lambda r: events and self.emit("MIGRATION_PASS", {"pass": r.round + 1}))
@@ -127,19 +133,15 @@ class Migrations:
             if events:
                 self.emit("MIGRATION_PASS", {"pass": 1})
             result = precopy.run()  # rounds while the vCPUs run, then stop and copy
-            if not out.move(frozenset({Phase.RAM}), Phase.SWITCHOVER):
-                if workload is not None:
-                    workload.start()  # cancelled at the last moment: the guest runs on
-                raise MigrationCancelled("outgoing migration cancelled")
             self.state.runstate = "postmigrate"
             out.downtime_ms = int(result.get("downtime", 0))
             self._end(out, "outgoing", Phase.DONE)
         except MigrationCancelled:
             self._end(out, "outgoing", Phase.CANCELLED)
-            self.state.runstate = "running"
+            self.state.runstate = old_runstate  # as QEMU's vm_old_state: the guest resumes
         except MignetError as exc:
             self._end(out, "outgoing", _failed_or_cancelled(out), str(exc))
-            self.state.runstate = "running"
+            self.state.runstate = old_runstate
         except BaseException as exc:  # noqa: BLE001 - a bug must still end the migration
             self._end(out, "outgoing", _failed_or_cancelled(out), f"internal error: {exc!r}")
             raise

@@ -1,9 +1,10 @@
 """The source side: writes guest RAM and device state as one QEMU migration stream.
 
-Pages are sent in batches: one vectorised zero check per batch splits it into runs; zero runs
-become ZERO records (one small buffer for the whole run), data runs become
-[word, page view, word, page view, ...] and go out in one vectored write straight from guest
-RAM — no page is copied in user space. A RAM section (SECTION_PART) is closed every
+Pages are sent in batches: one vectorised zero check per batch; the zero pages become ZERO
+records (one small buffer), the data pages' records (word + page) are packed into one reused
+2 MiB buffer and written with one call. Packing is one cache-friendly copy per batch, and
+measured faster on loopback than a vectored write of 8-byte words interleaved with views of
+guest RAM (the kernel pays per segment). A RAM section (SECTION_PART) is closed every
 ``section_bytes`` like a QEMU iteration, so a receiver sees regular progress markers.
 """
 
@@ -25,7 +26,7 @@ from .stream import PAGE_SIZE, StreamEncoder
 from .stream.constants import PAGE_RECORD_SIZE
 
 MACHINE_TYPE = "mignet-pc-1.0"
-BATCH_PAGES = 508  # 2 buffers a page, plus zero runs, stays under IOV_MAX
+BATCH_PAGES = 508  # pages per batch: about 2 MiB of records in the staging buffer
 
 
 @dataclass
@@ -132,7 +133,9 @@ class Sender:
         offsets = idx.astype(np.uint64) * np.uint64(PAGE_SIZE)
         nzero = int(np.count_nonzero(zero))
         data = offsets[~zero] if nzero else offsets
-        zero_records = enc.zero_records(block.name, offsets[zero]) if nzero else b""
+        # Encode ZERO records only when they are written: encoding moves the CONTINUE block.
+        send_zero = nzero > 0 and (self.placement is None or not self.first_pass)
+        zero_records = enc.zero_records(block.name, offsets[zero]) if send_zero else b""
         if self.placement is not None:
             if len(data):
                 n = self.placement.write_pages(block, data)
@@ -140,10 +143,10 @@ class Sender:
                 self._since_section += n
                 if self.rate_limited:
                     self.limiter.consume(n, self._cancelled)
-            if nzero and not self.first_pass:
+            if send_zero:
                 self._write([zero_records])
         else:
-            bufs: list[object] = [zero_records] if nzero else []
+            bufs: list[object] = [zero_records] if send_zero else []
             bufs += enc.page_records(block.name, block.data, data, self._staging)
             self._write(bufs)
         self.stats.zero_pages += nzero

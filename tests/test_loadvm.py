@@ -167,3 +167,54 @@ def test_device_heavy_stream_round_trips() -> None:
     _, result = load_bytes(encode_stream(src, devices), [70000, 100])
     assert result.devices.state_equal(devices)  # type: ignore[attr-defined]
     assert len(result.devices.devices) == 10  # type: ignore[attr-defined]
+
+
+class _WrittenElsewhere:
+    """A real RemotePagePlacement in spirit: pages go into the destination's RAM directly
+    (here: a numpy copy), the stream carries only ZERO records after the first pass."""
+
+    def __init__(self, dst: GuestRam) -> None:
+        self.dst = dst
+        for block in dst:  # as RDMA registration does: RAM may change behind the loader's back
+            block.pristine = None
+
+    def register_destination_ram(self, ram: object) -> None:  # pragma: no cover - source side
+        pass
+
+    def write_pages(self, block: RamBlock, offsets: np.ndarray) -> int:
+        dst = self.dst[block.name].data
+        for off in offsets.tolist():
+            dst[off:off + PAGE_SIZE] = block.data[off:off + PAGE_SIZE]
+        return len(offsets) * PAGE_SIZE
+
+    def fence(self) -> None:
+        pass
+
+
+def test_remote_placement_second_pass_clears_pages_that_became_zero() -> None:
+    """Regression (review): the first pass must not encode unsent ZERO records, or the
+    second pass's CONTINUE points at a block the stream never named."""
+    a = RamBlock.anonymous("a", 8 * PAGE_SIZE)
+    b = RamBlock.anonymous("b", 8 * PAGE_SIZE)
+    a.data[:] = 1
+    b.data[PAGE_SIZE:] = 2  # page 0 of b is zero
+    src = GuestRam([a, b])
+    dst = GuestRam([RamBlock.anonymous("a", 8 * PAGE_SIZE), RamBlock.anonymous("b", 8 * PAGE_SIZE)])
+    tx, rx = channel_pair()
+    tx.page_placement = _WrittenElsewhere(dst)  # type: ignore[assignment]
+    loader = Loader(rx, ram=dst)
+    thread = start_load_thread(loader)
+    sender = Sender(tx, src, DeviceSet.empty())
+    sender.start()
+    for block in src:
+        sender.send_pages(block, [(0, block.pages)])
+    sender.close_section()
+    sender.first_pass = False
+    b.data[3 * PAGE_SIZE:4 * PAGE_SIZE] = 0  # became zero: must be cleared at the destination
+    sender.send_page_list(b, np.array([3]))
+    sender.close_section()
+    sender.finish()
+    tx.close()
+    result = thread.join(30)
+    rx.close()
+    assert result.ram.digest() == src.digest()

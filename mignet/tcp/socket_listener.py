@@ -98,8 +98,9 @@ def bind_unix(path: str, mode: int | None = None) -> socket.socket:
     """A UNIX stream socket bound at ``path`` (a stale socket file there is replaced).
 
     With ``mode``, the socket has that mode from the moment it appears at ``path``: it is
-    bound in a private 0700 directory beside ``path``, chmod-ed, then renamed into place —
-    no window where others could connect, and no process-wide umask change."""
+    bound in a private 0700 directory beside ``path``, chmod-ed, then hard-linked into place
+    (which, unlike a rename, never replaces an existing file) — no window where others could
+    connect, and no process-wide umask change."""
     try:
         if stat.S_ISSOCK(os.stat(path).st_mode):
             os.unlink(path)  # a stale socket from an earlier run
@@ -110,21 +111,21 @@ def bind_unix(path: str, mode: int | None = None) -> socket.socket:
         if mode is None:
             sock.bind(path)
         else:
-            private = tempfile.mkdtemp(prefix=".mignet-", dir=os.path.dirname(os.path.abspath(path)))
+            private = tempfile.mkdtemp(prefix=".m", dir=os.path.dirname(os.path.abspath(path)))
+            staged = os.path.join(private, "s")
             try:
-                staged = os.path.join(private, "s")
                 sock.bind(staged)
                 os.chmod(staged, mode)
-                os.rename(staged, path)
+                os.link(staged, path)
             finally:
                 try:
-                    os.unlink(staged)  # only still there if something failed before rename
+                    os.unlink(staged)
                 except FileNotFoundError:
                     pass
                 os.rmdir(private)
     except OSError as exc:
         sock.close()
-        raise SetupError(f"cannot listen on unix:{path}: {exc.strerror}") from exc
+        raise SetupError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from exc
     return sock
 
 
