@@ -11,7 +11,6 @@ import importlib
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from .errors import MigrationCancelled, MignetError, SetupError
 from .guest_dir import GuestDir
 from .loadvm import Loader, LoadResult, LoadStats, start_load_thread
 from .ram import GuestRam, RamBlock, parse_size
+from .receiver_process import receiver_result, recv_command, start_receiver
 from .savevm import Sender, SendStats
 from .transport import connect, listen
 from .ui import console, human_bytes, rate, run_with_progress, stats_table, transfer_progress
@@ -210,28 +210,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     dirty_rate = parse_rate(args.dirty_rate)
     console.print(f"mignet demo: live-migrating a {human_bytes(size)} {args.fill} guest, its vCPUs "
                   f"writing {human_bytes(dirty_rate)}/s, over loopback TCP to a separate receiver process")
-    receiver = subprocess.Popen(
-        [sys.executable, "-m", "mignet", "recv", "--listen", "tcp:127.0.0.1:0", "--json", "--quiet",
-         "--max-ram", str(size + (64 << 20))],
-        stdout=subprocess.PIPE, text=True)
+    receiver, uri = start_receiver(recv_command(max_ram=size + (64 << 20)))
     done: dict[str, Any] = {}
 
     def destination_loaded() -> float | None:
         """The receiver's switchover on this host's CLOCK_MONOTONIC (its JSON line)."""
-        assert receiver.stdout is not None
-        line = receiver.stdout.readline()
-        if receiver.wait(60) != 0 or not line:
-            raise MignetError("the receiver failed; see its message above")
-        done.update(json.loads(line))
+        done.update(receiver_result(receiver, timeout=60))
         return done["stats"].get("switchover_at")  # type: ignore[no-any-return]
     try:
-        assert receiver.stdout is not None
-        first = json.loads(receiver.stdout.readline() or "{}")
-        if first.get("event") != "listening":
-            raise SetupError("the receiver process did not start; run `mignet recv` to see why")
         ram = page_aligned(GuestRam.generate(size, args.fill, seed=args.seed))
         devices = DeviceSet.example(args.seed)
-        channel = connect(first["uri"])
+        channel = connect(uri)
         precopy, workload = run_live(channel, ram, devices, dirty_rate=dirty_rate, params=_live_params(args),
                                      destination_loaded=destination_loaded, seed=args.seed)
         channel.close()

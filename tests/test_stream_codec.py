@@ -180,7 +180,6 @@ def test_device_version_outside_range() -> None:
 def test_older_device_version_loads() -> None:
     """A version-1 mignet-cpu (before xcr0 existed) still loads."""
     from mignet.devices import CPU
-    from mignet.stream import StreamEncoder
 
     enc = StreamEncoder()
     values = DeviceSet.example(0).devices[0].values

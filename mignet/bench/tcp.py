@@ -17,10 +17,8 @@ checked against guest size + 150 MiB.
 
 from __future__ import annotations
 
-import json
 import socket
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from ..devices import DeviceSet
-from ..errors import MignetError
 from ..ram import GuestRam, allocate_guest_memory
+from ..receiver_process import receiver_result, recv_command, start_receiver
 from ..savevm import Sender
 from ..transport import connect
 from ..ui import console, human_bytes, stats_table
@@ -49,24 +47,6 @@ class Run:
         return self.nbytes / self.seconds / 1e9
 
 
-def _start(cmd: list[str]) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    first = json.loads(proc.stdout.readline() or "{}")
-    if first.get("event") != "listening":
-        proc.kill()
-        raise MignetError(f"benchmark receiver did not start: {' '.join(cmd)}")
-    return proc, first["uri"]
-
-
-def _finish(proc: subprocess.Popen[str]) -> dict[str, Any]:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if proc.wait(120) != 0 or not line:
-        raise MignetError("benchmark receiver failed")
-    return json.loads(line)  # type: ignore[no-any-return]
-
-
 def warm_free_memory(size: int) -> None:
     """Touch and free ``size`` bytes right before a receiver starts.
 
@@ -81,23 +61,22 @@ def warm_free_memory(size: int) -> None:
 
 def run_mignet(ram: GuestRam, devices: DeviceSet) -> Run:
     warm_free_memory(ram.total + RSS_SLACK)
-    proc, uri = _start([sys.executable, "-m", "mignet", "recv", "--listen", "tcp:127.0.0.1:0",
-                        "--json", "--quiet"])
+    proc, uri = start_receiver(recv_command())
     channel = connect(uri)
     Sender(channel, ram, devices).run()
     channel.close()
-    done = _finish(proc)
+    done = receiver_result(proc)
     return Run("mignet", done["stats"]["seconds"], ram.total, done["peak_rss"])
 
 
 def run_raw(ram: GuestRam) -> Run:
     data = next(iter(ram)).data
     warm_free_memory(ram.total + RSS_SLACK)
-    proc, uri = _start([sys.executable, "-m", "mignet.bench.raw_recv", "--size", str(data.size)])
+    proc, uri = start_receiver([sys.executable, "-m", "mignet.bench.raw_recv", "--size", str(data.size)])
     host, port = uri.removeprefix("tcp:").rsplit(":", 1)
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(memoryview(data))
-    done = _finish(proc)
+    done = receiver_result(proc)
     return Run("raw", done["seconds"], int(done["bytes"]), done["peak_rss"])
 
 

@@ -14,11 +14,8 @@ re-arm) after a vCPU dirtied a given share of it, against the hash fallback.
 
 from __future__ import annotations
 
-import json
 import mmap
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from ..devices import DeviceSet
-from ..errors import MignetError
 from ..ram import GuestRam, RamBlock, fill_random
+from ..receiver_process import receiver_result, recv_command, start_receiver
 from ..stream import PAGE_SIZE
 from ..transport import connect
 from ..ui import console, human_bytes
@@ -56,28 +53,12 @@ class Row:
     meets_target: bool | None  # None: no target (dirty rate >= half the link)
 
 
-def _receiver(size: int) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "mignet", "recv", "--listen", "tcp:127.0.0.1:0",
-                             "--json", "--quiet", "--max-ram", str(size + (64 << 20))],
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    first = json.loads(proc.stdout.readline() or "{}")
-    if first.get("event") != "listening":
-        proc.kill()
-        raise MignetError("benchmark receiver did not start")
-    return proc, first["uri"]
-
-
 def run_row(ram: GuestRam, rate: int, bandwidth: int, limit_ms: int, auto: bool, give_up: float) -> Row:
-    proc, uri = _receiver(ram.total)
+    proc, uri = start_receiver(recv_command(max_ram=ram.total + (64 << 20)))
     done: dict[str, Any] = {}
 
     def loaded() -> float | None:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if proc.wait(120) != 0 or not line:
-            raise MignetError("benchmark receiver failed")
-        done.update(json.loads(line))
+        done.update(receiver_result(proc))
         return done["stats"]["switchover_at"]  # type: ignore[no-any-return]
     params = PrecopyParams(downtime_limit_ms=limit_ms, max_bandwidth=bandwidth, auto_converge=auto)
     channel = connect(uri)

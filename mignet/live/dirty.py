@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import SetupError
-from ..ram import GuestRam, RamBlock
+from ..ram import GuestRam, RamBlock, allocate_guest_memory
 from ..stream import PAGE_SIZE
 from ..ui import console
 
@@ -388,7 +388,7 @@ def page_aligned(ram: GuestRam) -> GuestRam:
         if block.data.ctypes.data % OS_PAGE == 0:
             blocks.append(block)
             continue
-        data = np.frombuffer(mmap.mmap(-1, block.size), dtype=np.uint8)
+        data = allocate_guest_memory(block.size)
         data[:] = block.data
         pristine = None if block.pristine is None else block.pristine.copy()
         blocks.append(RamBlock(block.name, data, pristine))
