@@ -42,7 +42,7 @@ class RamZero:
 @dataclass(frozen=True, slots=True)
 class RamPage:
     """A full page follows. The decoder is now in its payload state: the caller places
-    PAGE_SIZE bytes (``take_payload`` / ``payload_placed``) before asking for the next event."""
+    PAGE_SIZE bytes (``take_payload_into`` / ``payload_placed``) before asking for the next event."""
 
     block: str
     offset: int
