@@ -18,7 +18,7 @@ import enum
 import select
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, Union
 
 from .coroutine import in_coroutine, wait_fds, yield_until
@@ -44,6 +44,14 @@ class ShutdownHow(enum.Enum):
 class RemotePagePlacement(Protocol):
     """A transport that places page data in the peer's RAM itself (RDMA WRITE), so page
     payloads never travel in the byte stream. Sockets have none."""
+
+    #: Destination: called (in the loader's thread) with the bytes the source reports as
+    #: landed so far, for progress; page data never shows up in the stream's own counters.
+    on_placed: Callable[[int], None] | None
+
+    def announce(self, pin_all: bool | None = None) -> None:
+        """Source, before the stream starts: how the destination should register its RAM
+        (QEMU's ``rdma-pin-all``); ``None`` takes the transport's default."""
 
     def register_destination_ram(self, ram: Any) -> None:
         """Destination, when the stream announces its blocks: register guest RAM for

@@ -78,6 +78,8 @@ class LoadStats:
     machine_type: str = ""
     finished: float | None = None
     switchover_at: float | None = None
+    setup_seconds: float = 0.0  # registering RAM for remote writes (RDMA), QEMU's setup-time
+    placed_bytes: int = 0  # page data the source wrote into our RAM itself (RDMA), as it reports
 
     @property
     def elapsed(self) -> float:
@@ -85,8 +87,8 @@ class LoadStats:
 
     @property
     def ram_done(self) -> int:
-        """RAM bytes placed so far (pages written or zero-filled)."""
-        return (self.normal_pages + self.zero_pages) * PAGE_SIZE
+        """RAM bytes placed so far (pages written or zero-filled, by us or by RDMA)."""
+        return (self.normal_pages + self.zero_pages) * PAGE_SIZE + self.placed_bytes
 
 
 @dataclass
@@ -228,7 +230,10 @@ class Loader:
                         f"RAM block {name!r} is {block.size} bytes here but {size} in the stream")
         self.stats.ram_total = event.total
         if self.channel.page_placement is not None:
+            t0 = time.monotonic()
+            self.channel.page_placement.on_placed = lambda n: setattr(self.stats, "placed_bytes", n)
             self.channel.page_placement.register_destination_ram(self.ram)
+            self.stats.setup_seconds = time.monotonic() - t0
 
     def _select_block(self, name: str) -> RamBlock:
         if name != self._block_name:

@@ -103,7 +103,8 @@ class Migrations:
             channel = connect(uri)
             assert self.guest.ram is not None
             sender = Sender(channel, self.guest.ram, self.guest.devices,
-                            max_bandwidth=self.options.parameter("max-bandwidth"))
+                            max_bandwidth=self.options.parameter("max-bandwidth"),
+                            rdma_pin_all=bool(self.options.capability("rdma-pin-all")))
             # Only a running guest has vCPUs to stop (after a completed migration it stays
             # stopped: a second migrate sends it paused, as QEMU from postmigrate).
             workload = self.guest.workload if self.guest.workload and self.guest.workload.running else None

@@ -39,8 +39,8 @@ CAPABILITIES: tuple[str, ...] = (
 )
 # Capabilities mignet can honour when enabled. The others change the stream or need a
 # return path; accepting them and then migrating without them would silently lie.
-# auto-converge throttles the source's vCPUs (mignet.live); rdma-pin-all picks the RDMA
-# registration mode.
+# auto-converge throttles the source's vCPUs (mignet.live); rdma-pin-all, on the source,
+# picks the RDMA registration mode, which the destination follows (as in QEMU).
 SUPPORTED_CAPABILITIES = frozenset({"events", "late-block-activate", "auto-converge", "rdma-pin-all"})
 
 

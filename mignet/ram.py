@@ -4,8 +4,8 @@ A block is anonymous memory (``np.zeros``: the kernel hands out zero pages lazil
 untouched destination costs nothing) or a mapped file, e.g. the ``memory-backend-file`` image
 of a real QEMU guest in /dev/shm, so real VM images can be a source or a target.
 
-Page work is vectorised: zero-page detection looks at whole batches of pages with one numpy
-reduction, never a Python loop per page.
+Page work is vectorised: zero-page detection looks at whole batches of pages with numpy
+reductions, never a Python loop per page.
 """
 
 from __future__ import annotations
@@ -35,6 +35,24 @@ def parse_size(text: str) -> int:
     if not m:
         raise SetupError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def zero_pages(words: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Which pages of a (pages, 512) uint64 array (or of its ``rows``) are all zeros.
+
+    Like QEMU's ``buffer_is_zero``, first and last word go first: a page with either set is
+    data at the cost of two words, so only the remaining candidates are read in full. When
+    most pages are candidates (a mostly zero guest), one reduction over all is cheaper than
+    gathering them."""
+    if rows is None:
+        rows = np.arange(len(words))
+    maybe = (words[rows, 0] == 0) & (words[rows, -1] == 0)
+    cand = np.flatnonzero(maybe)
+    if len(cand) * 4 > len(maybe):
+        return ~(words[rows] if len(rows) != len(words) else words).any(axis=1)
+    if len(cand):
+        maybe[cand] = ~words[rows[cand]].any(axis=1)
+    return maybe
 
 
 def allocate_guest_memory(size: int) -> np.ndarray:
@@ -113,8 +131,8 @@ class RamBlock:
         return self.data[first * PAGE_SIZE:end * PAGE_SIZE].view(np.uint64).reshape(-1, PAGE_SIZE // 8)
 
     def zero_mask(self, first: int = 0, count: int | None = None) -> np.ndarray:
-        """True for each page of the range that is all zeros (one vectorised reduction)."""
-        return ~self.page_words(first, count).any(axis=1)
+        """True for each page of the range that is all zeros."""
+        return zero_pages(self.page_words(first, count))
 
     def fill_page(self, offset: int, value: int) -> None:
         """Apply a ZERO record: QEMU skips the write when the page already matches."""

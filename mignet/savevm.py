@@ -20,7 +20,7 @@ import numpy as np
 from .channel import Channel, ShutdownHow
 from .devices import DeviceSet
 from .errors import ConnectionLostError, MigrationCancelled, MignetError
-from .ram import GuestRam, RamBlock
+from .ram import GuestRam, RamBlock, zero_pages
 from .ratelimit import RateLimiter
 from .stream import PAGE_SIZE, StreamEncoder
 from .stream.constants import PAGE_RECORD_SIZE
@@ -54,7 +54,7 @@ class Sender:
 
     def __init__(self, channel: Channel, ram: GuestRam, devices: DeviceSet, *,
                  max_bandwidth: int = 0, section_bytes: int = 64 << 20,
-                 machine_type: str = MACHINE_TYPE) -> None:
+                 machine_type: str = MACHINE_TYPE, rdma_pin_all: bool | None = None) -> None:
         self.channel = channel
         self.ram = ram
         self.devices = devices
@@ -65,6 +65,7 @@ class Sender:
         self.machine_type = machine_type
         self._cancelled = threading.Event()
         self.placement = channel.page_placement
+        self.rdma_pin_all = rdma_pin_all  # QEMU's rdma-pin-all; None: the transport's default
         # The destination starts zeroed: in the first pass zero pages need not be sent when
         # pages travel outside the stream (RDMA); later passes must clear pages that became zero.
         self.first_pass = True
@@ -105,6 +106,8 @@ class Sender:
     def start(self) -> None:
         """The stream header, configuration and the RAM setup section (block list)."""
         enc = self.encoder
+        if self.placement is not None:
+            self.placement.announce(self.rdma_pin_all)
         self._write([enc.header(), enc.configuration(self.machine_type), enc.ram_start(self.ram.layout())])
 
     def send_pages(self, block: RamBlock, batches: Iterable[tuple[int, int]]) -> None:
@@ -119,7 +122,7 @@ class Sender:
         words = block.page_words()
         for start in range(0, len(pages), batch):
             idx = pages[start:start + batch]
-            self._send_batch(block, idx, ~words[idx].any(axis=1))
+            self._send_batch(block, idx, zero_pages(words, idx))
 
     def _send_batch(self, block: RamBlock, idx: np.ndarray, zero: np.ndarray) -> None:
         """One batch: ZERO records for the zero pages, then the data pages — in the stream,

@@ -173,10 +173,15 @@ class _WrittenElsewhere:
     """A real RemotePagePlacement in spirit: pages go into the destination's RAM directly
     (here: a numpy copy), the stream carries only ZERO records after the first pass."""
 
+    on_placed = None
+
     def __init__(self, dst: GuestRam) -> None:
         self.dst = dst
         for block in dst:  # as RDMA registration does: RAM may change behind the loader's back
             block.pristine = None
+
+    def announce(self, pin_all: bool | None = None) -> None:
+        pass
 
     def register_destination_ram(self, ram: object) -> None:  # pragma: no cover - source side
         pass

@@ -40,11 +40,11 @@ def run_live(channel: Channel, ram: GuestRam, devices: DeviceSet, *, dirty_rate:
              params: PrecopyParams, hot_fraction: float | None = None,
              destination_loaded: Callable[[], float | None] | None = None,
              force_after: float | None = None, quiet: bool = False,
-             seed: int = 0) -> tuple[Precopy, Workload]:
+             seed: int = 0, rdma_pin_all: bool | None = None) -> tuple[Precopy, Workload]:
     """Migrate ``ram`` live over ``channel`` while a workload dirties it at ``dirty_rate``
     bytes/s. ``force_after`` seconds: switch over even if not converged (benchmarks)."""
     workload = Workload(ram, dirty_rate, hot_fraction=hot_fraction, seed=seed)
-    precopy = Precopy(Sender(channel, ram, devices), workload, params,
+    precopy = Precopy(Sender(channel, ram, devices, rdma_pin_all=rdma_pin_all), workload, params,
                       destination_loaded=destination_loaded)
     def poll() -> tuple[int, int | None, str]:
         info = precopy.query_migrate()

@@ -259,7 +259,7 @@ class RdmaChannel(Channel):
         ok = wc.status == self._e.IBV_WC_SUCCESS
         if kind == _WRITE:
             if self.on_write_done is not None:
-                self.on_write_done(ok, verbs.wc_status_name(wc.status))
+                self.on_write_done(ok, "" if ok else verbs.wc_status_name(wc.status))
             if not ok:
                 self._mark_lost(f"{self.name}: RDMA WRITE failed "
                                 f"({verbs.wc_status_name(wc.status)}): the destination went away")
@@ -402,10 +402,12 @@ class RdmaChannel(Channel):
             self._check_usable()
             if self._shut_wr:
                 raise ConnectionLostError(f"{self.name}: write after shutdown")
-            if not self._can_send(1):
+            # Queued control messages go first: the peer relies on their order (MODE before
+            # the block list, PLACED before the device state).
+            if self._ctrl_out or not self._can_send(1):
                 self._progress()
                 self._check_usable()
-                if not self._can_send(1):
+                if self._ctrl_out or not self._can_send(1):
                     return None
             n = self._send(Msg.DATA, bufs)
             self.data_sent += 1

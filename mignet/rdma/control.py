@@ -23,6 +23,8 @@ class Msg(enum.IntEnum):
     BLOCKS = 4  # destination -> source: where each RAM block lives
     REG_REQUEST = 5  # source -> destination: register these 1 MiB chunks (chunk mode)
     REG_RESULT = 6  # destination -> source: their rkeys
+    PLACED = 7  # source -> destination: bytes its WRITEs have landed so far (progress)
+    MODE = 8  # source -> destination, before the stream: how to register RAM (pin-all or not)
 
 
 #: type, pad, credits returned, payload length, stream messages processed so far
@@ -30,6 +32,8 @@ HEADER = struct.Struct("<BBHIQ")
 BLOCK = struct.Struct("<QQII")  # addr, length, rkey (0 = register chunks on demand), name length
 CHUNK_REQ = struct.Struct("<II")  # block index, chunk index
 CHUNK_RES = struct.Struct("<IIQI")  # block index, chunk index, chunk address, rkey
+PLACED = struct.Struct("<Q")  # bytes landed
+MODE = struct.Struct("<B")  # 1: pin-all
 
 
 @dataclass(frozen=True)

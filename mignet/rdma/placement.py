@@ -2,8 +2,14 @@
 
 Destination (``register_destination_ram``): each numpy RAM block is registered for remote
 writes (local + remote write, never remote read), either whole (pin-all) or, as QEMU does
-without the ``rdma-pin-all`` capability, in 1 MiB chunks registered when the source first
-asks for them. It then tells the source each block's address, length and rkey.
+without the ``rdma-pin-all`` capability, in 1 MiB chunks registered when the source asks for
+them. The source chooses (``announce``, before the stream starts), as QEMU's source does. The
+destination then tells the source each block's address, length and rkey (0 in chunk mode).
+
+Registering fresh destination RAM (pinning, faulting its pages in) costs about as much as
+moving it under emulation. Pin-all pays it all before the first page (QEMU counts that as
+setup time); chunk mode asks ``READAHEAD_CHUNKS`` ahead of its writes, so the destination
+registers while earlier chunks are in flight.
 
 Source (``write_pages``): contiguous pages coalesce into one WRITE (split at 1 MiB so chunk
 keys apply and the window stays fine-grained); up to ``WRITE_WINDOW`` signalled WRITEs are in
@@ -22,7 +28,9 @@ section (64 MiB), since only the section header precedes the pages.
 
 from __future__ import annotations
 
+import collections
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,25 +39,29 @@ from ..errors import ConnectionLostError, ProtocolError
 from ..ram import GuestRam, RamBlock
 from ..stream import PAGE_SIZE
 from . import verbs
-from .control import CHUNK_REQ, CHUNK_RES, Msg, RemoteBlock, pack_blocks, unpack_blocks
+from .control import CHUNK_REQ, CHUNK_RES, MODE, PLACED, Msg, RemoteBlock, pack_blocks, unpack_blocks
 
 CHUNK = 1 << 20
 MAX_WRITE = 1 << 20
+READAHEAD_CHUNKS = 16  # chunk mode: registrations requested ahead of the writes
+PLACED_EVERY = 8 << 20  # the source reports landed bytes this often (destination progress)
 
 
 def pin_all_default() -> bool:
-    """``MIGNET_RDMA_PIN_ALL=0`` selects on-demand 1 MiB chunks (QEMU's default mode)."""
-    return os.environ.get("MIGNET_RDMA_PIN_ALL", "1") not in ("0", "no", "false")
+    """``MIGNET_RDMA_PIN_ALL=1`` turns QEMU's ``rdma-pin-all`` on where nothing else says;
+    off (QEMU's default) the destination registers 1 MiB chunks as the source needs them."""
+    return os.environ.get("MIGNET_RDMA_PIN_ALL", "0") not in ("0", "no", "false", "")
 
 
 class RdmaPlacement:
     """``RemotePagePlacement`` for an :class:`~mignet.rdma.channel.RdmaChannel`."""
 
-    def __init__(self, channel: Any, pin_all: bool | None = None) -> None:
+    def __init__(self, channel: Any) -> None:
         from .channel import WRITE_WINDOW
 
         self.channel = channel
-        self.pin_all = pin_all_default() if pin_all is None else pin_all
+        # Destination: the mode the source announced (QEMU: the source's capability decides).
+        self.pin_all = False
         self.window = WRITE_WINDOW
         self._mrs: list[tuple[Any, int]] = []  # (MR, bytes) to release on close
         # destination
@@ -58,22 +70,32 @@ class RdmaPlacement:
         # source
         self._remote: dict[str, RemoteBlock] | None = None
         self._remote_chunks: dict[tuple[int, int], int] = {}
-        self._src_mrs: dict[tuple[str, int], Any] = {}  # (block, chunk or -1) -> MR
+        self._asked: set[tuple[int, int]] = set()  # chunks requested (answered or not)
+        self._src_mrs: dict[str, Any] = {}  # block name -> MR
         self.outstanding = 0
+        self._inflight: collections.deque[int] = collections.deque()  # lengths, post order
         self.writes = 0
         self.bytes_written = 0
+        self.landed = 0  # source: bytes whose WRITE completed
+        self._landed_told = 0
+        # destination: what the source reported as landed, and who wants to know
+        self.placed_bytes = 0
+        self.on_placed: Callable[[int], None] | None = None
         self._error: str | None = None
         channel.on_message(Msg.BLOCKS, self._on_blocks)
         channel.on_message(Msg.REG_REQUEST, self._on_reg_request)
         channel.on_message(Msg.REG_RESULT, self._on_reg_result)
+        channel.on_message(Msg.PLACED, self._on_placed)
+        channel.on_message(Msg.MODE, self._on_mode)
         channel.on_write_done = self._on_write_done
 
     # --- destination -----------------------------------------------------------------
     def register_destination_ram(self, ram: GuestRam) -> None:
         """Register every block for remote writes and send the block list to the source."""
         e = self.channel._e
-        if self.pin_all:
-            verbs.check_memlock(verbs.pinned_bytes() + ram.total)
+        # Chunks stay registered until the end, so chunk mode too ends up pinning all of it:
+        # refuse now, before a page has moved, rather than after some.
+        verbs.check_memlock(verbs.pinned_bytes() + ram.total)
         entries = []
         for i, block in enumerate(ram):
             # Pages now change behind the loader's back: nothing is known to be pristine, so
@@ -109,7 +131,27 @@ class RdmaPlacement:
             out += CHUNK_RES.pack(bi, ci, block.data.ctypes.data + start, mr.rkey)
         self.channel.send_control(Msg.REG_RESULT, bytes(out))
 
+    def _on_mode(self, payload: bytes) -> None:
+        if self._local_blocks:
+            raise ProtocolError("the source chose a RAM registration mode after the block list")
+        self.pin_all = bool(MODE.unpack(payload)[0]) if len(payload) == MODE.size else False
+
+    def _on_placed(self, payload: bytes) -> None:
+        try:
+            (self.placed_bytes,) = PLACED.unpack(payload)
+        except Exception:
+            raise ProtocolError(f"malformed RDMA progress message ({len(payload)} bytes)") from None
+        if self.on_placed is not None:
+            self.on_placed(self.placed_bytes)
+
     # --- source ----------------------------------------------------------------------
+    def announce(self, pin_all: bool | None = None) -> None:
+        """Tell the destination how to register its RAM before the stream starts: all of it
+        up front (``rdma-pin-all``) or 1 MiB chunks on demand. SENDs arrive in order, so it
+        knows before it reads the block list. ``None``: ``pin_all_default()``."""
+        pin = pin_all_default() if pin_all is None else pin_all
+        self.channel.send_control(Msg.MODE, MODE.pack(int(pin)))
+
     def _on_blocks(self, payload: bytes) -> None:
         self._remote = {b.name: b for b in unpack_blocks(payload)}
 
@@ -119,8 +161,15 @@ class RdmaPlacement:
 
     def _on_write_done(self, ok: bool, status: str) -> None:
         self.outstanding -= 1
-        if not ok and self._error is None:
-            self._error = f"RDMA WRITE failed ({status}): the destination went away"
+        length = self._inflight.popleft() if self._inflight else 0
+        if not ok:
+            if self._error is None:
+                self._error = f"RDMA WRITE failed ({status}): the destination went away"
+            return
+        self.landed += length
+        if self.landed - self._landed_told >= PLACED_EVERY or not self.outstanding:
+            self._landed_told = self.landed
+            self.channel.send_control(Msg.PLACED, PLACED.pack(self.landed))
 
     def _check(self) -> None:
         self.channel._check_usable()
@@ -155,9 +204,10 @@ class RdmaPlacement:
                               "waiting for RDMA WRITE completions")
                 self._check()
             ci = start // CHUNK
-            lkey = self._local_key(block, ci if remote.chunked else -1)
+            lkey = self._local_key(block)
             rkey = self._remote_chunks[(remote.index, ci)] if remote.chunked else remote.rkey
             self.outstanding += 1
+            self._inflight.append(length)
             ch.post_write(lkey, base + start, length, rkey, remote.addr + start)
             total += length
         self.writes += len(runs)
@@ -165,30 +215,39 @@ class RdmaPlacement:
         return total
 
     def _ensure_remote_chunks(self, remote: RemoteBlock, runs: list[tuple[int, int]]) -> None:
-        want = sorted({s // CHUNK for s, _ in runs} -
-                      {ci for (bi, ci) in self._remote_chunks if bi == remote.index})
-        if not want:
-            return
+        """Chunk mode: make sure the chunks ``runs`` touch are registered at the destination.
+
+        Registration there (pinning, and faulting in fresh pages) costs about as much as
+        the transfer itself under emulation, so the source asks ``READAHEAD_CHUNKS`` ahead
+        of what it writes: the destination registers the next chunks while these are in
+        flight, and only a chunk not yet registered is waited for."""
+        need = {s // CHUNK for s, _ in runs}
+        nchunks = -(-remote.length // CHUNK)
+        last = max(need)
+        ahead = range(last + 1, min(nchunks, last + 1 + READAHEAD_CHUNKS))
+        ask = sorted(ci for ci in need.union(ahead) if (remote.index, ci) not in self._asked)
         step = 1024  # chunk requests per control message
-        for i in range(0, len(want), step):
-            part = want[i:i + step]
+        for i in range(0, len(ask), step):
+            part = ask[i:i + step]
             self.channel.send_control(Msg.REG_REQUEST,
                                       b"".join(CHUNK_REQ.pack(remote.index, ci) for ci in part))
-        self.channel.wait_until(
-            lambda: all((remote.index, ci) in self._remote_chunks for ci in want),
-            "waiting for the destination to register RAM chunks")
+            self._asked.update((remote.index, ci) for ci in part)
+        if any((remote.index, ci) not in self._remote_chunks for ci in need):
+            self.channel.wait_until(
+                lambda: all((remote.index, ci) in self._remote_chunks for ci in need)
+                or self._error is not None,
+                "waiting for the destination to register RAM chunks")
+            self._check()
 
-    def _local_key(self, block: RamBlock, chunk: int) -> int:
-        """lkey of the source's own registration (whole block, or the 1 MiB chunk)."""
-        mr = self._src_mrs.get((block.name, chunk))
+    def _local_key(self, block: RamBlock) -> int:
+        """lkey of the source's registration of ``block``: whole, on its first write. Its
+        pages are resident already, so this is cheap, unlike the destination's; the chunk
+        mode exists for the destination's sake."""
+        mr = self._src_mrs.get(block.name)
         if mr is None:
-            if chunk < 0:
-                start, length = 0, block.size
-            else:
-                start, length = chunk * CHUNK, min(CHUNK, block.size - chunk * CHUNK)
-            verbs.check_memlock(verbs.pinned_bytes() + length)
-            mr = self._register(block.data.ctypes.data + start, length, 0)
-            self._src_mrs[(block.name, chunk)] = mr
+            verbs.check_memlock(verbs.pinned_bytes() + block.size)
+            mr = self._register(block.data.ctypes.data, block.size, 0)
+            self._src_mrs[block.name] = mr
         return int(mr.lkey)
 
     def fence(self) -> None:

@@ -7,6 +7,8 @@ objects or a ``SetupError`` whose one line tells the user what to do.
 
 from __future__ import annotations
 
+import functools
+
 import fcntl
 import os
 import platform
@@ -162,24 +164,28 @@ def readable(fd: int, timeout: float | None = 0.0) -> bool:
 
 
 # --- names for diagnostics ----------------------------------------------------------------
-def cm_event_name(kind: int) -> str:
-    import pyverbs.cm_enums as ce
+@functools.cache
+def _names(module: str, prefix: str, suffix: str = "", also: str = "") -> dict[int, str]:
+    """value -> name for one pyverbs enum family (names starting with ``prefix`` and ending
+    with ``suffix``, plus ``also``), built once: these run per completion."""
+    import importlib
 
-    for name in dir(ce):
-        if name.startswith("RDMA_CM_EVENT_") and int(getattr(ce, name)) == kind:
-            return name
-    return str(kind)
+    mod = importlib.import_module(module)
+    out: dict[int, str] = {}
+    for name in dir(mod):
+        value = getattr(mod, name)
+        if isinstance(value, int) and (name == also or
+                                       (name.startswith(prefix) and name.endswith(suffix))):
+            out.setdefault(int(value), name)
+    return out
+
+
+def cm_event_name(kind: int) -> str:
+    return _names("pyverbs.cm_enums", "RDMA_CM_EVENT_").get(kind, str(kind))
 
 
 def wc_status_name(status: int) -> str:
-    import pyverbs.enums as e
-
-    for name in dir(e):
-        if name.startswith("IBV_WC_") and not name.startswith("IBV_WC_EX") and \
-                isinstance(getattr(e, name), int) and int(getattr(e, name)) == status and \
-                (name.endswith("_ERR") or name == "IBV_WC_SUCCESS"):
-            return name
-    return str(status)
+    return _names("pyverbs.enums", "IBV_WC_", "_ERR", "IBV_WC_SUCCESS").get(status, str(status))
 
 
 class CmEvents:

@@ -66,24 +66,26 @@ def test_connection_carries_bytes_both_ways_and_ends_cleanly(rdma_uri: str) -> N
     dst.close()
 
 
-def migrate(uri: str, ram: GuestRam, *, pin_all: bool = True, second_pass=None):  # noqa: ANN001,ANN201
+def migrate(uri: str, ram: GuestRam, *, pin_all: bool = False, second_pass=None):  # noqa: ANN001,ANN201
     """Run a Loader thread against a Sender over RDMA; returns (result, sender)."""
     src, dst = pair(uri)
-    dst.page_placement.pin_all = pin_all
     loader = Loader(dst, devices=DeviceSet.empty())
     thread = start_load_thread(loader)
-    sender = Sender(src, ram, DeviceSet.example(3))
+    sender = Sender(src, ram, DeviceSet.example(3), rdma_pin_all=pin_all)
     if second_pass is None:
         sender.run()
     else:
-        enc = sender.encoder
-        sender._write([enc.header(), enc.configuration(sender.machine_type), enc.ram_start(ram.layout())])
+        sender.start()
         for block in ram:
             sender.send_pages(block, range_pages(block))
         sender.close_section()
         second_pass(sender)
         sender.finish()
     result = thread.join(120)
+    # the destination registered as the source asked (QEMU's rdma-pin-all)
+    assert dst.page_placement.pin_all == pin_all
+    chunks = len(dst.page_placement._dst_chunks)
+    assert chunks == 0 if pin_all else chunks > 0
     src.close()
     dst.close()
     return result, sender
@@ -105,6 +107,9 @@ def test_pages_land_in_numpy_ram_bit_exact_zero_pages_skipped(rdma_uri: str, pin
     assert result.stats.zero_pages == 0  # no ZERO records in a first pass
     assert sender.stats.transferred < ram.total  # stream bytes + written pages, no zeros
     assert result.devices.state_equal(DeviceSet.example(3))
+    # progress: the destination counted what the source reported as landed
+    assert result.stats.placed_bytes == placement.bytes_written
+    assert result.stats.ram_done == placement.bytes_written
 
 
 def test_second_pass_clears_page_that_became_zero(rdma_uri: str) -> None:
