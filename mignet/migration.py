@@ -303,9 +303,10 @@ def _load_counters(loader: Loader) -> RamCounters:
     s = loader.stats
     done = s.ram_done
     # decoder.offset moves with every read; stats.bytes_received only at section ends.
-    return RamCounters(transferred=max(s.bytes_received, loader.decoder.offset),
+    # Pages RDMA wrote into our RAM never pass the stream: count them as the source reports.
+    return RamCounters(transferred=max(s.bytes_received, loader.decoder.offset) + s.placed_bytes,
                        remaining=max(0, s.ram_total - done), total=s.ram_total,
-                       duplicate=s.zero_pages, normal=s.normal_pages,
+                       duplicate=s.zero_pages, normal=s.normal_pages + s.placed_bytes // PAGE_SIZE,
                        dirty_sync_count=s.sections, precopy_bytes=s.bytes_received)
 
 

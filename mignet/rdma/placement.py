@@ -134,13 +134,14 @@ class RdmaPlacement:
     def _on_mode(self, payload: bytes) -> None:
         if self._local_blocks:
             raise ProtocolError("the source chose a RAM registration mode after the block list")
-        self.pin_all = bool(MODE.unpack(payload)[0]) if len(payload) == MODE.size else False
+        if len(payload) != MODE.size:
+            raise ProtocolError(f"malformed RDMA mode message ({len(payload)} bytes)")
+        self.pin_all = bool(MODE.unpack(payload)[0])
 
     def _on_placed(self, payload: bytes) -> None:
-        try:
-            (self.placed_bytes,) = PLACED.unpack(payload)
-        except Exception:
-            raise ProtocolError(f"malformed RDMA progress message ({len(payload)} bytes)") from None
+        if len(payload) != PLACED.size:
+            raise ProtocolError(f"malformed RDMA progress message ({len(payload)} bytes)")
+        (self.placed_bytes,) = PLACED.unpack(payload)
         if self.on_placed is not None:
             self.on_placed(self.placed_bytes)
 

@@ -47,15 +47,20 @@ def test_send_recv_between_processes_digest_matches(mignet_cmd: list[str],
                                                     rdma_uri: str) -> None:
     recv = start_recv(mignet_cmd, subprocess_env, rdma_uri)
     send = subprocess.run([*mignet_cmd, "send", rdma_uri, "--size", "32M", "--fill", "mixed",
-                           "--seed", "8", "--json", "--quiet"], capture_output=True, text=True,
-                          env=subprocess_env, timeout=180)
+                           "--seed", "8", "--rdma-pin-all", "--json", "--quiet"],
+                          capture_output=True, text=True, env=subprocess_env, timeout=180)
     assert send.returncode == 0, send.stderr
     stdout, stderr = recv.communicate(timeout=120)
     assert recv.returncode == 0, stderr
     got = json.loads(stdout.strip().splitlines()[-1])
+    ram = GuestRam.generate(32 << 20, "mixed", seed=8)
     assert got["ram_sha256"] == json.loads(send.stdout.strip().splitlines()[-1])["ram_sha256"]
-    assert got["ram_sha256"] == GuestRam.generate(32 << 20, "mixed", seed=8).digest()
+    assert got["ram_sha256"] == ram.digest()
     assert got["stats"]["device_sections"] == 4
+    # the receiver reports the page data RDMA put in its RAM (every data page, no zero page)
+    data_pages = int((~ram["pc.ram"].zero_mask()).sum())
+    assert got["stats"]["rdma_placed_bytes"] == data_pages * 4096
+    assert got["stats"]["setup_seconds"] > 0  # --rdma-pin-all: registration is a setup phase
 
 
 def test_killed_source_gives_receiver_one_line_error(mignet_cmd: list[str],
