@@ -182,6 +182,7 @@ class RdmaPlacement:
         destination's copy; returns the bytes written."""
         ch = self.channel
         if self._remote is None:
+            self._local_key(block)  # register ours while the destination's list is on its way
             ch.wait_until(lambda: self._remote is not None or self._error is not None,
                           "waiting for the destination's RAM block list")
         self._check()
@@ -226,13 +227,16 @@ class RdmaPlacement:
         nchunks = -(-remote.length // CHUNK)
         last = max(need)
         ahead = range(last + 1, min(nchunks, last + 1 + READAHEAD_CHUNKS))
-        ask = sorted(ci for ci in need.union(ahead) if (remote.index, ci) not in self._asked)
-        step = 1024  # chunk requests per control message
-        for i in range(0, len(ask), step):
-            part = ask[i:i + step]
-            self.channel.send_control(Msg.REG_REQUEST,
-                                      b"".join(CHUNK_REQ.pack(remote.index, ci) for ci in part))
-            self._asked.update((remote.index, ci) for ci in part)
+        # What is needed now goes in its own messages, so its answer does not wait for the
+        # registration of the chunks asked ahead.
+        for wanted in (sorted(need), ahead):
+            ask = [ci for ci in wanted if (remote.index, ci) not in self._asked]
+            step = 1024  # chunk requests per control message
+            for i in range(0, len(ask), step):
+                part = ask[i:i + step]
+                self.channel.send_control(Msg.REG_REQUEST,
+                                          b"".join(CHUNK_REQ.pack(remote.index, ci) for ci in part))
+                self._asked.update((remote.index, ci) for ci in part)
         if any((remote.index, ci) not in self._remote_chunks for ci in need):
             self.channel.wait_until(
                 lambda: all((remote.index, ci) in self._remote_chunks for ci in need)
