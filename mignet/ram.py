@@ -44,12 +44,13 @@ def zero_pages(words: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     data at the cost of two words, so only the remaining candidates are read in full. When
     most pages are candidates (a mostly zero guest), one reduction over all is cheaper than
     gathering them."""
+    whole = rows is None
     if rows is None:
         rows = np.arange(len(words))
     maybe = (words[rows, 0] == 0) & (words[rows, -1] == 0)
     cand = np.flatnonzero(maybe)
     if len(cand) * 4 > len(maybe):
-        return ~(words[rows] if len(rows) != len(words) else words).any(axis=1)
+        return ~(words if whole else words[rows]).any(axis=1)
     if len(cand):
         maybe[cand] = ~words[rows[cand]].any(axis=1)
     return maybe

@@ -24,6 +24,8 @@ def test_zero_pages_matches_a_full_reduction(zero_every: int) -> None:
     assert (zero_pages(words) == expect).all()
     rows = np.array([0, 1, 3, 4, 7, 9, 10, 599])
     assert (zero_pages(words, rows) == expect[rows]).all()
+    shuffled = np.random.default_rng(zero_every).permutation(len(words))  # as many rows as pages
+    assert (zero_pages(words, shuffled) == expect[shuffled]).all()
 
 
 def test_zero_pages_of_no_pages() -> None:
