@@ -15,9 +15,9 @@ from typing import Any
 from .errors import MignetError, SetupError
 
 
-def recv_command(max_ram: int | None = None) -> list[str]:
-    """``mignet recv`` on an ephemeral loopback port, quiet, speaking JSON."""
-    cmd = [sys.executable, "-m", "mignet", "recv", "--listen", "tcp:127.0.0.1:0", "--json", "--quiet"]
+def recv_command(max_ram: int | None = None, listen: str = "tcp:127.0.0.1:0") -> list[str]:
+    """``mignet recv`` (by default on an ephemeral loopback port), quiet, speaking JSON."""
+    cmd = [sys.executable, "-m", "mignet", "recv", "--listen", listen, "--json", "--quiet"]
     return cmd if max_ram is None else [*cmd, "--max-ram", str(max_ram)]
 
 

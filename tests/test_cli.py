@@ -12,28 +12,15 @@ import numpy as np
 import pytest
 
 from mignet.ram import GuestRam, block_filename
-
-
-def start_recv(cmd: list[str], env: dict[str, str], *extra: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([*cmd, "recv", "--listen", "tcp:127.0.0.1:0", "--json", "--quiet", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None
-    first = json.loads(proc.stdout.readline())
-    assert first["event"] == "listening"
-    return proc, first["uri"]
+from tests.support.cli import one_line_error, send_into, start_recv
 
 
 def test_send_to_recv_between_processes_digest_matches(mignet_cmd: list[str], subprocess_env: dict[str, str],
                                                        tmp_path: Path) -> None:
     out = tmp_path / "guest"
     proc, uri = start_recv(mignet_cmd, subprocess_env, "--out", str(out))
-    send = subprocess.run([*mignet_cmd, "send", uri, "--size", "48M", "--fill", "mixed", "--seed", "5",
-                           "--json", "--quiet"], capture_output=True, text=True, env=subprocess_env, timeout=120)
-    assert send.returncode == 0, send.stderr
-    sent = json.loads(send.stdout.strip().splitlines()[-1])
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr
-    got = json.loads(stdout.strip().splitlines()[-1])
+    sent, got = send_into(mignet_cmd, subprocess_env, proc, uri,
+                          "--size", "48M", "--fill", "mixed", "--seed", "5")
     assert got["ram_sha256"] == sent["ram_sha256"]
     expected = GuestRam.generate(48 << 20, "mixed", seed=5)
     assert got["ram_sha256"] == expected.digest()
@@ -43,14 +30,6 @@ def test_send_to_recv_between_processes_digest_matches(mignet_cmd: list[str], su
     assert manifest["ram_sha256"] == expected.digest()
     devices = json.loads((out / "devices.json").read_text())
     assert [d["idstr"] for d in devices["devices"]] == ["mignet-cpu/0", "mignet-cpu/1", "mignet-serial", "mignet-timer"]
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], pattern: str) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert pattern in lines[0], lines[0]
 
 
 def test_bad_uri(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
-from tests.test_cli import one_line_error, start_recv
+from tests.support.cli import one_line_error, send_into, start_recv
 
 
 def test_send_live_arrives_identical_to_frozen_source(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
     proc, uri = start_recv(mignet_cmd, subprocess_env)
-    send = subprocess.run([*mignet_cmd, "send", uri, "--size", "32M", "--live", "--dirty-rate", "64MiB/s",
-                           "--max-bandwidth", "64MiB/s", "--downtime-limit", "200", "--auto-converge",
-                           "--json", "--quiet"], capture_output=True, text=True, env=subprocess_env, timeout=120)
-    assert send.returncode == 0, send.stderr
-    sent = json.loads(send.stdout.strip().splitlines()[-1])
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr
-    got = json.loads(stdout.strip().splitlines()[-1])
+    sent, got = send_into(mignet_cmd, subprocess_env, proc, uri,
+                          "--size", "32M", "--live", "--dirty-rate", "64MiB/s",
+                          "--max-bandwidth", "64MiB/s", "--downtime-limit", "200", "--auto-converge",
+                          recv_timeout=60)
     assert got["ram_sha256"] == sent["ram_sha256"]
     info = sent["migration"]
     assert info["status"] == "completed" and info["ram"]["dirty-sync-count"] >= 2

@@ -19,17 +19,16 @@ Figures are MiB/s (2^20 bytes), medians over ``repeat`` runs in rotating order.
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 import subprocess
-import sys
 import time
 from typing import Any
 
 from ..devices import DeviceSet
 from ..errors import MignetError, SetupError
 from ..ram import GuestRam
+from ..receiver_process import receiver_result, recv_command, start_receiver
 from ..savevm import Sender
 from ..transport import connect
 from ..ui import console, human_bytes, stats_table
@@ -74,20 +73,11 @@ def ib_write_bw(addr: str, port: int, size: int, device: str = "rxe0") -> float:
 def _mignet_run(uri: str, ram: GuestRam, devices: DeviceSet,
                 pin_all: bool = False) -> tuple[float, dict[str, Any]]:
     """One migration to a fresh ``mignet recv`` process; (receiver MiB/s, its stats)."""
-    proc = subprocess.Popen([sys.executable, "-m", "mignet", "recv", "--listen", uri, "--json",
-                             "--quiet"], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    first = json.loads(proc.stdout.readline() or "{}")
-    if first.get("event") != "listening":
-        proc.kill()
-        raise MignetError(f"benchmark receiver did not start on {uri}")
-    channel = connect(first["uri"])
+    proc, listening = start_receiver(recv_command(listen=uri))
+    channel = connect(listening)
     Sender(channel, ram, devices, rdma_pin_all=pin_all).run()
     channel.close()
-    line = proc.stdout.readline()
-    if proc.wait(120) != 0 or not line:
-        raise MignetError("benchmark receiver failed")
-    done = json.loads(line)
+    done = receiver_result(proc)
     if done["ram_sha256"] != ram.digest():
         raise MignetError("benchmark receiver got different RAM")
     return ram.total / MiB / done["stats"]["seconds"], done["stats"]

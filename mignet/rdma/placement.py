@@ -72,8 +72,8 @@ class RdmaPlacement:
         self._remote_chunks: dict[tuple[int, int], int] = {}
         self._asked: set[tuple[int, int]] = set()  # chunks requested (answered or not)
         self._src_mrs: dict[str, Any] = {}  # block name -> MR
-        self.outstanding = 0
-        self._inflight: collections.deque[int] = collections.deque()  # lengths, post order
+        # Lengths of the WRITEs in flight, in post order: an RC queue completes them in order.
+        self._inflight: collections.deque[int] = collections.deque()
         self.writes = 0
         self.bytes_written = 0
         self.landed = 0  # source: bytes whose WRITE completed
@@ -161,8 +161,7 @@ class RdmaPlacement:
             self._remote_chunks[(bi, ci)] = rkey
 
     def _on_write_done(self, ok: bool, status: str) -> None:
-        self.outstanding -= 1
-        length = self._inflight.popleft() if self._inflight else 0
+        length = self._inflight.popleft()
         if not ok:
             if self._error is None:
                 self._error = f"RDMA WRITE failed ({status}): the destination went away"
@@ -171,6 +170,11 @@ class RdmaPlacement:
         if self.landed - self._landed_told >= PLACED_EVERY or not self.outstanding:
             self._landed_told = self.landed
             self.channel.send_control(Msg.PLACED, PLACED.pack(self.landed))
+
+    @property
+    def outstanding(self) -> int:
+        """WRITEs posted and not yet completed."""
+        return len(self._inflight)
 
     def _check(self) -> None:
         self.channel._check_usable()
@@ -208,7 +212,6 @@ class RdmaPlacement:
             ci = start // CHUNK
             lkey = self._local_key(block)
             rkey = self._remote_chunks[(remote.index, ci)] if remote.chunked else remote.rkey
-            self.outstanding += 1
             self._inflight.append(length)
             ch.post_write(lkey, base + start, length, rkey, remote.addr + start)
             total += length

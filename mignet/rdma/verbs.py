@@ -7,9 +7,8 @@ objects or a ``SetupError`` whose one line tells the user what to do.
 
 from __future__ import annotations
 
-import functools
-
 import fcntl
+import functools
 import os
 import platform
 import resource

@@ -3,7 +3,6 @@ errors, each of which must be one line on stderr that names the fix."""
 
 from __future__ import annotations
 
-import json
 import resource
 import signal
 import subprocess
@@ -12,28 +11,9 @@ import time
 import pytest
 
 from mignet.ram import GuestRam
+from tests.support.cli import one_line, send_into, start_recv
 
 pytestmark = pytest.mark.rdma
-
-
-def start_recv(cmd: list[str], env: dict[str, str], uri: str,
-               **kw: object) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([*cmd, "recv", "--listen", uri, "--json", "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            **kw)  # type: ignore[call-overload]
-    assert proc.stdout is not None
-    first = proc.stdout.readline()
-    assert first, proc.communicate(timeout=30)[1]
-    assert json.loads(first)["event"] == "listening"
-    return proc
-
-
-def one_line_error(stderr: str, pattern: str) -> str:
-    assert "Traceback" not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert pattern in lines[0], lines[0]
-    return lines[0]
 
 
 def rc_qps() -> int:
@@ -45,16 +25,11 @@ def rc_qps() -> int:
 def test_send_recv_between_processes_digest_matches(mignet_cmd: list[str],
                                                     subprocess_env: dict[str, str],
                                                     rdma_uri: str) -> None:
-    recv = start_recv(mignet_cmd, subprocess_env, rdma_uri)
-    send = subprocess.run([*mignet_cmd, "send", rdma_uri, "--size", "32M", "--fill", "mixed",
-                           "--seed", "8", "--rdma-pin-all", "--json", "--quiet"],
-                          capture_output=True, text=True, env=subprocess_env, timeout=180)
-    assert send.returncode == 0, send.stderr
-    stdout, stderr = recv.communicate(timeout=120)
-    assert recv.returncode == 0, stderr
-    got = json.loads(stdout.strip().splitlines()[-1])
+    recv, _ = start_recv(mignet_cmd, subprocess_env, uri=rdma_uri)
+    sent, got = send_into(mignet_cmd, subprocess_env, recv, rdma_uri, "--size", "32M",
+                          "--fill", "mixed", "--seed", "8", "--rdma-pin-all", timeout=180)
     ram = GuestRam.generate(32 << 20, "mixed", seed=8)
-    assert got["ram_sha256"] == json.loads(send.stdout.strip().splitlines()[-1])["ram_sha256"]
+    assert got["ram_sha256"] == sent["ram_sha256"]
     assert got["ram_sha256"] == ram.digest()
     assert got["stats"]["device_sections"] == 4
     # the receiver reports the page data RDMA put in its RAM (every data page, no zero page)
@@ -66,7 +41,7 @@ def test_send_recv_between_processes_digest_matches(mignet_cmd: list[str],
 def test_killed_source_gives_receiver_one_line_error(mignet_cmd: list[str],
                                                      subprocess_env: dict[str, str],
                                                      rdma_uri: str) -> None:
-    recv = start_recv(mignet_cmd, subprocess_env, rdma_uri)
+    recv, _ = start_recv(mignet_cmd, subprocess_env, uri=rdma_uri)
     send = subprocess.Popen([*mignet_cmd, "send", rdma_uri, "--size", "32M", "--quiet",
                              "--max-bandwidth", "2MiB/s"], env=subprocess_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -81,7 +56,7 @@ def test_killed_source_gives_receiver_one_line_error(mignet_cmd: list[str],
     _, stderr = recv.communicate(timeout=60)
     assert recv.returncode == 1
     assert time.monotonic() - t0 < 30
-    one_line_error(stderr, "disconnected")
+    one_line(stderr, "disconnected")
 
 
 def _low_memlock(limit: int):  # noqa: ANN202 - a preexec_fn
@@ -98,4 +73,4 @@ def test_memlock_too_low_one_line_error(mignet_cmd: list[str], subprocess_env: d
                           text=True, env=subprocess_env, timeout=120,
                           preexec_fn=_low_memlock(256 << 10))
     assert send.returncode == 1
-    one_line_error(send.stderr, "RLIMIT_MEMLOCK is 262144: raise it with ulimit -l unlimited")
+    one_line(send.stderr, "RLIMIT_MEMLOCK is 262144: raise it with ulimit -l unlimited")
