@@ -18,14 +18,14 @@ import enum
 import select
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, Union
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
-from .coroutine import in_coroutine, wait_fds, yield_until
-from .errors import ClosedChannelError, ConnectionLostError
+from mignet.errors import ClosedChannelError, ConnectionLostError
+from mignet.runtime.coroutine import in_coroutine, wait_fds, yield_until
 
-Buffer = Union[bytes, bytearray, memoryview]
-WritableBuffer = Union[bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
+WritableBuffer = bytearray | memoryview
 
 
 class IOCondition(enum.IntFlag):
@@ -41,6 +41,16 @@ class ShutdownHow(enum.Enum):
     BOTH = "both"
 
 
+class MemoryRegion(Protocol):
+    """What a transport that writes into the peer's memory needs of a RAM block: a name the
+    two sides agree on, its size, and memory (a numpy array) whose address it registers.
+    Guest RAM blocks satisfy it; the transport never learns what a guest is."""
+
+    name: str
+    size: int
+    data: Any
+
+
 class RemotePagePlacement(Protocol):
     """A transport that places page data in the peer's RAM itself (RDMA WRITE), so page
     payloads never travel in the byte stream. Sockets have none."""
@@ -53,11 +63,12 @@ class RemotePagePlacement(Protocol):
         """Source, before the stream starts: how the destination should register its RAM
         (QEMU's ``rdma-pin-all``); ``None`` takes the transport's default."""
 
-    def register_destination_ram(self, ram: Any) -> None:
-        """Destination, when the stream announces its blocks: register guest RAM for
-        remote writes and tell the source where each block lives."""
+    def register_destination_ram(self, blocks: Iterable[MemoryRegion]) -> None:
+        """Destination, when the stream announces its blocks: register them for remote
+        writes and tell the source where each lives. Their pages then change behind the
+        loader's back."""
 
-    def write_pages(self, block: Any, offsets: Any) -> int:
+    def write_pages(self, block: MemoryRegion, offsets: Any) -> int:
         """Source: write the pages at ``offsets`` (numpy array of byte offsets) of
         ``block`` into the destination's copy; returns bytes written."""
 
@@ -99,7 +110,7 @@ class Channel(ABC):
         disconnect or cancel wakes a waiter.
         """
 
-    def hint_bulk_reads(self, low_water: int) -> None:
+    def hint_bulk_reads(self, low_water: int) -> None:  # noqa: B027 - optional hook, no-op here
         """Until told otherwise (``hint_bulk_reads(1)``), a transport may wake a blocking
         read only once ``low_water`` bytes (or the end) are there, so each large vectored
         read moves more and costs fewer calls. Reads asking for less wait for what they

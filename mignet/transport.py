@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .channel import Channel
-from .errors import SetupError
-from .uri import Address, parse_uri
+from mignet.channel import Channel
+from mignet.errors import SetupError
+from mignet.uri import Address, parse_uri
 
 
 class Listener(Protocol):
@@ -22,11 +22,11 @@ def listen(uri: str) -> Listener:
     address = parse_uri(uri)
     if address.scheme == "rdma":
         try:
-            from .rdma import listen_rdma
+            from mignet.rdma import listen_rdma
         except ImportError as exc:
             raise SetupError(f"rdma: URIs need pyverbs ({exc}); run tools/rxe/setup.sh") from exc
         return listen_rdma(address)  # type: ignore[no-any-return]
-    from .tcp import listen_socket
+    from mignet.tcp import listen_socket
 
     return listen_socket(address)
 
@@ -35,10 +35,10 @@ def connect(uri: str, timeout: float | None = 30.0) -> Channel:
     address = parse_uri(uri)
     if address.scheme == "rdma":
         try:
-            from .rdma import connect_rdma
+            from mignet.rdma import connect_rdma
         except ImportError as exc:
             raise SetupError(f"rdma: URIs need pyverbs ({exc}); run tools/rxe/setup.sh") from exc
         return connect_rdma(address, timeout)  # type: ignore[no-any-return]
-    from .tcp import connect_socket
+    from mignet.tcp import connect_socket
 
     return connect_socket(address, timeout)

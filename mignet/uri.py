@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import SetupError
+from mignet.errors import SetupError
 
 Scheme = Literal["tcp", "unix", "rdma"]
 

@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
 @pytest.fixture(autouse=True)
 def _no_bql_leak() -> None:
     """Every test must leave the big lock free."""
-    from mignet.bql import BQL
+    from mignet.runtime.bql import BQL
 
     yield
     assert BQL._owner is None, "a test leaked the big lock"

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from mignet.bql import bql_held, bql_lock, bql_locked, bql_released, bql_unlock
-from mignet.devices import DeviceSet
 from mignet.errors import BqlMisuseError
+from mignet.guest.devices import DeviceSet
+from mignet.runtime.bql import bql_held, bql_lock, bql_locked, bql_released, bql_unlock
 
 
 def test_held_and_released_nest_correctly() -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from mignet.channel import IOCondition, ShutdownHow
-from mignet.coroutine import run_coroutine
 from mignet.errors import ClosedChannelError, ConnectionLostError, SetupError
+from mignet.runtime.coroutine import run_coroutine
 from mignet.tcp import connect_socket, listen_socket
 from mignet.uri import parse_uri
 from tests.support.streams import channel_pair

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mignet.ram import GuestRam, block_filename
+from mignet.guest.ram import GuestRam, block_filename
 from tests.support.cli import one_line_error, send_into, start_recv
 
 

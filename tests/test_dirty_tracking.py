@@ -12,7 +12,8 @@ import threading
 import numpy as np
 import pytest
 
-from mignet.live.dirty import (
+from mignet.guest.ram import GuestRam, RamBlock
+from mignet.migration.dirty import (
     DirtyLog,
     HashTracker,
     UffdTracker,
@@ -21,8 +22,7 @@ from mignet.live.dirty import (
     page_aligned,
     ranges_to_mask,
 )
-from mignet.ram import GuestRam, RamBlock
-from mignet.stream import PAGE_SIZE
+from mignet.units import PAGE_SIZE
 
 KERNEL = kernel_tracking_error()
 needs_kernel = pytest.mark.skipif(KERNEL is not None, reason=f"no kernel dirty tracking: {KERNEL}")

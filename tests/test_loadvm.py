@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mignet.bql import bql_held
-from mignet.devices import DeviceSet
 from mignet.errors import ConnectionLostError, MigrationCancelled, ProtocolError
-from mignet.loadvm import LOAD_THREAD_NAME, Loader, start_load_thread
-from mignet.ram import GuestRam, RamBlock
-from mignet.savevm import Sender
-from mignet.stream import PAGE_SIZE
+from mignet.guest.devices import DeviceSet
+from mignet.guest.ram import GuestRam, RamBlock
+from mignet.migration.loadvm import LOAD_THREAD_NAME, Loader, start_load_thread
+from mignet.migration.savevm import Sender
+from mignet.runtime.bql import bql_held
+from mignet.units import PAGE_SIZE
 from tests.support.streams import channel_pair, encode_stream, feed_in_chunks
 
 

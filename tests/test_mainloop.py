@@ -6,12 +6,12 @@ import asyncio
 import threading
 import time
 
-from mignet.bql import bql_held, bql_locked
-from mignet.devices import DeviceSet
-from mignet.loadvm import Loader, load_in_coroutine
-from mignet.mainloop import MainLoop, record_bql_holds
-from mignet.ram import GuestRam
-from mignet.stream import PAGE_SIZE
+from mignet.guest.devices import DeviceSet
+from mignet.guest.ram import GuestRam
+from mignet.migration.loadvm import Loader, load_in_coroutine
+from mignet.runtime.bql import bql_held, bql_locked
+from mignet.runtime.mainloop import MainLoop, record_bql_holds
+from mignet.units import PAGE_SIZE
 from tests.support.streams import channel_pair, encode_stream, feed_in_chunks
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mignet.ram import block_filename
+from mignet.guest.ram import block_filename
 from tests.support.qemu_peer import QemuSource, qemu_skip_reason
 
 pytestmark = [pytest.mark.qemu, pytest.mark.skipif(qemu_skip_reason() is not None,

@@ -284,7 +284,8 @@ def test_incoming_uri_on_the_command_line_listens_at_once(tmp_path: Path) -> Non
             assert desc == "Guest is waiting for an incoming migration"
             # No MIGRATION events: they need the events capability, and options are locked
             # while the incoming migration runs.
-            _, desc = await dst.error("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+            _, desc = await dst.error("migrate-set-capabilities",
+                                      {"capabilities": [{"capability": "events", "state": True}]})
             assert "migration process in progress" in desc, desc
             await dst.x("migrate-cancel")  # stops listening
             assert (await dst.wait_status(*FINAL))["status"] == "cancelled"
@@ -319,5 +320,6 @@ def test_live_guest_migrates_in_rounds_over_qmp(tmp_path: Path) -> None:
             passes = [e for e in src.client.events.clear() if e["event"] == "MIGRATION_PASS"]
             assert len(passes) >= 3
             await dst.wait_status(*FINAL)
-            assert (await src.x("x-mignet-query-guest"))["ram-sha256"] == (await dst.x("x-mignet-query-guest"))["ram-sha256"]
+            src_guest, dst_guest = await src.x("x-mignet-query-guest"), await dst.x("x-mignet-query-guest")
+            assert src_guest["ram-sha256"] == dst_guest["ram-sha256"]
     asyncio.run(main())

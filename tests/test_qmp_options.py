@@ -7,11 +7,11 @@ import threading
 
 import pytest
 
-from mignet.bql import bql_held
+from mignet.control.options import ALLOWLIST, CAPABILITIES, Operation, OptionSet
+from mignet.control.qmp_server import JsonSplitter
 from mignet.errors import InvalidOptionError, MisuseError, OptionLockedError, RequestRefused
-from mignet.options import ALLOWLIST, CAPABILITIES, Operation, OptionSet
-from mignet.qmp.server import JsonSplitter
-from mignet.state import PUBLIC_STATUS, TRANSITIONS, MigrationState, MigrationStatus, Phase
+from mignet.migration.status import PUBLIC_STATUS, TRANSITIONS, MigrationState, MigrationStatus, Phase
+from mignet.runtime.bql import bql_held
 
 
 def test_defaults_are_qemu_7_2s() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mignet.ram import zero_pages
+from mignet.guest.ram import zero_pages
 
 
 def _pages(n: int, seed: int) -> np.ndarray:

@@ -9,11 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mignet.devices import KNOWN_DEVICES, DeviceSet
 from mignet.errors import ProtocolError
-from mignet.ram import GuestRam, RamBlock
-from mignet.stream import (
-    StreamEncoder,
+from mignet.guest.devices import KNOWN_DEVICES, DeviceSet
+from mignet.guest.ram import GuestRam, RamBlock
+from mignet.wire import (
     NEED_DATA,
     PAGE_SIZE,
     DeviceState,
@@ -22,6 +21,7 @@ from mignet.stream import (
     RamPage,
     RamZero,
     StreamDecoder,
+    StreamEncoder,
     StreamFinished,
     VMDescription,
     match_page_run,
@@ -102,7 +102,7 @@ def test_round_trip_any_pages_any_chunking(pages: list[int], chunks: list[int], 
         assert np.array_equal(out[block.name], block.data)
     devs = [e for e in events if isinstance(e, DeviceState)]
     assert [d.idstr for d in devs] == [d.idstr for d in devices.devices]
-    assert all(d.fields == dev.values for d, dev in zip(devs, devices.devices))
+    assert all(d.fields == dev.values for d, dev in zip(devs, devices.devices, strict=True))
     assert isinstance(events[-3], EndOfStream) and isinstance(events[-2], VMDescription)
     zeros = sum(isinstance(e, RamZero) for e in events)
     assert zeros == sum(int(b.zero_mask().sum()) for b in ram)
@@ -179,7 +179,7 @@ def test_device_version_outside_range() -> None:
 
 def test_older_device_version_loads() -> None:
     """A version-1 mignet-cpu (before xcr0 existed) still loads."""
-    from mignet.devices import CPU
+    from mignet.guest.devices import CPU
 
     enc = StreamEncoder()
     values = DeviceSet.example(0).devices[0].values

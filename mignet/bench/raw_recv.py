@@ -12,8 +12,8 @@ import socket
 import sys
 import time
 
-from ..cli import peak_rss
-from ..ram import allocate_guest_memory
+from mignet.bench.procstat import peak_rss
+from mignet.guest.ram import allocate_guest_memory
 
 
 def main() -> int:

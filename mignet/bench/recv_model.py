@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import MignetError
-from ..mainloop import summarize
-from ..ram import parse_size
-from .tcp import warm_free_memory
-from ..ui import console, stats_table
+from mignet.bench.tcp import warm_free_memory
+from mignet.errors import MignetError
+from mignet.runtime.mainloop import summarize
+from mignet.ui.terminal import console, stats_table
+from mignet.units import parse_size
 
 POLL_INTERVAL = 0.010
 
@@ -140,7 +140,7 @@ def _plot(runs: list[ModelRun], out_dir: Path) -> list[Path]:
     def figure(name: str, draw: Any) -> Path:
         """One panel per stream shape; ``draw(ax, shape)`` plots it."""
         fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4), squeeze=False)
-        for ax, shape in zip(axes[0], shapes):
+        for ax, shape in zip(axes[0], shapes, strict=True):
             draw(ax, shape)
             ax.legend()
         fig.tight_layout()

@@ -10,10 +10,11 @@ import argparse
 import json
 import sys
 
-from ..devices import DeviceSet
-from ..ram import GuestRam, parse_size
-from ..savevm import Sender
-from ..transport import connect
+from mignet.guest.devices import DeviceSet
+from mignet.guest.ram import GuestRam
+from mignet.migration.savevm import Sender
+from mignet.transport import connect
+from mignet.units import parse_size
 
 
 def main() -> int:

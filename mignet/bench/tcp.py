@@ -25,12 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from ..devices import DeviceSet
-from ..ram import GuestRam, allocate_guest_memory
-from ..receiver_process import receiver_result, recv_command, start_receiver
-from ..savevm import Sender
-from ..transport import connect
-from ..ui import console, human_bytes, stats_table
+from mignet.bench.receiver import receiver_result, recv_command, start_receiver
+from mignet.guest.devices import DeviceSet
+from mignet.guest.ram import GuestRam, allocate_guest_memory
+from mignet.migration.savevm import Sender
+from mignet.transport import connect
+from mignet.ui.terminal import console, stats_table
+from mignet.units import human_bytes
 
 RSS_SLACK = 150 << 20
 

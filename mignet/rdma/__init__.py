@@ -10,20 +10,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..uri import Address
-    from .channel import RdmaChannel, RdmaListener
+    from mignet.rdma.channel import RdmaChannel, RdmaListener
+    from mignet.uri import Address
 
 
 def listen_rdma(address: Address) -> RdmaListener:
     """Listen for one incoming RDMA migration on ``address`` (an ``rdma:HOST:PORT``)."""
-    from .channel import RdmaListener
+    from mignet.rdma.channel import RdmaListener
 
     return RdmaListener.open(address)
 
 
 def connect_rdma(address: Address, timeout: float | None = 30.0) -> RdmaChannel:
     """Connect to an ``rdma:HOST:PORT`` listener; the channel places pages by RDMA WRITE."""
-    from .channel import RdmaChannel
+    from mignet.rdma.channel import RdmaChannel
 
     return RdmaChannel.connect(address, timeout)
 

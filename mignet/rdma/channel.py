@@ -31,16 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from ..channel import Buffer, Channel, IOCondition, ShutdownHow, WritableBuffer
-from ..errors import ConnectionLostError, MigrationCancelled, ProtocolError, SetupError
-from ..uri import Address
-from . import connection, verbs
-from .control import HEADER, Msg
+from mignet.channel import Buffer, Channel, IOCondition, ShutdownHow, WritableBuffer
+from mignet.errors import ConnectionLostError, MigrationCancelled, ProtocolError, SetupError
+from mignet.rdma import connection, verbs
+from mignet.rdma.control import HEADER, Msg
+from mignet.rdma.placement import WRITE_WINDOW, RdmaPlacement
+from mignet.uri import Address
 
 MSG_SIZE = 32 << 10
 RECV_SLOTS = 16
 SEND_SLOTS = 16
-WRITE_WINDOW = 32  # outstanding RDMA WRITEs (placement)
 
 _SEND, _RECV, _WRITE = 1 << 60, 2 << 60, 3 << 60
 _KIND = 3 << 60
@@ -92,8 +92,6 @@ class RdmaChannel(Channel):
         self._shut_rd = self._shut_wr = False
         self.cancelled = False  # shut down locally in both directions (cancel)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        from .placement import RdmaPlacement
-
         self.page_placement = RdmaPlacement(self)
         _OPEN.add(self)
 

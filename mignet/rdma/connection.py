@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConnectionLostError, SetupError
-from ..uri import Address
-from .verbs import CmEvents, check_device, cm_event_name, create_with_fd, load_pyverbs
+from mignet.errors import ConnectionLostError, SetupError
+from mignet.rdma.verbs import CmEvents, check_device, cm_event_name, create_with_fd, load_pyverbs
+from mignet.uri import Address
 
 #: Connection-level events after which the peer is gone.
 GONE_EVENTS = ("RDMA_CM_EVENT_DISCONNECTED", "RDMA_CM_EVENT_DEVICE_REMOVAL",

@@ -13,7 +13,7 @@ import enum
 import struct
 from dataclasses import dataclass
 
-from ..errors import ProtocolError
+from mignet.errors import ProtocolError
 
 
 class Msg(enum.IntEnum):

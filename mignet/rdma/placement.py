@@ -30,19 +30,20 @@ from __future__ import annotations
 
 import collections
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
-from ..errors import ConnectionLostError, ProtocolError
-from ..ram import GuestRam, RamBlock
-from ..stream import PAGE_SIZE
-from . import verbs
-from .control import CHUNK_REQ, CHUNK_RES, MODE, PLACED, Msg, RemoteBlock, pack_blocks, unpack_blocks
+from mignet.channel import MemoryRegion
+from mignet.errors import ConnectionLostError, ProtocolError
+from mignet.rdma import verbs
+from mignet.rdma.control import CHUNK_REQ, CHUNK_RES, MODE, PLACED, Msg, RemoteBlock, pack_blocks, unpack_blocks
+from mignet.units import PAGE_SIZE
 
 CHUNK = 1 << 20
 MAX_WRITE = 1 << 20
+WRITE_WINDOW = 32  # outstanding signalled RDMA WRITEs
 READAHEAD_CHUNKS = 16  # chunk mode: registrations requested ahead of the writes
 PLACED_EVERY = 8 << 20  # the source reports landed bytes this often (destination progress)
 
@@ -57,15 +58,13 @@ class RdmaPlacement:
     """``RemotePagePlacement`` for an :class:`~mignet.rdma.channel.RdmaChannel`."""
 
     def __init__(self, channel: Any) -> None:
-        from .channel import WRITE_WINDOW
-
         self.channel = channel
         # Destination: the mode the source announced (QEMU: the source's capability decides).
         self.pin_all = False
         self.window = WRITE_WINDOW
         self._mrs: list[tuple[Any, int]] = []  # (MR, bytes) to release on close
         # destination
-        self._local_blocks: list[RamBlock] = []
+        self._local_blocks: list[MemoryRegion] = []
         self._dst_chunks: dict[tuple[int, int], Any] = {}
         # source
         self._remote: dict[str, RemoteBlock] | None = None
@@ -90,17 +89,15 @@ class RdmaPlacement:
         channel.on_write_done = self._on_write_done
 
     # --- destination -----------------------------------------------------------------
-    def register_destination_ram(self, ram: GuestRam) -> None:
+    def register_destination_ram(self, blocks: Iterable[MemoryRegion]) -> None:
         """Register every block for remote writes and send the block list to the source."""
         e = self.channel._e
         # Chunks stay registered until the end, so chunk mode too ends up pinning all of it:
         # refuse now, before a page has moved, rather than after some.
-        verbs.check_memlock(verbs.pinned_bytes() + ram.total)
+        blocks = list(blocks)
+        verbs.check_memlock(verbs.pinned_bytes() + sum(b.size for b in blocks))
         entries = []
-        for i, block in enumerate(ram):
-            # Pages now change behind the loader's back: nothing is known to be pristine, so
-            # a later ZERO record must really clear its page.
-            block.pristine = None
+        for i, block in enumerate(blocks):
             self._local_blocks.append(block)
             rkey = 0
             if self.pin_all:
@@ -181,7 +178,7 @@ class RdmaPlacement:
         if self._error is not None:
             raise ConnectionLostError(self._error)
 
-    def write_pages(self, block: RamBlock, offsets: np.ndarray) -> int:
+    def write_pages(self, block: MemoryRegion, offsets: np.ndarray) -> int:
         """WRITE the pages at ``offsets`` (sorted byte offsets) of ``block`` into the
         destination's copy; returns the bytes written."""
         ch = self.channel
@@ -247,7 +244,7 @@ class RdmaPlacement:
                 "waiting for the destination to register RAM chunks")
             self._check()
 
-    def _local_key(self, block: RamBlock) -> int:
+    def _local_key(self, block: MemoryRegion) -> int:
         """lkey of the source's registration of ``block``: whole, on its first write. Its
         pages are resident already, so this is cheap, unlike the destination's; the chunk
         mode exists for the destination's sake."""
@@ -288,7 +285,7 @@ def _runs(offsets: np.ndarray) -> list[tuple[int, int]]:
     starts = offs[np.concatenate(([0], breaks))]
     ends = offs[np.concatenate((breaks - 1, [len(offs) - 1]))] + PAGE_SIZE
     runs: list[tuple[int, int]] = []
-    for s, e in zip(starts.tolist(), ends.tolist()):
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
         while s < e:
             cut = min(e, (s // CHUNK + 1) * CHUNK, s + MAX_WRITE)
             runs.append((s, cut - s))

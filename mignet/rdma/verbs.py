@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConnectionLostError, SetupError
+from mignet.errors import ConnectionLostError, SetupError
 
 SETUP_FIX = "run tools/rxe/setup.sh / load rdma_rxe"
 GUEST_FIX = "run it inside the soft-RoCE guest: mignet rxe run -- CMD"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .socket_channel import SocketChannel
-from .socket_listener import SocketListener, connect_socket, listen_socket
+from mignet.tcp.socket_channel import SocketChannel
+from mignet.tcp.socket_listener import SocketListener, connect_socket, listen_socket
 
 __all__ = ["SocketChannel", "SocketListener", "connect_socket", "listen_socket"]

@@ -6,8 +6,8 @@ import errno
 import socket
 from collections.abc import Sequence
 
-from ..channel import Buffer, Channel, IOCondition, ShutdownHow, WritableBuffer
-from ..errors import ClosedChannelError, ConnectionLostError
+from mignet.channel import Buffer, Channel, IOCondition, ShutdownHow, WritableBuffer
+from mignet.errors import ClosedChannelError, ConnectionLostError
 
 _SHUT = {ShutdownHow.READ: socket.SHUT_RD, ShutdownHow.WRITE: socket.SHUT_WR,
          ShutdownHow.BOTH: socket.SHUT_RDWR}

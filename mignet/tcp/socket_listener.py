@@ -12,10 +12,10 @@ import socket
 import stat
 import tempfile
 
-from ..channel import IOCondition
-from ..errors import ClosedChannelError, SetupError
-from ..uri import Address
-from .socket_channel import SocketChannel
+from mignet.channel import IOCondition
+from mignet.errors import ClosedChannelError, SetupError
+from mignet.tcp.socket_channel import SocketChannel
+from mignet.uri import Address
 
 
 class SocketListener:
@@ -36,7 +36,7 @@ class SocketListener:
         self.sock.settimeout(timeout)
         try:
             conn, _ = self.sock.accept()
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             raise TimeoutError(f"no connection on {self.address} within {timeout} s") from exc
         except OSError as exc:
             if self._closed:
@@ -146,7 +146,7 @@ def connect_socket(address: Address, timeout: float | None = 30.0) -> SocketChan
             f"nothing is listening on {address}: start the destination "
             "(mignet recv --listen ...) first"
         ) from exc
-    except (socket.timeout, OSError) as exc:
+    except (TimeoutError, OSError) as exc:
         sock.close()
         raise SetupError(f"cannot connect to {address}: {exc}") from exc
     sock.settimeout(None)

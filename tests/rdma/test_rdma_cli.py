@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mignet.ram import GuestRam
+from mignet.guest.ram import GuestRam
 from tests.support.cli import one_line, send_into, start_recv
 
 pytestmark = pytest.mark.rdma

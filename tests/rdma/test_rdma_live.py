@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mignet.devices import DeviceSet
-from mignet.loadvm import Loader, start_load_thread
-from mignet.ram import GuestRam
-from mignet.savevm import Sender
+from mignet.guest.devices import DeviceSet
+from mignet.guest.ram import GuestRam
+from mignet.migration.loadvm import Loader, start_load_thread
+from mignet.migration.savevm import Sender
 from mignet.transport import connect, listen
 
 pytestmark = pytest.mark.rdma
@@ -20,9 +20,9 @@ MiB = 1 << 20
 
 
 def test_live_rounds_over_rdma_destination_equals_frozen_source(rdma_uri: str) -> None:
-    precopy_mod = pytest.importorskip("mignet.live.precopy")
-    from mignet.live.dirty import page_aligned
-    from mignet.live.workload import Workload
+    precopy_mod = pytest.importorskip("mignet.migration.precopy")
+    from mignet.guest.workload import Workload
+    from mignet.migration.dirty import page_aligned
 
     ram = page_aligned(GuestRam.generate(16 * MiB, "mixed", seed=21))
     listener = listen(rdma_uri)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mignet.ram import GuestRam
+from mignet.guest.ram import GuestRam
 from tests.support.qmp_serve import FINAL, serve, statuses
 
 pytestmark = pytest.mark.rdma

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from mignet.channel import ShutdownHow
-from mignet.devices import DeviceSet
 from mignet.errors import ConnectionLostError, MigrationCancelled
-from mignet.loadvm import Loader, start_load_thread
-from mignet.ram import GuestRam
-from mignet.savevm import Sender, range_pages
+from mignet.guest.devices import DeviceSet
+from mignet.guest.ram import GuestRam
+from mignet.migration.loadvm import Loader, start_load_thread
+from mignet.migration.savevm import Sender, range_pages
 from mignet.transport import connect, listen
 
 pytestmark = pytest.mark.rdma

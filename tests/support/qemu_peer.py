@@ -36,10 +36,11 @@ import subprocess
 import threading
 import time
 import weakref
+from collections.abc import Coroutine, Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Coroutine, Literal, Mapping, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 

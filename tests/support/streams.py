@@ -9,11 +9,12 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from mignet.devices import DeviceSet
 from mignet.errors import ConnectionLostError
-from mignet.ram import GuestRam
-from mignet.stream import PAGE_SIZE, StreamEncoder
+from mignet.guest.devices import DeviceSet
+from mignet.guest.ram import GuestRam
 from mignet.tcp import SocketChannel
+from mignet.units import PAGE_SIZE
+from mignet.wire import StreamEncoder
 
 
 def channel_pair() -> tuple[SocketChannel, SocketChannel]:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from mignet.devices import DeviceSet  # noqa: E402
-from mignet.ram import GuestRam  # noqa: E402
+from mignet.guest.devices import DeviceSet  # noqa: E402
+from mignet.guest.ram import GuestRam  # noqa: E402
 from mignet.rdma import bench  # noqa: E402
 
 

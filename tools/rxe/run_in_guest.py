@@ -1,6 +1,6 @@
 """Run a command inside a soft-RoCE (rdma_rxe) guest: a thin wrapper kept for scripts.
 
-The harness lives in ``mignet.rdma.rxe_guest`` (also ``mignet rxe run -- CMD``); this file
+The harness lives in ``mignet.harness.rxe_guest`` (also ``mignet rxe run -- CMD``); this file
 re-exports it so ``tools/test.sh`` and ``from run_in_guest import ...`` keep working.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, for mignet
 
-from mignet.rdma.rxe_guest import (  # noqa: E402
+from mignet.harness.rxe_guest import (  # noqa: E402
     EXIT_GUEST_FAILED,
     EXIT_TIMEOUT,
     GUEST_ADDR,

@@ -1,0 +1,312 @@
+"""The ``mignet`` command line: recv, send, demo here; bench, rxe and serve in their modules.
+
+Every failure the user can cause or fix (bad URI, port in use, a peer that is not mignet or
+QEMU, a truncated stream) ends as one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+
+from mignet import __version__
+from mignet.bench.procstat import peak_rss
+from mignet.bench.receiver import receiver_result, recv_command, start_receiver
+from mignet.cli import bench, rxe, serve
+from mignet.errors import MignetError, MigrationCancelled, SetupError
+from mignet.guest.devices import DeviceSet
+from mignet.guest.directory import GuestDir
+from mignet.guest.ram import GuestRam, RamBlock
+from mignet.migration.loadvm import Loader, LoadResult, LoadStats, start_load_thread
+from mignet.migration.savevm import Sender, SendStats
+from mignet.transport import connect, listen
+from mignet.ui.terminal import console, run_with_progress, stats_table, transfer_progress
+from mignet.units import human_bytes, parse_rate, parse_size, rate
+
+
+def _emit_json(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+# --- recv ----------------------------------------------------------------------------
+def cmd_recv(args: argparse.Namespace) -> int:
+    out = GuestDir(Path(args.out)) if args.out else None
+    listener = listen(args.listen)
+    if not args.quiet:
+        console.print(f"mignet: listening on {listener.address}")
+    if args.json:
+        _emit_json({"event": "listening", "uri": str(listener.address)})
+    try:
+        channel = listener.accept(timeout=args.timeout)
+    except TimeoutError as exc:
+        raise SetupError(str(exc)) from None
+    finally:
+        listener.close()
+    loader = Loader(channel, devices=DeviceSet.empty(), max_ram_bytes=parse_size(args.max_ram),
+                    block_factory=out.block_factory if out else RamBlock.anonymous)
+    result = _run_load(loader, quiet=args.quiet)
+    channel.close()
+    stats = _load_stats_dict(result.stats)
+    digest = result.ram.digest()
+    if out:
+        out.write(result.ram, result.devices, result.description, stats)
+    if not args.quiet:
+        _print_load_table(result, digest, out)
+    if args.json:
+        _emit_json({"event": "completed", "ram_sha256": digest, "stats": stats,
+                    "blocks": result.ram.layout(), "peak_rss": peak_rss()})
+    return 0
+
+
+def _run_load(loader: Loader, quiet: bool) -> LoadResult:
+    thread = start_load_thread(loader)
+
+    def poll() -> tuple[int, int | None, str]:
+        s = loader.stats
+        return s.ram_done, s.ram_total or None, f"{s.device_sections} dev"
+    try:
+        with transfer_progress("receiving", poll, enabled=not quiet):
+            while thread.thread.is_alive():
+                thread.thread.join(0.2)
+    except KeyboardInterrupt:
+        loader.cancel()
+        thread.thread.join(5)
+        raise MigrationCancelled("cancelled by Ctrl-C") from None
+    return thread.join()
+
+
+def _load_stats_dict(s: LoadStats) -> dict[str, Any]:
+    return {"machine_type": s.machine_type, "ram_total": s.ram_total,
+            "stream_bytes": s.bytes_received, "normal_pages": s.normal_pages,
+            "zero_pages": s.zero_pages, "ram_sections": s.sections,
+            "device_sections": s.device_sections, "seconds": round(s.elapsed, 4),
+            "setup_seconds": round(s.setup_seconds, 4), "rdma_placed_bytes": s.placed_bytes,
+            "predicted_pages": s.predicted_pages, "mispredictions": s.mispredictions,
+            "switchover_at": s.switchover_at}  # CLOCK_MONOTONIC: live downtime on one host
+
+
+def _print_load_table(result: LoadResult, digest: str, out: GuestDir | None) -> None:
+    s = result.stats
+    rows: list[tuple[str, Any]] = [
+        ("source machine", s.machine_type),
+        ("RAM blocks", ", ".join(f"{n} ({human_bytes(z)})" for n, z in result.ram.layout())),
+        ("stream bytes", human_bytes(s.bytes_received)),
+        ("pages: data / zero", f"{s.normal_pages} / {s.zero_pages}"),
+        ("device sections", s.device_sections),
+    ]
+    if s.placed_bytes:  # RDMA: page data bypassed the stream
+        rows += [("written by RDMA", human_bytes(s.placed_bytes)),
+                 ("setup (RAM registration)", f"{s.setup_seconds:.2f} s")]
+    rows += [
+        ("time", f"{s.elapsed:.2f} s"),
+        ("throughput", rate(s.bytes_received + s.placed_bytes, s.elapsed)),
+        ("RAM sha256", digest[:16] + "…"),
+    ]
+    if out:
+        rows.append(("written to", str(out.path)))
+    stats_table("incoming migration completed", rows)
+
+
+# --- send ----------------------------------------------------------------------------
+def _source_ram(args: argparse.Namespace) -> GuestRam:
+    if args.image:
+        return GuestRam.from_image(Path(args.image), name=args.block_name)
+    return GuestRam.generate(parse_size(args.size), args.fill, seed=args.seed)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    if not args.image and not args.size:
+        raise SetupError("say what to send: --image FILE or --size SIZE [--fill random|zero|mixed]")
+    if args.live:
+        return _send_live(args)
+    ram = _source_ram(args)
+    devices = DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed)
+    channel = connect(args.uri)
+    sender = Sender(channel, ram, devices, max_bandwidth=parse_rate(args.max_bandwidth),
+                    rdma_pin_all=args.rdma_pin_all)
+    stats = _run_send(sender, quiet=args.quiet)
+    channel.close()
+    digest = ram.digest() if args.json or not args.quiet else ""
+    if not args.quiet:
+        _print_send_table(stats, digest)
+    if args.json:
+        _emit_json({"event": "completed", "ram_sha256": digest, "transferred": stats.transferred,
+                    "seconds": round(stats.elapsed, 4)})
+    return 0
+
+
+def _live_params(args: argparse.Namespace) -> Any:
+    from mignet.migration.precopy import PrecopyParams
+
+    return PrecopyParams(downtime_limit_ms=args.downtime_limit, max_bandwidth=parse_rate(args.max_bandwidth),
+                         auto_converge=args.auto_converge)
+
+
+def _send_live(args: argparse.Namespace) -> int:
+    """Live precopy of a running synthetic guest (its vCPUs write at --dirty-rate)."""
+    from mignet.migration.dirty import page_aligned
+    from mignet.ui.live import print_live_table, run_live
+
+    if args.image:
+        raise SetupError("--live migrates a running synthetic guest: use --size, not --image "
+                         "(its vCPUs would write into the image)")
+    ram = page_aligned(_source_ram(args))
+    devices = DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed)
+    channel = connect(args.uri)
+    precopy, workload = run_live(channel, ram, devices, dirty_rate=parse_rate(args.dirty_rate),
+                                 params=_live_params(args), quiet=args.quiet, seed=args.seed,
+                                 rdma_pin_all=args.rdma_pin_all)
+    channel.close()
+    digest = ram.digest() if args.json or not args.quiet else ""
+    if not args.quiet:
+        print_live_table(precopy, workload)
+        console.print(f"source RAM sha256 at stop-and-copy: {digest[:16]}…")
+    if args.json:
+        info = precopy.query_migrate()
+        _emit_json({"event": "completed", "ram_sha256": digest, "transferred": info["ram"]["transferred"],
+                    "seconds": info["total-time"] / 1000, "migration": info})
+    return 0
+
+
+def _run_send(sender: Sender, quiet: bool) -> SendStats:
+    def poll() -> tuple[int, int | None, str]:
+        s = sender.stats
+        return s.ram_done, s.ram_total, f"{s.zero_pages} zero pages"
+    return run_with_progress(sender.run, label="sending", poll=poll, cancel=sender.cancel, quiet=quiet)
+
+
+def _print_send_table(s: SendStats, digest: str) -> None:
+    stats_table("outgoing migration completed", [
+        ("RAM", human_bytes(s.ram_total)),
+        ("stream bytes", human_bytes(s.transferred)),
+        ("pages: data / zero", f"{s.normal_pages} / {s.zero_pages}"),
+        ("time", f"{s.elapsed:.2f} s"),
+        ("throughput", rate(s.transferred, s.elapsed)),
+        ("RAM sha256", digest[:16] + "…"),
+    ])
+
+
+# --- demo ----------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Both ends on loopback: a receiver process, this process migrates a *running* guest
+    (vCPU threads writing at --dirty-rate) by live precopy; digests compared afterwards."""
+    from mignet.migration.dirty import page_aligned
+    from mignet.ui.live import print_live_table, run_live
+
+    size = parse_size(args.size)
+    dirty_rate = parse_rate(args.dirty_rate)
+    console.print(f"mignet demo: live-migrating a {human_bytes(size)} {args.fill} guest, its vCPUs "
+                  f"writing {human_bytes(dirty_rate)}/s, over loopback TCP to a separate receiver process")
+    receiver, uri = start_receiver(recv_command(max_ram=size + (64 << 20)))
+    done: dict[str, Any] = {}
+
+    def destination_loaded() -> float | None:
+        """The receiver's switchover on this host's CLOCK_MONOTONIC (its JSON line)."""
+        done.update(receiver_result(receiver, timeout=60))
+        return done["stats"].get("switchover_at")  # type: ignore[no-any-return]
+    try:
+        ram = page_aligned(GuestRam.generate(size, args.fill, seed=args.seed))
+        devices = DeviceSet.example(args.seed)
+        channel = connect(uri)
+        precopy, workload = run_live(channel, ram, devices, dirty_rate=dirty_rate, params=_live_params(args),
+                                     destination_loaded=destination_loaded, seed=args.seed)
+        channel.close()
+        source_digest = ram.digest()  # the vCPUs are stopped: RAM as frozen at stop-and-copy
+    finally:
+        if receiver.poll() is None:
+            receiver.send_signal(signal.SIGINT)
+            receiver.wait(10)
+    print_live_table(precopy, workload, "demo result")
+    stats_table("digests", [("source sha256 (frozen at stop-and-copy)", source_digest[:16] + "…"),
+                            ("received sha256", done["ram_sha256"][:16] + "…")])
+    if done["ram_sha256"] == source_digest:
+        console.print("[bold green]OK[/]: the received RAM is identical to the source (sha256 match)")
+        return 0
+    console.print("[bold red]FAILED[/]: the received RAM differs from the source")
+    return 1
+
+
+# --- entry point ---------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mignet", description="Migrate guest memory over TCP or RDMA in QEMU's stream format.")
+    p.add_argument("--version", action="version", version=f"mignet {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("recv", help="receive a migration stream (from mignet or QEMU)")
+    r.add_argument("--listen", required=True, metavar="URI", help="tcp:HOST:PORT, unix:PATH or rdma:HOST:PORT")
+    r.add_argument("--out", metavar="DIR", help="write each RAM block and the device state to DIR")
+    r.add_argument("--max-ram", default=str(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
+                   metavar="SIZE", help="refuse sources with more RAM (default: physical memory)")
+    r.add_argument("--timeout", type=float, default=None, help="seconds to wait for the source")
+    r.add_argument("--json", action="store_true", help="machine-readable events on stdout")
+    r.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    r.set_defaults(func=cmd_recv)
+
+    s = sub.add_parser("send", help="send guest RAM and device state")
+    s.add_argument("uri", metavar="URI")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--image", metavar="FILE", help="a RAM image, e.g. QEMU's memory-backend-file")
+    src.add_argument("--size", metavar="SIZE", help="a synthetic guest of SIZE (e.g. 2G)")
+    s.add_argument("--fill", choices=["random", "zero", "mixed"], default="random")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--block-name", default="pc.ram", help="RAM block name for --image")
+    s.add_argument("--max-bandwidth", default="0", metavar="RATE", help="e.g. 128MiB/s; 0 = unlimited")
+    s.add_argument("--no-devices", action="store_true", help="send no device-state sections")
+    s.add_argument("--rdma-pin-all", action="store_true", default=None,
+                   help="rdma: URIs: the destination registers all its RAM before the first page "
+                        "(QEMU's rdma-pin-all) instead of 1 MiB chunks on demand")
+    s.add_argument("--live", action="store_true",
+                   help="live precopy: the guest keeps running (vCPUs writing at --dirty-rate)")
+    s.add_argument("--dirty-rate", default="200MiB/s", metavar="RATE", help="with --live: guest write rate")
+    _add_live_options(s)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_send)
+
+    d = sub.add_parser("demo", help="migrate a guest over loopback and check it arrived intact")
+    d.add_argument("--size", default="1G")
+    d.add_argument("--fill", choices=["random", "zero", "mixed"], default="mixed")
+    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--dirty-rate", default="100MiB/s", metavar="RATE", help="guest write rate (0 = idle)")
+    d.add_argument("--max-bandwidth", default="0", metavar="RATE", help="e.g. 128MiB/s; 0 = unlimited")
+    _add_live_options(d)
+    d.set_defaults(func=cmd_demo)
+
+    for module in (bench, rxe, serve):
+        module.add_parser(sub)
+    return p
+
+
+def _add_live_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--downtime-limit", type=int, default=300, metavar="MS",
+                   help="switch over once the rest fits in MS at the measured bandwidth (QEMU: 300)")
+    p.add_argument("--auto-converge", action="store_true",
+                   help="throttle the vCPUs progressively while the dirty rate outruns the link")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except MigrationCancelled as exc:
+        console.print(f"mignet: {exc}")
+        return 130
+    except MignetError as exc:
+        console.print(f"[red]mignet: error:[/] {escape(str(exc))}", soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        console.print("mignet: interrupted")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""Glue between the control plane (QMP) and the data plane (Sender, Loader).
+
+Why a separate module: QMP handlers must return at once (they run on the main loop, holding
+the big lock), while a migration takes seconds to minutes. So each migration runs in its own
+thread — outgoing in ``mig/src/main`` with a :class:`~mignet.migration.savevm.Sender`, incoming via
+:func:`~mignet.migration.loadvm.start_load_thread` (``mig/dst/main``) after ``mig/dst/accept`` has
+taken the connection — and this module is the only place that turns their progress into the
+public state (:mod:`mignet.migration.status`), takes and releases the option lock
+(:mod:`mignet.control.options`), and reacts to runtime changes (cancel, max-bandwidth).
+
+Order at the end of a migration matters: the option lock is released *before* the final
+status is published, so a client that sees "completed" may change options at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mignet.channel import Channel
+from mignet.control.options import OptionSet
+from mignet.errors import MignetError, MigrationCancelled, RequestRefused
+from mignet.guest.devices import DeviceSet
+from mignet.guest.directory import GuestDir
+from mignet.guest.ram import GuestRam, RamBlock
+from mignet.guest.workload import Workload
+from mignet.migration.loadvm import Loader, LoadThread, load_in_coroutine, start_load_thread
+from mignet.migration.precopy import Precopy, PrecopyParams
+from mignet.migration.savevm import Sender
+from mignet.migration.status import DirectionState, MigrationState, Phase, RamCounters
+from mignet.transport import Listener, connect, listen
+from mignet.units import PAGE_SIZE
+from mignet.uri import parse_uri
+
+OUTGOING_THREAD = "mig/src/main"
+ACCEPT_THREAD = "mig/dst/accept"
+
+EventSink = Callable[[str, dict[str, Any]], None]
+_CANCELLABLE = frozenset({Phase.CONNECTING, Phase.LISTENING, Phase.RAM, Phase.DEVICES})
+
+
+@dataclass
+class Guest:
+    """The guest this process holds: RAM (None on a destination that has not received one
+    yet), devices, and where an incoming guest is written (``out``)."""
+
+    ram: GuestRam | None
+    devices: DeviceSet
+    out: GuestDir | None = None
+    max_ram: int = 1 << 40
+    incoming_deferred: bool = False  # started with --incoming defer: waits for migrate-incoming
+    # "thread": load in mig/dst/main (QEMU today); "coroutine": load as a coroutine of the
+    # main loop, holding the big lock except while yielded (QEMU before the loader thread).
+    recv_model: str = "thread"
+    workload: Workload | None = None  # the source's running vCPUs (None: a paused guest)
+    description: dict[str, Any] | None = field(default=None, repr=False)
+
+
+class Migrations:
+    """Starts, cancels and observes this process's migrations."""
+
+    def __init__(self, guest: Guest, options: OptionSet, state: MigrationState,
+                 emit: EventSink) -> None:
+        self.guest = guest
+        self.options = options
+        self.state = state
+        self.emit = emit
+        self._sender: Sender | None = None
+        self._loader: Loader | None = None
+        self._listener: Listener | None = None
+        self._threads: list[threading.Thread] = []
+        self._incoming_used = False
+        self._mutex = threading.Lock()  # sender/loader/listener hand-over vs cancel
+
+    # --- outgoing --------------------------------------------------------------------
+    def start_outgoing(self, uri: str, config: Mapping[str, Any] | None = None) -> None:
+        """``migrate``: checks, then options lock, then the thread. Errors are raised here,
+        synchronously, so QMP answers them; later failures end in status "failed"."""
+        if self.state.incoming.running or (self.guest.incoming_deferred and self.guest.ram is None):
+            raise RequestRefused("Guest is waiting for an incoming migration")
+        if self.state.outgoing.running:
+            raise RequestRefused("There's a migration process in progress")
+        if self.guest.ram is None:
+            raise RequestRefused("this process holds no guest RAM to migrate")
+        parse_uri(uri)  # a malformed URI is the caller's error, answered now (as QEMU does)
+        snapshot = self.options.begin("outgoing", config)
+        self.state.outgoing.to(Phase.CONNECTING)
+        events = bool(snapshot.capabilities["events"])
+        t = threading.Thread(target=self._outgoing_main, args=(uri, events),
+                             name=OUTGOING_THREAD, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _outgoing_main(self, uri: str, events: bool) -> None:
+        out = self.state.outgoing
+        channel: Channel | None = None
+        remove_observer: Callable[[], None] = lambda: None  # noqa: E731
+        old_runstate = self.state.runstate
+        try:
+            channel = connect(uri)
+            assert self.guest.ram is not None
+            sender = Sender(channel, self.guest.ram, self.guest.devices,
+                            max_bandwidth=self.options.parameter("max-bandwidth"),
+                            rdma_pin_all=bool(self.options.capability("rdma-pin-all")))
+            # Only a running guest has vCPUs to stop (after a completed migration it stays
+            # stopped: a second migrate sends it paused, as QEMU from postmigrate).
+            workload = self.guest.workload if self.guest.workload and self.guest.workload.running else None
+
+            def stopped() -> None:
+                """vCPUs stopped for the final copy: from here the migration can no longer be
+                cancelled (the rest of the stream is about to go out; a destination that got
+                it would start while the source resumed)."""
+                if not out.move(frozenset({Phase.RAM}), Phase.SWITCHOVER):
+                    raise MigrationCancelled("outgoing migration cancelled")  # vCPUs resume
+                self.state.runstate = "finish-migrate"
+            precopy = Precopy(sender, workload, self._precopy_params(), on_stop=stopped,
+                              on_round=lambda r: events and self.emit("MIGRATION_PASS", {"pass": r.round + 1}))
+
+            def on_option(name: str, value: Any) -> None:  # allowlisted while migrating
+                if name == "max-bandwidth":  # takes effect within 100 ms
+                    precopy.set_max_bandwidth(value)
+                elif name == "downtime-limit":  # read at the next sync
+                    precopy.params.downtime_limit_ms = int(value)
+            remove_observer = self.options.add_observer(on_option)
+            precopy.set_max_bandwidth(self.options.parameter("max-bandwidth"))  # a change meanwhile
+            with self._mutex:
+                self._sender = sender
+            out.counters = lambda: _precopy_counters(precopy)
+            if not out.move(frozenset({Phase.CONNECTING}), Phase.RAM):
+                raise MigrationCancelled("outgoing migration cancelled")
+            if events:
+                self.emit("MIGRATION_PASS", {"pass": 1})
+            result = precopy.run()  # rounds while the vCPUs run, then stop and copy
+            self.state.runstate = "postmigrate"
+            out.downtime_ms = int(result.get("downtime", 0))
+            self._end(out, "outgoing", Phase.DONE)
+        except MigrationCancelled:
+            self._end(out, "outgoing", Phase.CANCELLED)
+            self.state.runstate = old_runstate  # as QEMU's vm_old_state: the guest resumes
+        except MignetError as exc:
+            self._end(out, "outgoing", _failed_or_cancelled(out), str(exc))
+            self.state.runstate = old_runstate
+        except BaseException as exc:  # noqa: BLE001 - a bug must still end the migration
+            self._end(out, "outgoing", _failed_or_cancelled(out), f"internal error: {exc!r}")
+            raise
+        finally:
+            remove_observer()
+            with self._mutex:
+                self._sender = None
+            if channel is not None:
+                channel.close()
+
+    def _precopy_params(self) -> PrecopyParams:
+        o = self.options
+        return PrecopyParams(
+            downtime_limit_ms=int(o.parameter("downtime-limit")),
+            max_bandwidth=int(o.parameter("max-bandwidth")),
+            auto_converge=bool(o.capability("auto-converge")),
+            cpu_throttle_initial=int(o.parameter("cpu-throttle-initial")),
+            cpu_throttle_increment=int(o.parameter("cpu-throttle-increment")),
+            max_cpu_throttle=int(o.parameter("max-cpu-throttle")),
+            throttle_trigger_threshold=int(o.parameter("throttle-trigger-threshold")),
+        )
+
+    # --- incoming --------------------------------------------------------------------
+    def start_incoming(self, uri: str, config: Mapping[str, Any] | None = None) -> list[dict[str, str]]:
+        """``migrate-incoming``: listen now (errors answered at once), accept and load in
+        threads. Returns the listening addresses (QEMU's socket-address)."""
+        if not self.guest.incoming_deferred:
+            raise RequestRefused("'-incoming' was not specified on the command line")
+        if self._incoming_used:
+            raise RequestRefused("The incoming migration has already been started")
+        self.options.begin("incoming", config)
+        try:
+            listener = listen(uri)
+        except BaseException:
+            self.options.end("incoming")
+            raise
+        self._incoming_used = True
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None  # not on a loop: only the threaded model is possible
+        with self._mutex:
+            self._listener = listener
+        inc = self.state.incoming
+        inc.to(Phase.LISTENING)
+        addr = listener.address
+        if addr.scheme == "unix":
+            inc.socket_address = [{"type": "unix", "path": str(addr.path)}]
+        else:
+            inc.socket_address = [{"type": "inet" if addr.scheme == "tcp" else addr.scheme,
+                                   "host": str(addr.host), "port": str(addr.port)}]
+        t = threading.Thread(target=self._incoming_main, args=(listener,), name=ACCEPT_THREAD,
+                             daemon=True)
+        self._threads.append(t)
+        t.start()
+        return inc.socket_address
+
+    def _incoming_main(self, listener: Listener) -> None:
+        inc = self.state.incoming
+        channel: Channel | None = None
+        try:
+            try:
+                channel = listener.accept()
+            finally:
+                listener.close()
+                with self._mutex:
+                    self._listener = None
+            block_factory = self.guest.out.block_factory if self.guest.out else RamBlock.anonymous
+
+            def switchover() -> None:  # loader thread, big lock held
+                if not inc.move(frozenset({Phase.RAM, Phase.DEVICES}), Phase.SWITCHOVER):
+                    raise MigrationCancelled("incoming migration cancelled")
+            loader = Loader(channel, ram=self.guest.ram, devices=self.guest.devices,
+                            max_ram_bytes=self.guest.max_ram, block_factory=block_factory,
+                            on_switchover=switchover)
+            with self._mutex:
+                self._loader = loader
+            inc.counters = lambda: _load_counters(loader)
+            if not inc.move(frozenset({Phase.LISTENING}), Phase.RAM):
+                raise MigrationCancelled("incoming migration cancelled")
+            if self.guest.recv_model == "coroutine":
+                if self._loop is None:
+                    raise MignetError("the coroutine receive model needs a main loop")
+                result = asyncio.run_coroutine_threadsafe(load_in_coroutine(loader), self._loop).result()
+            else:
+                thread: LoadThread = start_load_thread(loader)
+                result = thread.join()
+            self.guest.ram, self.guest.devices = result.ram, result.devices
+            self.guest.description = result.description
+            if self.guest.out is not None:
+                self.guest.out.write(result.ram, result.devices, result.description, {})
+            self._end(inc, "incoming", Phase.DONE)
+            self.guest.incoming_deferred = False
+            self.state.runstate = "running"  # QEMU's autostart
+        except MigrationCancelled:
+            self._end(inc, "incoming", Phase.CANCELLED)
+        except MignetError as exc:
+            self._end(inc, "incoming", _failed_or_cancelled(inc), str(exc))
+        except BaseException as exc:  # noqa: BLE001
+            self._end(inc, "incoming", _failed_or_cancelled(inc), f"internal error: {exc!r}")
+            raise
+        finally:
+            with self._mutex:
+                self._loader = None
+            if channel is not None:
+                channel.close()
+
+    # --- both ------------------------------------------------------------------------
+    def _end(self, side: DirectionState, holder: str, phase: Phase, error: str | None = None) -> None:
+        """Release the option lock, then publish the end (see the module docstring)."""
+        self.options.end(holder)
+        if phase is Phase.CANCELLED:
+            side.move(frozenset({Phase.CANCELLING}), Phase.CANCELLED)
+        elif not side.move(frozenset(Phase), phase, error):
+            side.move(frozenset({Phase.CANCELLING}), Phase.CANCELLED)
+
+    def cancel(self) -> None:
+        """``migrate-cancel``: stop whichever migration runs, outgoing or incoming. Returns
+        at once; the migration's thread publishes "cancelled" when it has stopped."""
+        out, inc = self.state.outgoing, self.state.incoming
+        if out.move(_CANCELLABLE, Phase.CANCELLING):
+            with self._mutex:
+                if self._sender is not None:
+                    self._sender.cancel()
+        if inc.move(_CANCELLABLE, Phase.CANCELLING):
+            with self._mutex:
+                if self._listener is not None:
+                    self._listener.close()  # wakes accept()
+                if self._loader is not None:
+                    self._loader.cancel()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Cancel what runs and wait for the threads (at quit). Never call with the big
+        lock held: a loader may need it to finish a device section."""
+        self.cancel()
+        for t in self._threads:
+            t.join(timeout)
+
+
+def _failed_or_cancelled(side: DirectionState) -> Phase:
+    return Phase.CANCELLED if side.phase is Phase.CANCELLING else Phase.FAILED
+
+
+def _precopy_counters(precopy: Precopy) -> RamCounters:
+    info = precopy.query_migrate()
+    ram = info.get("ram")
+    if ram is None:
+        return RamCounters()
+    return RamCounters(transferred=ram["transferred"], remaining=ram["remaining"], total=ram["total"],
+                       duplicate=ram["duplicate"], normal=ram["normal"],
+                       dirty_sync_count=ram["dirty-sync-count"], precopy_bytes=ram["precopy-bytes"],
+                       downtime_bytes=ram["downtime-bytes"], dirty_pages_rate=ram["dirty-pages-rate"],
+                       expected_downtime_ms=info.get("expected-downtime"), mbps=ram["mbps"],
+                       pages_per_second=ram["pages-per-second"])
+
+
+def _load_counters(loader: Loader) -> RamCounters:
+    s = loader.stats
+    done = s.ram_done
+    # decoder.offset moves with every read; stats.bytes_received only at section ends.
+    # Pages RDMA wrote into our RAM never pass the stream: count them as the source reports.
+    return RamCounters(transferred=max(s.bytes_received, loader.decoder.offset) + s.placed_bytes,
+                       remaining=max(0, s.ram_total - done), total=s.ram_total,
+                       duplicate=s.zero_pages, normal=s.normal_pages + s.placed_bytes // PAGE_SIZE,
+                       dirty_sync_count=s.sections, precopy_bytes=s.bytes_received)
+
+
+__all__ = ["Guest", "Migrations", "OUTGOING_THREAD", "ACCEPT_THREAD", "PAGE_SIZE"]

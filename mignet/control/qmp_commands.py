@@ -1,0 +1,215 @@
+"""The QMP commands, with QEMU 7.2's names, arguments and reply shapes (qapi/migration.json,
+qapi/run-state.json), so that existing clients (libvirt, qemu.qmp) drive mignet unchanged.
+
+Handlers run on the main loop with the big lock held (see server.py) and must return at
+once: anything slow happens in a migration thread or, for ``x-mignet-query-guest``, in a
+worker thread awaited without the lock. Argument checking words its errors like QEMU's QAPI
+input visitor ("Parameter 'uri' is missing", "Invalid parameter type for 'uri', expected:
+string"), so scripts that match on them keep working.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from mignet import __version__
+from mignet.control.migrations import Migrations
+from mignet.control.options import OptionSet
+from mignet.control.qmp_server import QEMU_VERSION, Handler, QmpError
+from mignet.errors import RequestRefused
+from mignet.migration.status import MigrationState, MigrationStatus
+from mignet.runtime.bql import BQL
+from mignet.runtime.mainloop import current_main_loop, record_bql_holds, summarize
+from mignet.units import PAGE_SIZE
+
+_TYPES: dict[type, str] = {str: "string", bool: "boolean", int: "integer", dict: "object", list: "array"}
+
+
+def check_args(args: dict[str, Any], required: dict[str, type] | None = None,
+               optional: dict[str, type] | None = None) -> None:
+    """QAPI-style argument checking: unexpected, missing and mistyped members."""
+    required, optional = required or {}, optional or {}
+    for key in args:
+        if key not in required and key not in optional:
+            raise QmpError("GenericError", f"Parameter '{key}' is unexpected")
+    for key in required:
+        if key not in args:
+            raise QmpError("GenericError", f"Parameter '{key}' is missing")
+    for key, value in args.items():
+        want = required.get(key) or optional[key]
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise QmpError("GenericError",
+                           f"Invalid parameter type for '{key}', expected: {_TYPES[want]}")
+
+
+class Commands:
+    """Binds the command names to this process's migrations, options and state."""
+
+    def __init__(self, migrations: Migrations, options: OptionSet, state: MigrationState,
+                 on_quit: Callable[[], None]) -> None:
+        self.migrations = migrations
+        self.options = options
+        self.state = state
+        self.on_quit = on_quit
+
+    def table(self) -> dict[str, Handler]:
+        return {
+            "migrate": self.migrate,
+            "migrate-incoming": self.migrate_incoming,
+            "migrate-cancel": self.migrate_cancel,
+            "migrate-set-capabilities": self.migrate_set_capabilities,
+            "query-migrate-capabilities": self.query_migrate_capabilities,
+            "migrate-set-parameters": self.migrate_set_parameters,
+            "query-migrate-parameters": self.query_migrate_parameters,
+            "query-migrate": self.query_migrate,
+            "query-status": self.query_status,
+            "query-version": self.query_version,
+            "query-commands": self.query_commands,
+            "quit": self.quit,
+            "x-mignet-query-guest": self.query_guest,
+            "x-mignet-loop-stats": self.loop_stats,
+        }
+
+    # --- migration ---------------------------------------------------------------------
+    def migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        # blk/inc/detach/resume exist in QEMU 7.2's schema; only their defaults make sense here.
+        check_args(args, {"uri": str}, {"blk": bool, "inc": bool, "detach": bool, "resume": bool,
+                                        "config": dict})
+        for flag in ("blk", "inc", "resume"):
+            if args.get(flag):
+                raise QmpError("GenericError", f"Parameter '{flag}' is not supported by mignet")
+        self.migrations.start_outgoing(args["uri"], args.get("config"))
+        return {}
+
+    def migrate_incoming(self, args: dict[str, Any]) -> dict[str, Any]:
+        check_args(args, {"uri": str}, {"config": dict})
+        self.migrations.start_incoming(args["uri"], args.get("config"))
+        return {}
+
+    def migrate_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
+        check_args(args)
+        self.migrations.cancel()
+        return {}
+
+    # --- options -----------------------------------------------------------------------
+    def migrate_set_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
+        check_args(args, {"capabilities": list})
+        self.options.set_capabilities(args["capabilities"])
+        return {}
+
+    def query_migrate_capabilities(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        check_args(args)
+        return self.options.query_capabilities()
+
+    def migrate_set_parameters(self, args: dict[str, Any]) -> dict[str, Any]:
+        self.options.set_parameters(args)  # validates names, types and ranges itself
+        return {}
+
+    def query_migrate_parameters(self, args: dict[str, Any]) -> dict[str, Any]:
+        check_args(args)
+        return self.options.query_parameters()
+
+    # --- queries -----------------------------------------------------------------------
+    def query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        """QEMU's MigrationInfo: times and ``ram`` while active and when completed,
+        ``error-desc`` when failed, ``socket-address`` on a listening destination."""
+        check_args(args)
+        side = self.state.current()
+        if side is None:
+            return {}
+        status = side.status
+        info: dict[str, Any] = {"status": status.value}
+        if side.socket_address:
+            info["socket-address"] = side.socket_address
+        if status is MigrationStatus.FAILED and side.error_desc:
+            info["error-desc"] = side.error_desc
+        shows_ram = status in (MigrationStatus.ACTIVE, MigrationStatus.CANCELLING,
+                               MigrationStatus.DEVICE, MigrationStatus.COMPLETED)
+        if not shows_ram or side.counters is None:
+            return info
+        c = side.counters()
+        end = side.ended if status is MigrationStatus.COMPLETED and side.ended else None
+        now = end or time.monotonic()
+        info["total-time"] = int((now - side.started) * 1000)
+        if side.setup_done is not None:
+            info["setup-time"] = int((side.setup_done - side.started) * 1000)
+        if status is MigrationStatus.COMPLETED:
+            if side.downtime_ms is not None:
+                info["downtime"] = side.downtime_ms
+        else:
+            info["expected-downtime"] = (c.expected_downtime_ms if c.expected_downtime_ms is not None
+                                         else int(self.options.parameter("downtime-limit")))
+        if status is MigrationStatus.COMPLETED:
+            elapsed = max(1e-9, now - (side.setup_done or side.started))
+            mbps, pps = c.transferred * 8 / elapsed / 1e6, c.normal / elapsed
+        else:
+            mbps, pps = side.meter.sample(c.transferred, c.normal + c.duplicate)
+            if c.mbps is not None and c.pages_per_second is not None:
+                mbps, pps = c.mbps, c.pages_per_second  # the precopy driver's per-round rates
+        info["ram"] = {
+            "transferred": c.transferred, "remaining": c.remaining, "total": c.total,
+            "duplicate": c.duplicate, "skipped": 0, "normal": c.normal,
+            "normal-bytes": c.normal * PAGE_SIZE, "dirty-pages-rate": c.dirty_pages_rate, "mbps": round(mbps, 3),
+            "dirty-sync-count": c.dirty_sync_count, "postcopy-requests": 0,
+            "page-size": PAGE_SIZE, "multifd-bytes": 0, "pages-per-second": int(pps),
+            "precopy-bytes": c.precopy_bytes, "downtime-bytes": c.downtime_bytes,
+            "postcopy-bytes": 0, "dirty-sync-missed-zero-copy": 0,
+        }
+        return info
+
+    def query_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        check_args(args)
+        runstate = self.state.runstate
+        return {"status": runstate, "running": runstate == "running", "singlestep": False}
+
+    def query_version(self, args: dict[str, Any]) -> dict[str, Any]:
+        check_args(args)
+        return {"qemu": dict(QEMU_VERSION), "package": f"mignet {__version__}"}
+
+    def query_commands(self, args: dict[str, Any]) -> list[dict[str, str]]:
+        check_args(args)
+        return [{"name": n} for n in ["qmp_capabilities", *self.table()]]
+
+    def quit(self, args: dict[str, Any]) -> dict[str, Any]:
+        check_args(args)
+        self.on_quit()
+        return {}
+
+    def loop_stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        """mignet's own: big-lock hold times and main-loop stalls since the last reset, the
+        figures the receive-model benchmark reports. ``reset`` clears and starts recording;
+        ``samples`` adds every recorded duration (seconds)."""
+        check_args(args, optional={"reset": bool, "samples": bool})
+        main = current_main_loop()
+        if main is None:
+            raise QmpError("GenericError", "this process does not run mignet's main loop")
+        if args.get("reset"):
+            record_bql_holds(True)
+            main.record_stalls(True)
+        holds, stalls = list(BQL.hold_times), list(main.selector.stalls)
+        info: dict[str, Any] = {"bql-holds": summarize(holds), "main-loop-stalls": summarize(stalls),
+                                "recv-model": self.migrations.guest.recv_model}
+        if args.get("samples"):
+            info["bql-hold-samples"] = holds
+            info["stall-samples"] = stalls
+        return info
+
+    def query_guest(self, args: dict[str, Any]) -> Any:
+        """mignet's own: digests of the guest's RAM (per block and overall, as
+        GuestRam.digest) so tests and operators can check a migration end to end."""
+        check_args(args)
+        ram = self.migrations.guest.ram
+        if ram is None:
+            raise RequestRefused("this process holds no guest RAM yet")
+        if self.state.incoming.running:
+            raise RequestRefused("the guest's RAM is still arriving; query it after the migration")
+
+        def digest() -> dict[str, Any]:
+            blocks = [{"name": b.name, "size": b.size, "sha256": b.digest()} for b in ram]
+            return {"ram-sha256": ram.digest(), "blocks": blocks,
+                    "devices": len(self.migrations.guest.devices.devices)
+                    + len(self.migrations.guest.devices.raw)}
+        return asyncio.to_thread(digest)

@@ -1,0 +1,226 @@
+"""Guest RAM: named blocks backed by numpy memory.
+
+A block is anonymous memory (``np.zeros``: the kernel hands out zero pages lazily, so an
+untouched destination costs nothing) or a mapped file, e.g. the ``memory-backend-file`` image
+of a real QEMU guest in /dev/shm, so real VM images can be a source or a target.
+
+Page work is vectorised: zero-page detection looks at whole batches of pages with numpy
+reductions, never a Python loop per page.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from mignet.errors import MisuseError, SetupError
+from mignet.units import PAGE_SIZE
+
+Fill = Literal["random", "zero", "mixed"]
+
+
+def zero_pages(words: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Which pages of a (pages, 512) uint64 array (or of its ``rows``) are all zeros.
+
+    Like QEMU's ``buffer_is_zero``, first and last word go first: a page with either set is
+    data at the cost of two words, so only the remaining candidates are read in full. When
+    most pages are candidates (a mostly zero guest), one reduction over all is cheaper than
+    gathering them."""
+    whole = rows is None
+    if rows is None:
+        rows = np.arange(len(words))
+    maybe = (words[rows, 0] == 0) & (words[rows, -1] == 0)
+    cand = np.flatnonzero(maybe)
+    if len(cand) * 4 > len(maybe):
+        return ~(words if whole else words[rows]).any(axis=1)
+    if len(cand):
+        maybe[cand] = ~words[rows[cand]].any(axis=1)
+    return maybe
+
+
+def allocate_guest_memory(size: int) -> np.ndarray:
+    """Zeroed anonymous memory for guest RAM, backed by transparent huge pages where the
+    kernel allows (QEMU madvises its RAM the same way). On this machine kind first touch of
+    fresh memory runs at 0.4-1.6 GB/s with 4 KiB pages and 6-7 GB/s with huge pages, and
+    first touch is what bounds a receiver. Pages stay lazily allocated either way."""
+    mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mem.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):
+        pass  # no THP: plain pages work, only slower to fault in
+    return np.frombuffer(mem, dtype=np.uint8)
+
+
+@dataclass
+class RamBlock:
+    """One RAM block. ``data`` is a 1-D uint8 array of ``size`` bytes (whole pages).
+
+    ``pristine`` marks pages known to still hold their initial zeros (never written since the
+    block was allocated); the receiver's fast path only speculates into such pages, because
+    those can be restored by zeroing. It is None where nothing is known (a mapped file).
+    """
+
+    name: str
+    data: np.ndarray
+    pristine: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.data.dtype != np.uint8 or self.data.ndim != 1:
+            raise MisuseError("RAM block data must be a 1-D uint8 array")
+        if self.data.size % PAGE_SIZE:
+            raise MisuseError(f"RAM block {self.name!r} is not a whole number of pages")
+
+    @classmethod
+    def anonymous(cls, name: str, size: int) -> RamBlock:
+        if size <= 0 or size % PAGE_SIZE:
+            raise SetupError(f"RAM block {name!r}: size {size} is not a positive multiple of 4 KiB")
+        return cls(name, allocate_guest_memory(size), np.ones(size // PAGE_SIZE, dtype=bool))
+
+    @classmethod
+    def from_file(cls, name: str, path: Path, *, writable: bool, size: int | None = None) -> RamBlock:
+        """Map a file (e.g. QEMU's memory-backend-file image). A new file is created
+        sparse (all zeros) when ``size`` is given, and is then pristine."""
+        created = False
+        if size is not None and (not path.exists() or path.stat().st_size == 0):
+            with open(path, "wb") as f:
+                f.truncate(size)
+            created = True
+        try:
+            actual = path.stat().st_size
+        except FileNotFoundError:
+            raise SetupError(f"guest image {path} does not exist") from None
+        if actual == 0 or actual % PAGE_SIZE:
+            raise SetupError(f"guest image {path} is {actual} bytes, not a whole number of 4 KiB pages")
+        if size is not None and actual != size:
+            raise SetupError(f"guest image {path} is {actual} bytes, the stream says {size}")
+        data = np.memmap(path, dtype=np.uint8, mode="r+" if writable else "r", shape=(actual,))
+        pristine = np.ones(actual // PAGE_SIZE, dtype=bool) if created else None
+        return cls(name, data, pristine)
+
+    @property
+    def size(self) -> int:
+        return int(self.data.size)
+
+    @property
+    def pages(self) -> int:
+        return self.size // PAGE_SIZE
+
+    def view(self) -> memoryview:
+        return memoryview(self.data)
+
+    def page_words(self, first: int = 0, count: int | None = None) -> np.ndarray:
+        """Pages ``first..first+count`` as a (count, 512) uint64 array (a view)."""
+        end = self.pages if count is None else first + count
+        return self.data[first * PAGE_SIZE:end * PAGE_SIZE].view(np.uint64).reshape(-1, PAGE_SIZE // 8)
+
+    def zero_mask(self, first: int = 0, count: int | None = None) -> np.ndarray:
+        """True for each page of the range that is all zeros."""
+        return zero_pages(self.page_words(first, count))
+
+    def fill_page(self, offset: int, value: int) -> None:
+        """Apply a ZERO record: QEMU skips the write when the page already matches."""
+        page = self.data[offset:offset + PAGE_SIZE]
+        if value == 0:
+            if self.pristine is not None and self.pristine[offset // PAGE_SIZE]:
+                return
+            if not page.view(np.uint64).any():
+                return
+        page.fill(value)
+        if self.pristine is not None:
+            self.pristine[offset // PAGE_SIZE] = value == 0 and self.pristine[offset // PAGE_SIZE]
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+    def flush(self) -> None:
+        if isinstance(self.data, np.memmap):
+            self.data.flush()
+
+
+class GuestRam:
+    """The ordered set of a guest's RAM blocks."""
+
+    def __init__(self, blocks: list[RamBlock] | None = None) -> None:
+        self._blocks: dict[str, RamBlock] = {}
+        for block in blocks or []:
+            self.add(block)
+
+    def add(self, block: RamBlock) -> None:
+        if block.name in self._blocks:
+            raise MisuseError(f"RAM block {block.name!r} exists already")
+        self._blocks[block.name] = block
+
+    def __getitem__(self, name: str) -> RamBlock:
+        return self._blocks[name]
+
+    def get(self, name: str) -> RamBlock | None:
+        return self._blocks.get(name)
+
+    def __iter__(self) -> Iterator[RamBlock]:
+        return iter(self._blocks.values())
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def total(self) -> int:
+        return sum(b.size for b in self)
+
+    def layout(self) -> list[tuple[str, int]]:
+        return [(b.name, b.size) for b in self]
+
+    def digest(self) -> str:
+        """One digest over every block's name and bytes: equal digests, equal RAM."""
+        h = hashlib.sha256()
+        for block in self:
+            h.update(block.name.encode() + b"\0")
+            h.update(block.data)
+        return h.hexdigest()
+
+    @classmethod
+    def generate(cls, size: int, fill: Fill, seed: int = 0, name: str = "pc.ram") -> GuestRam:
+        """A synthetic guest: ``random`` pages, all ``zero``, or ``mixed`` (runs of random
+        and zero pages, about a third zero), reproducible from ``seed``."""
+        block = RamBlock.anonymous(name, size)
+        if fill != "zero":
+            fill_random(block.data, seed)
+            if block.pristine is not None:
+                block.pristine[:] = False
+        if fill == "mixed":
+            rng = np.random.default_rng(seed + 1)
+            pages = block.pages
+            run_starts = np.sort(rng.choice(pages, size=max(1, pages // 48), replace=False))
+            lengths = rng.integers(1, 32, size=len(run_starts))
+            words = block.page_words()
+            for start, length in zip(run_starts.tolist(), lengths.tolist(), strict=True):
+                words[start:start + length] = 0
+        elif fill not in ("random", "zero"):
+            raise SetupError(f"unknown fill {fill!r}: use random, zero or mixed")
+        return cls([block])
+
+    @classmethod
+    def from_image(cls, path: Path, *, name: str = "pc.ram", writable: bool = False) -> GuestRam:
+        return cls([RamBlock.from_file(name, path, writable=writable)])
+
+
+def fill_random(data: np.ndarray, seed: int, chunk: int = 64 << 20) -> None:
+    """Fill ``data`` with reproducible random bytes, in chunks to bound temporary memory."""
+    rng = np.random.default_rng(seed)
+    words = data.view(np.uint64)
+    step = chunk // 8
+    for start in range(0, words.size, step):
+        part = words[start:start + step]
+        part[:] = rng.integers(0, np.iinfo(np.uint64).max, size=part.size, dtype=np.uint64,
+                               endpoint=True)
+
+
+def block_filename(name: str) -> str:
+    """A file name for a block name such as '/rom@etc/acpi/tables' (reversible quoting)."""
+    return urllib.parse.quote(name, safe="@.-_") + ".ram"

@@ -1,0 +1,1 @@
+"""Test harnesses outside the core: the soft-RoCE (rdma_rxe) guest launcher."""

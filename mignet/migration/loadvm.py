@@ -1,0 +1,439 @@
+"""The destination's loader: reads a migration stream from a channel into guest RAM.
+
+This is the only place that knows both the wire format (the sans-I/O decoder) and I/O (the
+channel). The same ``Loader.run`` serves both receive models:
+
+* threaded (QEMU's ``mig/dst/main``): ``start_load_thread`` runs it in its own thread; the
+  channel blocks in the kernel or in ``poll()``; the big lock is taken only for device state
+  and switchover, never for RAM;
+* coroutine (the pre-threading model): ``run_coroutine(loader.run)`` on the main loop, with a
+  non-blocking channel whose ``wait_cond`` yields; the main loop holds the big lock around it.
+
+Zero copy. Pages go from the socket straight into the numpy block: after a page record, the
+payload is read directly into a view of guest RAM together with the next 8-byte record word
+(one system call per page). For runs of pages, the loader predicts that the next records are
+CONTINUE'd pages at consecutive offsets and reads up to 511 of them (their words into a small
+array, their payloads into place) with one vectored read, then validates every predicted word
+in one numpy comparison. It only predicts into pages that still hold their initial zeros, so a
+wrong guess is undone by zeroing them again, and the bytes that arrived are handed back to the
+decoder: nothing is ever written outside the announced RAM blocks, and a wrong guess costs
+time, never correctness.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mignet.channel import Channel
+from mignet.errors import MignetError, MigrationCancelled, ProtocolError
+from mignet.guest.devices import KNOWN_DEVICES, DeviceSet
+from mignet.guest.ram import GuestRam, RamBlock
+from mignet.runtime.bql import assert_bql_not_held, bql_held
+from mignet.runtime.coroutine import run_coroutine
+from mignet.wire import (
+    NEED_DATA,
+    PAGE_SIZE,
+    Configuration,
+    DeviceState,
+    EndOfStream,
+    RamBlocks,
+    RamEndOfSection,
+    RamPage,
+    RamZero,
+    StreamDecoder,
+    StreamFinished,
+    StreamStart,
+    VMDescription,
+    match_page_run,
+)
+from mignet.wire.constants import CONTINUE_PAGE_FLAGS, PAGE_RECORD_SIZE
+from mignet.wire.decoder_states import DecoderState
+
+MAX_RUN = 511  # (1 + 2 * 511 + 1) buffers fit Linux's IOV_MAX of 1024
+MIN_RUN = 4
+BULK_LOW_WATER = 2 << 20  # see SocketChannel.hint_bulk_reads
+BQL_BURST = 0.002  # longest the loader keeps the big lock for a burst of device sections
+LOAD_THREAD_NAME = "mig/dst/main"
+
+
+@dataclass
+class LoadStats:
+    """Progress of one incoming migration; written by the loader, read by anyone."""
+
+    started: float = field(default_factory=time.monotonic)
+    ram_total: int = 0
+    bytes_received: int = 0  # stream bytes consumed
+    normal_pages: int = 0
+    zero_pages: int = 0
+    sections: int = 0  # RAM iterations (EOS) seen
+    device_sections: int = 0
+    predicted_pages: int = 0  # placed by the run fast path
+    mispredictions: int = 0
+    machine_type: str = ""
+    finished: float | None = None
+    switchover_at: float | None = None
+    setup_seconds: float = 0.0  # registering RAM for remote writes (RDMA), QEMU's setup-time
+    placed_bytes: int = 0  # page data the source wrote into our RAM itself (RDMA), as it reports
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+    @property
+    def ram_done(self) -> int:
+        """RAM bytes placed so far (pages written or zero-filled, by us or by RDMA)."""
+        return (self.normal_pages + self.zero_pages) * PAGE_SIZE + self.placed_bytes
+
+
+@dataclass
+class LoadResult:
+    stats: LoadStats
+    ram: GuestRam
+    devices: DeviceSet
+    description: dict[str, Any] | None
+
+
+class Loader:
+    """Loads one stream from ``channel``.
+
+    ``ram`` is the destination's RAM; when None, blocks are created as the stream announces
+    them (up to ``max_ram_bytes``). With a given ``ram``, the announced layout must match.
+    """
+
+    def __init__(self, channel: Channel, *, ram: GuestRam | None = None,
+                 devices: DeviceSet | None = None, max_ram_bytes: int = 1 << 40,
+                 on_switchover: Callable[[], None] | None = None,
+                 block_factory: Callable[[str, int], RamBlock] = RamBlock.anonymous,
+                 threaded: bool = True) -> None:
+        self.channel = channel
+        self.ram = ram
+        self.devices = devices if devices is not None else DeviceSet.empty()
+        self.decoder = StreamDecoder(devices=KNOWN_DEVICES, max_ram_bytes=max_ram_bytes)
+        self.stats = LoadStats()
+        self.description: dict[str, Any] | None = None
+        self.on_switchover = on_switchover
+        self.block_factory = block_factory
+        self.threaded = threaded
+        self._cancelled = threading.Event()
+        self._small = bytearray(1 << 16)
+        self._small_view = memoryview(self._small)
+        self._words = np.zeros(MAX_RUN + 1, dtype=">u8")
+        word_bytes = memoryview(self._words).cast("B")
+        self._word_views = [word_bytes[i * 8:i * 8 + 8] for i in range(MAX_RUN + 1)]
+        self._run = MIN_RUN
+        self._stash: Any = None  # an event taken during a device burst, not yet handled
+        self._bulk_on = False
+        self._block_name: str | None = None
+        self._block: RamBlock | None = None
+        self._block_view: memoryview | None = None
+
+    # --- control ---------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Stop loading from any thread: the channel is shut down, a blocked read wakes."""
+        self._cancelled.set()
+        self.channel.shutdown()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    # --- the loop --------------------------------------------------------------------
+    def run(self) -> LoadResult:
+        """Load until the stream is complete. Raises ProtocolError for a bad stream,
+        ConnectionLostError when the peer vanished, MigrationCancelled on cancel."""
+        if self.threaded:
+            assert_bql_not_held("the threaded loader")
+        dec = self.decoder
+        try:
+            while True:
+                event, self._stash = (self._stash, None) if self._stash is not None else (dec.next_event(), None)
+                cls = type(event)
+                if cls is RamPage:
+                    self._place_page(event)  # type: ignore[arg-type]
+                elif event is NEED_DATA:
+                    if dec.state is DecoderState.PAGE_PAYLOAD:
+                        self._place_payload()
+                    else:
+                        self._feed()
+                elif cls is RamZero:
+                    self._zero_page(event)  # type: ignore[arg-type]
+                elif cls is RamEndOfSection:
+                    self.stats.sections += 1
+                    self.stats.bytes_received = dec.offset
+                elif cls is DeviceState:
+                    self._load_device(event)  # type: ignore[arg-type]
+                elif cls is RamBlocks:
+                    self._setup_blocks(event)  # type: ignore[arg-type]
+                elif cls is EndOfStream:
+                    self._switchover()
+                elif cls is VMDescription:
+                    self.description = event.description  # type: ignore[union-attr]
+                    break  # nothing may follow: do not wait for the peer to close
+                elif cls is StreamFinished:
+                    break
+                elif cls is Configuration:
+                    self.stats.machine_type = event.machine_type  # type: ignore[union-attr]
+                elif cls is StreamStart:
+                    pass
+        except MignetError:
+            if self.cancelled:
+                raise MigrationCancelled("incoming migration cancelled") from None
+            raise
+        if self.cancelled:
+            raise MigrationCancelled("incoming migration cancelled")
+        self.stats.bytes_received = dec.offset
+        self.stats.finished = time.monotonic()
+        assert self.ram is not None
+        return LoadResult(self.stats, self.ram, self.devices, self.description)
+
+    def _bulk(self, on: bool) -> None:
+        """Low water only for predicted-run reads (threaded, blocking): every other read
+        must return with whatever is there, or a read-ahead could wait for bytes the peer
+        sends only later."""
+        if on != self._bulk_on and self.threaded and self.channel.blocking:
+            self.channel.hint_bulk_reads(BULK_LOW_WATER if on else 1)
+            self._bulk_on = on
+
+    def _feed(self) -> None:
+        """Read what the decoder asks for (never page payload, bar the read-aheads its
+        ``wanted`` documents) and feed it. Invariant the RDMA transport relies on: every
+        event already buffered is applied before the next read."""
+        self._bulk(False)
+        want = min(self.decoder.wanted(), len(self._small))
+        n = self.channel.read_some_into([self._small_view[:want]])
+        if n == 0:
+            if self.cancelled:
+                raise MigrationCancelled("incoming migration cancelled")
+            self.decoder.receive_eof()
+        else:
+            self.decoder.receive_data(self._small_view[:n])
+
+    # --- RAM -------------------------------------------------------------------------
+    def _setup_blocks(self, event: RamBlocks) -> None:
+        if self.ram is None:
+            self.ram = GuestRam([self.block_factory(name, size) for name, size in event.blocks])
+        else:
+            for name, size in event.blocks:
+                block = self.ram.get(name)
+                if block is None:
+                    raise ProtocolError(
+                        f"the source sends RAM block {name!r}, which this destination lacks "
+                        f"(it has {', '.join(b.name for b in self.ram) or 'none'})")
+                if block.size != size:
+                    raise ProtocolError(
+                        f"RAM block {name!r} is {block.size} bytes here but {size} in the stream")
+        self.stats.ram_total = event.total
+        if self.channel.page_placement is not None:
+            t0 = time.monotonic()
+            self.channel.page_placement.on_placed = lambda n: setattr(self.stats, "placed_bytes", n)
+            for block in self.ram:
+                # Pages now change behind the loader's back: nothing is known to be
+                # pristine, so a later ZERO record must really clear its page.
+                block.pristine = None
+            self.channel.page_placement.register_destination_ram(self.ram)
+            self.stats.setup_seconds = time.monotonic() - t0
+
+    def _select_block(self, name: str) -> RamBlock:
+        if name != self._block_name:
+            assert self.ram is not None
+            self._block = self.ram[name]
+            self._block_view = self._block.view()
+            self._block_name = name
+        assert self._block is not None
+        return self._block
+
+    def _zero_page(self, event: RamZero) -> None:
+        self._select_block(event.block).fill_page(event.offset, event.fill)
+        self.stats.zero_pages += 1
+
+    def _place_page(self, event: RamPage) -> None:
+        self._select_block(event.block)
+        self._page_offset = event.offset
+        self._place_payload()
+
+    def _place_payload(self) -> None:
+        """Place the current page's payload straight into guest RAM, reading the next
+        record word(s) with it — and, where it may, a predicted run of further pages."""
+        dec = self.decoder
+        block = self._block
+        mv = self._block_view
+        assert block is not None and mv is not None
+        while True:
+            off = self._page_offset
+            left = dec.payload_left
+            end = off + PAGE_SIZE
+            if dec.buffered:  # payload bytes that came with a header: copy them in
+                left -= dec.take_payload_into(mv[end - left:end])
+                if left == 0:
+                    self._page_done(block, off, 1)
+                    return
+            n = self._predict(block, off)
+            iov: list[Any] = [None] * (2 * n + 2)
+            iov[0] = mv[end - left:end]
+            if n:
+                iov[1:2 * n:2] = self._word_views[:n]
+                iov[2:2 * n + 1:2] = [mv[o:o + PAGE_SIZE] for o in range(end, end + n * PAGE_SIZE, PAGE_SIZE)]
+            iov[2 * n + 1] = self._word_views[n]
+            self._bulk(n > 0)
+            got = self.channel.read_some_into(iov)
+            if got == 0:
+                if self.cancelled:
+                    raise MigrationCancelled("incoming migration cancelled")
+                dec.receive_eof()
+                return
+            if got < left:
+                dec.payload_placed(got)
+                continue
+            dec.payload_placed(left)
+            self._page_done(block, off, 1)
+            rest = got - left
+            if rest == 0:
+                return
+            full = min(rest // PAGE_RECORD_SIZE, n)
+            matched = match_page_run(self._words[:full], end) if full else 0
+            if matched:
+                dec.accept_page_run(matched)
+                self._page_done(block, end, matched)
+                self.stats.predicted_pages += matched
+            rem = rest - matched * PAGE_RECORD_SIZE
+            if matched == n and n:
+                self._run = min(MAX_RUN, self._run * 2)
+            if rem == 0:
+                return
+            slot = matched
+            if (matched == full and slot < n and rem >= 8
+                    and int(self._words[slot]) == (end + slot * PAGE_SIZE) | CONTINUE_PAGE_FLAGS):
+                # A predicted page whose payload is still arriving: let the decoder take
+                # the word, then keep placing the payload directly.
+                dec.receive_data(self._word_views[slot])
+                page = dec.next_event()
+                assert type(page) is RamPage and page.offset == end + slot * PAGE_SIZE
+                dec.payload_placed(rem - 8)  # less than a page: full pairs were counted
+                self._page_offset = page.offset
+                continue
+            self._mispredicted(block, end, slot, rem, n)
+            return
+
+    def _predict(self, block: RamBlock, off: int) -> int:
+        """How many pages after the one at ``off`` to read speculatively."""
+        pristine = block.pristine
+        if pristine is None:
+            return 0
+        first = off // PAGE_SIZE + 1
+        window = pristine[first:first + self._run]
+        if window.size == 0:
+            return 0
+        if window.all():
+            return int(window.size)
+        return int(window.argmin())
+
+    def _mispredicted(self, block: RamBlock, end: int, slot: int, rem: int, n: int) -> None:
+        """Undo a wrong guess from ``slot`` on: hand the ``rem`` bytes that arrived there
+        back to the decoder in stream order and re-zero the pristine pages they hit."""
+        mv = self._block_view
+        assert mv is not None
+        touched_pages = slot < n and rem > 8
+        head = min(8, rem)
+        data = bytearray(self._word_views[slot][:head])
+        rem -= head
+        i = slot
+        while rem > 0 and i < n:
+            page_at = end + i * PAGE_SIZE
+            take = min(PAGE_SIZE, rem)
+            data += mv[page_at:page_at + take]
+            block.data[page_at:page_at + take] = 0
+            rem -= take
+            if rem > 0:
+                head = min(8, rem)
+                data += self._word_views[i + 1][:head]
+                rem -= head
+            i += 1
+        self.decoder.receive_data(data)
+        if touched_pages:
+            self.stats.mispredictions += 1
+            self._run = max(MIN_RUN, self._run // 4)
+
+    def _page_done(self, block: RamBlock, off: int, count: int) -> None:
+        if block.pristine is not None:
+            first = off // PAGE_SIZE
+            block.pristine[first:first + count] = False
+        self.stats.normal_pages += count
+
+    # --- devices and switchover ------------------------------------------------------
+    def _load_device(self, event: DeviceState) -> None:
+        """Apply device sections under the big lock: this one, then those that follow and
+        are already buffered, for up to ``BQL_BURST`` seconds — one lock handoff per burst
+        instead of per section, and never a wait for I/O with the lock held."""
+        deadline = time.perf_counter() + BQL_BURST
+        with bql_held():
+            while True:
+                self.devices.load(event.idstr, event.instance_id, event.version_id, event.raw,
+                                  event.fields)
+                self.stats.device_sections += 1
+                if time.perf_counter() >= deadline:
+                    return
+                nxt = self.decoder.next_event()  # from the buffer only: NEED_DATA otherwise
+                if type(nxt) is not DeviceState:
+                    self._stash = nxt  # handled by run() without the lock
+                    return
+                event = nxt
+
+    def _switchover(self) -> None:
+        """EOF: every section is loaded. Like QEMU's switchover, this touches main-loop
+        state (the run state), so it holds the big lock."""
+        with bql_held():
+            self.stats.switchover_at = time.monotonic()
+            if self.on_switchover is not None:
+                self.on_switchover()
+
+
+class LoadThread:
+    """Runs a :class:`Loader` in its own thread named ``mig/dst/main``; the result or the
+    error is collected with :meth:`join`."""
+
+    def __init__(self, loader: Loader) -> None:
+        self.loader = loader
+        self.result: LoadResult | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name=LOAD_THREAD_NAME, daemon=True)
+
+    def _main(self) -> None:
+        try:
+            self.result = self.loader.run()
+        except BaseException as exc:  # noqa: BLE001 - handed to join()
+            self.error = exc
+
+    def start(self) -> LoadThread:
+        self.thread.start()
+        return self
+
+    def join(self, timeout: float | None = None) -> LoadResult:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise TimeoutError(f"loader still running after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+def start_load_thread(loader: Loader) -> LoadThread:
+    return LoadThread(loader).start()
+
+
+async def load_in_coroutine(loader: Loader) -> LoadResult:
+    """The pre-threading model: the same ``Loader.run`` as a coroutine of the main loop.
+
+    The channel becomes non-blocking, so a read that would block goes through
+    ``wait_cond``, which yields to the loop; on a :class:`~mignet.runtime.mainloop.MainLoop` the
+    coroutine therefore holds the big lock except while yielded, as QEMU's did.
+    """
+    loader.threaded = False
+    loader.channel.set_blocking(False)
+    return await run_coroutine(loader.run)

@@ -1,0 +1,195 @@
+"""The source side: writes guest RAM and device state as one QEMU migration stream.
+
+Pages are sent in batches: one vectorised zero check per batch; the zero pages become ZERO
+records (one small buffer), the data pages' records (word + page) are packed into one reused
+2 MiB buffer and written with one call. Packing is one cache-friendly copy per batch, and
+measured faster on loopback than a vectored write of 8-byte words interleaved with views of
+guest RAM (the kernel pays per segment). A RAM section (SECTION_PART) is closed every
+``section_bytes`` like a QEMU iteration, so a receiver sees regular progress markers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mignet.channel import Channel, ShutdownHow
+from mignet.errors import ConnectionLostError, MignetError, MigrationCancelled
+from mignet.guest.devices import DeviceSet
+from mignet.guest.ram import GuestRam, RamBlock, zero_pages
+from mignet.migration.ratelimit import RateLimiter
+from mignet.units import PAGE_SIZE
+from mignet.wire import StreamEncoder
+from mignet.wire.constants import PAGE_RECORD_SIZE
+
+MACHINE_TYPE = "mignet-pc-1.0"
+BATCH_PAGES = 508  # pages per batch: about 2 MiB of records in the staging buffer
+
+
+@dataclass
+class SendStats:
+    started: float = field(default_factory=time.monotonic)
+    ram_total: int = 0
+    transferred: int = 0  # stream bytes written
+    normal_pages: int = 0
+    zero_pages: int = 0
+    pages_scanned: int = 0
+    sections: int = 0
+    finished: float | None = None
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+    @property
+    def ram_done(self) -> int:
+        return self.pages_scanned * PAGE_SIZE
+
+
+class Sender:
+    """Sends one complete stream of ``ram`` and ``devices`` over ``channel``."""
+
+    def __init__(self, channel: Channel, ram: GuestRam, devices: DeviceSet, *,
+                 max_bandwidth: int = 0, section_bytes: int = 64 << 20,
+                 machine_type: str = MACHINE_TYPE, rdma_pin_all: bool | None = None) -> None:
+        self.channel = channel
+        self.ram = ram
+        self.devices = devices
+        self.encoder = StreamEncoder()
+        self.stats = SendStats(ram_total=ram.total)
+        self.limiter = RateLimiter(max_bandwidth)
+        self.section_bytes = section_bytes
+        self.machine_type = machine_type
+        self._cancelled = threading.Event()
+        self.placement = channel.page_placement
+        self.rdma_pin_all = rdma_pin_all  # QEMU's rdma-pin-all; None: the transport's default
+        # The destination starts zeroed: in the first pass zero pages need not be sent when
+        # pages travel outside the stream (RDMA); later passes must clear pages that became zero.
+        self.first_pass = True
+        self._staging = np.empty(BATCH_PAGES * PAGE_RECORD_SIZE, dtype=np.uint8)
+        self._section_open = False
+        self._since_section = 0
+        # QEMU flushes the stop-and-copy round "regardless of rate limiting": live precopy
+        # clears this for its final round (max-bandwidth only shapes the live rounds).
+        self.rate_limited = True
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self.channel.shutdown()
+
+    # --- I/O helpers -----------------------------------------------------------------
+    def _write(self, bufs: list[object]) -> None:
+        if self._cancelled.is_set():
+            raise MigrationCancelled("outgoing migration cancelled")
+        try:
+            n = self.channel.writev_all(bufs)  # type: ignore[arg-type]
+        except MignetError:
+            if self._cancelled.is_set():
+                raise MigrationCancelled("outgoing migration cancelled") from None
+            raise
+        self.stats.transferred += n
+        self._since_section += n
+        if self.rate_limited:
+            self.limiter.consume(n, self._cancelled)
+
+    # --- the stream ------------------------------------------------------------------
+    def run(self) -> SendStats:
+        self.start()
+        for block in self.ram:
+            self.send_pages(block, range_pages(block))
+        self.finish()
+        return self.stats
+
+    def start(self) -> None:
+        """The stream header, configuration and the RAM setup section (block list)."""
+        enc = self.encoder
+        if self.placement is not None:
+            self.placement.announce(self.rdma_pin_all)
+        self._write([enc.header(), enc.configuration(self.machine_type), enc.ram_start(self.ram.layout())])
+
+    def send_pages(self, block: RamBlock, batches: Iterable[tuple[int, int]]) -> None:
+        """Send the pages of ``block`` given as (first page, count) batches (a full pass)."""
+        for first, count in batches:
+            self._send_batch(block, np.arange(first, first + count), block.zero_mask(first, count))
+
+    def send_page_list(self, block: RamBlock, pages: np.ndarray, batch: int = BATCH_PAGES) -> None:
+        """Send the pages of ``block`` whose indices are in ``pages`` (ascending), e.g. the
+        dirty pages of a live round, which are scattered: one zero check and one write per
+        ``batch`` pages, whatever their spacing."""
+        words = block.page_words()
+        for start in range(0, len(pages), batch):
+            idx = pages[start:start + batch]
+            self._send_batch(block, idx, zero_pages(words, idx))
+
+    def _send_batch(self, block: RamBlock, idx: np.ndarray, zero: np.ndarray) -> None:
+        """One batch: ZERO records for the zero pages, then the data pages — in the stream,
+        packed from guest RAM, or, where the transport places pages itself (RDMA), written
+        into the destination's RAM with only the ZERO records in the stream (none in the
+        first pass: the destination starts zeroed)."""
+        enc = self.encoder
+        if not self._section_open:
+            self._write([enc.ram_section(final=False)])
+            self._section_open = True
+        offsets = idx.astype(np.uint64) * np.uint64(PAGE_SIZE)
+        nzero = int(np.count_nonzero(zero))
+        data = offsets[~zero] if nzero else offsets
+        # Encode ZERO records only when they are written: encoding moves the CONTINUE block.
+        send_zero = nzero > 0 and (self.placement is None or not self.first_pass)
+        zero_records = enc.zero_records(block.name, offsets[zero]) if send_zero else b""
+        if self.placement is not None:
+            if len(data):
+                n = self.placement.write_pages(block, data)
+                self.stats.transferred += n
+                self._since_section += n
+                if self.rate_limited:
+                    self.limiter.consume(n, self._cancelled)
+            if send_zero:
+                self._write([zero_records])
+        else:
+            bufs: list[object] = [zero_records] if send_zero else []
+            bufs += enc.page_records(block.name, block.data, data, self._staging)
+            self._write(bufs)
+        self.stats.zero_pages += nzero
+        self.stats.normal_pages += len(idx) - nzero
+        self.stats.pages_scanned += len(idx)
+        if self._since_section >= self.section_bytes:
+            self.close_section()
+
+    def close_section(self) -> None:
+        if self._section_open:
+            self._write([self.encoder.ram_section_close()])
+            self._section_open = False
+            self._since_section = 0
+            self.stats.sections += 1
+
+    def finish(self, before_devices: Callable[[], None] | None = None) -> None:
+        """The last RAM section (END), device state, EOF and the VM description."""
+        enc = self.encoder
+        self.close_section()
+        self._write([enc.ram_section(final=True), enc.ram_section_close()])
+        if self.placement is not None:
+            self.placement.fence()  # every page has landed before device state is sent
+        if before_devices is not None:
+            before_devices()
+        parts: list[object] = []
+        description = {"page_size": PAGE_SIZE, "devices": []}
+        for dev in self.devices.devices:
+            body = dev.vmsd.encode(dev.values)
+            parts.append(enc.device_section(dev.idstr, dev.instance_id, dev.vmsd.version_id, body))
+            description["devices"].append(dev.vmsd.describe(dev.idstr, dev.instance_id))  # type: ignore[attr-defined]
+        parts += [enc.eof(), enc.vmdescription(description)]
+        self._write(parts)
+        try:
+            self.channel.shutdown(ShutdownHow.WRITE)
+        except ConnectionLostError:
+            pass
+        self.stats.finished = time.monotonic()
+
+
+def range_pages(block: RamBlock, batch: int = BATCH_PAGES) -> Iterable[tuple[int, int]]:
+    for first in range(0, block.pages, batch):
+        yield first, min(batch, block.pages - first)

@@ -1,0 +1,50 @@
+"""Sizes, rates and the page size: one place, one unit system.
+
+Sizes are binary (IEC), as QEMU's ``-m``: ``2G`` is 2 GiB. Rates are bytes per second
+(``128MiB/s``); bit rates are not accepted, so ``10Mbit/s`` is refused rather than misread.
+Nothing here does I/O, so every layer may import it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mignet.errors import SetupError
+
+#: Target page size of QEMU's stream (x86): offsets and page records are in these units.
+PAGE_SIZE = 4096
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_FACTORS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'2G', '512M', '256MiB', '4096' -> bytes (binary units, as QEMU's -m)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise SetupError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix")
+    return int(float(m.group(1)) * _FACTORS[m.group(2).upper()])
+
+
+def parse_rate(text: str) -> int:
+    """'128MiB/s', '1G', '0' -> bytes per second (0 = unlimited)."""
+    return parse_size(text.removesuffix("/s"))
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in IEC units with one decimal: '1.5 GiB', '512 B'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def rate(nbytes: float, seconds: float) -> str:
+    """A throughput for tables; '-' when no time passed."""
+    if seconds <= 0:
+        return "-"
+    return f"{nbytes / seconds / 1e9:.2f} GB/s"

@@ -1,0 +1,93 @@
+"""Events the decoder produces. Each is a plain, immutable record of what the stream said."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SectionKind = Literal["start", "part", "end"]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStart:
+    """Magic and version were valid."""
+
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class Configuration:
+    """The CONFIGURATION section: the source's machine type."""
+
+    machine_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class RamBlocks:
+    """MEM_SIZE: the RAM blocks the source will send, in order, as (name, bytes)."""
+
+    total: int
+    blocks: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RamZero:
+    """A page that is entirely ``fill`` (QEMU always sends 0)."""
+
+    block: str
+    offset: int
+    fill: int
+
+
+@dataclass(frozen=True, slots=True)
+class RamPage:
+    """A full page follows. The decoder is now in its payload state: the caller places
+    PAGE_SIZE bytes (``take_payload_into`` / ``payload_placed``) before asking for the next event."""
+
+    block: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class RamEndOfSection:
+    """EOS and footer of a RAM section: one iteration of the source is complete."""
+
+    section_id: int
+    kind: SectionKind
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """A SECTION_FULL: one device's state. ``fields`` holds decoded values when mignet knows
+    the device's layout (its own devices); ``raw`` is always the exact field bytes, so state
+    from real QEMU can be kept and re-emitted unchanged."""
+
+    section_id: int
+    idstr: str
+    instance_id: int
+    version_id: int
+    raw: bytes
+    fields: dict[str, Any] | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfStream:
+    """The EOF section: every section has been sent; a VM description may follow."""
+
+
+@dataclass(frozen=True, slots=True)
+class VMDescription:
+    """The JSON self-description QEMU appends after EOF."""
+
+    description: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFinished:
+    """The input ended at a point where the stream was complete."""
+
+
+Event = (
+    StreamStart | Configuration | RamBlocks | RamZero | RamPage | RamEndOfSection | DeviceState
+    | EndOfStream | VMDescription | StreamFinished
+)
