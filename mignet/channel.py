@@ -46,9 +46,12 @@ class MemoryRegion(Protocol):
     two sides agree on, its size, and memory (a numpy array) whose address it registers.
     Guest RAM blocks satisfy it; the transport never learns what a guest is."""
 
-    name: str
-    size: int
-    data: Any
+    @property
+    def name(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def data(self) -> Any: ...
 
 
 class RemotePagePlacement(Protocol):

@@ -25,7 +25,7 @@ def listen(uri: str) -> Listener:
             from mignet.rdma import listen_rdma
         except ImportError as exc:
             raise SetupError(f"rdma: URIs need pyverbs ({exc}); run tools/rxe/setup.sh") from exc
-        return listen_rdma(address)  # type: ignore[no-any-return]
+        return listen_rdma(address)
     from mignet.tcp import listen_socket
 
     return listen_socket(address)
@@ -38,7 +38,7 @@ def connect(uri: str, timeout: float | None = 30.0) -> Channel:
             from mignet.rdma import connect_rdma
         except ImportError as exc:
             raise SetupError(f"rdma: URIs need pyverbs ({exc}); run tools/rxe/setup.sh") from exc
-        return connect_rdma(address, timeout)  # type: ignore[no-any-return]
+        return connect_rdma(address, timeout)
     from mignet.tcp import connect_socket
 
     return connect_socket(address, timeout)

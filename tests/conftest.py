@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ if str(ROOT) not in sys.path:
 
 
 @pytest.fixture(autouse=True)
-def _no_bql_leak() -> None:
+def _no_bql_leak() -> Iterator[None]:
     """Every test must leave the big lock free."""
     from mignet.runtime.bql import BQL
 

@@ -115,7 +115,7 @@ def run_in_thread(precopy: Precopy) -> tuple[threading.Thread, dict[str, Any]]:
 
 # Dirtying 4x faster than the link over a small RAM: the dirty set never fits 300 ms.
 HOT = dict(size=16 * MiB, rate=128 * MiB)
-HOT_PARAMS = dict(max_bandwidth=32 * MiB, downtime_limit_ms=300)
+HOT_PARAMS: dict[str, Any] = dict(max_bandwidth=32 * MiB, downtime_limit_ms=300)
 
 
 def test_never_converges_without_auto_converge() -> None:

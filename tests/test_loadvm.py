@@ -85,7 +85,7 @@ def test_loader_runs_in_its_own_named_thread_without_the_big_lock() -> None:
     feeder = feed_in_chunks(tx, encode_stream(src, DeviceSet.example(1)), [8192])
 
     class Probe(DeviceSet):
-        def load(self, *args: object) -> None:  # type: ignore[override]
+        def load(self, *args: object) -> None:
             seen.setdefault("thread", threading.current_thread().name)
             super().load(*args)  # type: ignore[arg-type]
 

@@ -48,7 +48,7 @@ def test_coroutine_loader_loads_on_the_main_loop_under_the_lock() -> None:
     seen: dict[str, object] = {}
 
     class Probe(DeviceSet):
-        def load(self, *args: object) -> None:  # type: ignore[override]
+        def load(self, *args: object) -> None:
             seen.setdefault("thread", threading.current_thread().name)
             seen.setdefault("locked", bql_locked())
             super().load(*args)  # type: ignore[arg-type]

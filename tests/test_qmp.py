@@ -61,7 +61,7 @@ def test_full_migration_between_two_mignet_processes_over_qmp_only(tmp_path: Pat
             assert (await dst.x("query-status"))["status"] == "running"
             await asyncio.sleep(0.05)
             assert statuses(dst.events()) == ["setup", "active", "completed"]
-            src_events = src.client.events.clear()
+            src_events: list[Any] = src.client.events.clear()
             names = [e["event"] if e["event"] != "MIGRATION" else e["data"]["status"] for e in src_events]
             # One MIGRATION_PASS per dirty-bitmap sync, as QEMU: a paused guest needs 1-2.
             assert names[:3] == ["setup", "active", "MIGRATION_PASS"] and names[-1] == "completed"
@@ -227,7 +227,7 @@ def test_raw_protocol_greeting_negotiation_ids_and_socket_mode(tmp_path: Path) -
             def ask(raw: bytes) -> dict[str, Any]:
                 f.write(raw)
                 f.flush()
-                return json.loads(f.readline())  # type: ignore[no-any-return]
+                return json.loads(f.readline())
             greeting = json.loads(f.readline())
             assert greeting["QMP"]["version"]["qemu"] == {"major": 7, "minor": 2, "micro": 0}
             assert greeting["QMP"]["capabilities"] == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ from mignet.wire import (
 from tests.support.streams import encode_stream
 
 
-def decode_all(data: bytes, chunk: int | list[int] = 1 << 20) -> tuple[list[object], dict[str, np.ndarray]]:
+def decode_all(data: bytes, chunk: int | list[int] = 1 << 20) -> tuple[list[Any], dict[str, np.ndarray]]:
     """Feed ``data`` in chunks; place page payloads via the decoder's payload API."""
     dec = StreamDecoder(devices=KNOWN_DEVICES)
     sizes = chunk if isinstance(chunk, list) else [chunk]
@@ -42,7 +43,7 @@ def decode_all(data: bytes, chunk: int | list[int] = 1 << 20) -> tuple[list[obje
         if ev is NEED_DATA:
             if dec.payload_left:
                 assert page is not None
-                dest = memoryview(ram[page.block])[page.offset + PAGE_SIZE - dec.payload_left:page.offset + PAGE_SIZE]
+                dest = ram[page.block].data[page.offset + PAGE_SIZE - dec.payload_left:page.offset + PAGE_SIZE]
                 if dec.buffered:
                     dec.take_payload_into(dest)
                     continue
@@ -189,6 +190,7 @@ def test_older_device_version_loads() -> None:
             + enc.device_section("mignet-cpu/0", 0, 1, body) + enc.eof())
     events, _ = decode_all(data)
     dev = next(e for e in events if isinstance(e, DeviceState))
+    assert dev.fields is not None
     assert "xcr0" not in dev.fields and dev.fields["rip"] == values["rip"]
 
 

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run every test: the host suite, then the RDMA suite inside one
-# soft-RoCE guest (real rdma_rxe), where the guest can boot. Fails if any part fails or if
-# a part ran no test at all.
+# soft-RoCE guest (real rdma_rxe), where the guest can boot; ruff and mypy first. Fails if
+# any part fails or if a part ran no test at all.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash tools/setup.sh || exit 1
 py=.venv/bin/python
+
+echo "== lint (ruff) and types (mypy) =="
+lint=0
+$py -m ruff check --no-cache mignet tests tools || lint=1
+$py -m mypy --no-incremental || lint=1
 
 echo "== host tests =="
 $py -m pytest -q -m "not rdma" -p no:cacheprovider "$@"
@@ -25,5 +30,5 @@ if compgen -G "tests/rdma/test_*.py" >/dev/null; then
         rdma=$?
     fi
 fi
-echo "== host tests exit $host, RDMA tests exit $rdma =="
-[[ $host -eq 0 && $rdma -eq 0 ]]
+echo "== lint/types exit $lint, host tests exit $host, RDMA tests exit $rdma =="
+[[ $lint -eq 0 && $host -eq 0 && $rdma -eq 0 ]]

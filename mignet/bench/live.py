@@ -59,7 +59,7 @@ def run_row(ram: GuestRam, rate: int, bandwidth: int, limit_ms: int, auto: bool,
 
     def loaded() -> float | None:
         done.update(receiver_result(proc))
-        return done["stats"]["switchover_at"]  # type: ignore[no-any-return]
+        return done["stats"]["switchover_at"]
     params = PrecopyParams(downtime_limit_ms=limit_ms, max_bandwidth=bandwidth, auto_converge=auto)
     channel = connect(uri)
     precopy, workload = run_live(channel, ram, DeviceSet.example(3), dirty_rate=rate, params=params,

@@ -26,7 +26,7 @@ def main() -> int:
     server.close()
     t0 = time.monotonic()
     ram = allocate_guest_memory(args.size)  # the same memory mignet's receiver gets
-    view = memoryview(ram)
+    view = ram.data
     got = 0
     while got < args.size:
         n = conn.recv_into(view[got:])

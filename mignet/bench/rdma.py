@@ -109,7 +109,7 @@ def bench_rdma(size: int, repeat: int, addr: str, port: int = 19500) -> dict[str
             console.print(f"  run {i + 1}/{repeat} {kind:20s}: {mib_s:8.1f} MiB/s{note}")
     med = {k: statistics.median(v) for k, v in runs.items()}
     ib = med["ib_write_bw"]
-    result = {
+    result: dict[str, Any] = {
         "size": size, "repeat": repeat, "message_size": MAX_WRITE, "window": WRITE_WINDOW,
         "runs_mib_s": {k: [round(x, 1) for x in v] for k, v in runs.items()},
         "median_mib_s": {k: round(v, 1) for k, v in med.items()},

@@ -39,4 +39,4 @@ def receiver_result(proc: subprocess.Popen[str], timeout: float = 120) -> dict[s
     line = proc.stdout.readline()
     if proc.wait(timeout) != 0 or not line:
         raise MignetError("the receiver failed; see its message above")
-    return json.loads(line)  # type: ignore[no-any-return]
+    return json.loads(line)

@@ -76,8 +76,8 @@ async def _run_one(model: str, shape: Shape, workdir: Path, listen: str = "tcp:1
         await qmp.connect(str(sock))
         await qmp.execute("x-mignet-loop-stats", {"reset": True})
         await qmp.execute("migrate-incoming", {"uri": listen})
-        info = await qmp.execute("query-migrate")
-        where = info["socket-address"][0]  # type: ignore[index]
+        info: dict[str, Any] = await qmp.execute("query-migrate")  # type: ignore[assignment]  # qemu.qmp returns object
+        where = info["socket-address"][0]
         uri = f"{listen.partition(':')[0]}:{where['host']}:{where['port']}"
         src = subprocess.Popen([sys.executable, "-m", "mignet.bench.source", "-",
                                 "--size", shape.size, "--blobs", str(shape.blobs)],
@@ -91,9 +91,9 @@ async def _run_one(model: str, shape: Shape, workdir: Path, listen: str = "tcp:1
         status = ""
         while status not in ("completed", "failed", "cancelled"):
             t0 = time.perf_counter()
-            info = await qmp.execute("query-migrate")
+            info = await qmp.execute("query-migrate")  # type: ignore[assignment]  # qemu.qmp returns object
             t1 = time.perf_counter()
-            status = info.get("status", "")  # type: ignore[union-attr]
+            status = info.get("status", "")
             if status == "active":
                 if started is None:
                     started = t0
@@ -109,10 +109,10 @@ async def _run_one(model: str, shape: Shape, workdir: Path, listen: str = "tcp:1
                         run.set_caps_error = exc.error.error.desc
             await asyncio.sleep(max(0.0, POLL_INTERVAL - (time.perf_counter() - t0)))
         if status != "completed":
-            raise MignetError(f"{model} load ended {status}: {info.get('error-desc', '')}")  # type: ignore[union-attr]
-        ram = info["ram"]  # type: ignore[index]
+            raise MignetError(f"{model} load ended {status}: {info.get('error-desc', '')}")
+        ram = info["ram"]
         run.nbytes = int(ram["total"])
-        run.seconds = (info["total-time"] - info.get("setup-time", 0)) / 1000  # type: ignore[index,union-attr]
+        run.seconds = (info["total-time"] - info.get("setup-time", 0)) / 1000
         run.loop_stats = await qmp.execute("x-mignet-loop-stats", {"samples": True})  # type: ignore[assignment]
         await qmp.execute("quit")
     finally:

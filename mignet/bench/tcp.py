@@ -76,7 +76,7 @@ def run_raw(ram: GuestRam) -> Run:
     proc, uri = start_receiver([sys.executable, "-m", "mignet.bench.raw_recv", "--size", str(data.size)])
     host, port = uri.removeprefix("tcp:").rsplit(":", 1)
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(memoryview(data))
+        sock.sendall(data.data)
     done = receiver_result(proc)
     return Run("raw", done["seconds"], int(done["bytes"]), done["peak_rss"])
 
@@ -97,7 +97,7 @@ def bench_tcp(size: int, repeat: int) -> dict[str, Any]:
     med_mig = statistics.median(r.gbps for r in mig)
     med_raw = statistics.median(r.gbps for r in raw)
     peak = max(r.peak_rss for r in mig)
-    result = {
+    result: dict[str, Any] = {
         "size": size, "repeat": repeat,
         "mignet_gbps": [round(r.gbps, 3) for r in mig], "raw_gbps": [round(r.gbps, 3) for r in raw],
         "mignet_median_gbps": round(med_mig, 3), "raw_median_gbps": round(med_raw, 3),

@@ -211,7 +211,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     def destination_loaded() -> float | None:
         """The receiver's switchover on this host's CLOCK_MONOTONIC (its JSON line)."""
         done.update(receiver_result(receiver, timeout=60))
-        return done["stats"].get("switchover_at")  # type: ignore[no-any-return]
+        return done["stats"].get("switchover_at")
     try:
         ram = page_aligned(GuestRam.generate(size, args.fill, seed=args.seed))
         devices = DeviceSet.example(args.seed)

@@ -26,7 +26,7 @@ from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir
 from mignet.guest.ram import GuestRam
 from mignet.guest.workload import Workload
-from mignet.migration.status import MigrationState
+from mignet.migration.status import MigrationState, MigrationStatus
 from mignet.runtime.mainloop import MainLoop
 from mignet.ui.terminal import console
 from mignet.units import parse_rate, parse_size
@@ -95,8 +95,10 @@ async def _serve(args: argparse.Namespace, guest: Guest, runstate: str) -> int:
     commands = Commands(migrations, options, state, on_quit=lambda: server.quit.set())
     server = QmpServer(commands.table())
     # QEMU sends MIGRATION only with the "events" capability (migrate_generate_event).
-    state.set_listener(lambda _direction, status: options.capability("events")
-                       and server.emit("MIGRATION", {"status": status.value}))
+    def on_status(_direction: str, status: MigrationStatus) -> None:
+        if options.capability("events"):
+            server.emit("MIGRATION", {"status": status.value})
+    state.set_listener(on_status)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.quit.set)

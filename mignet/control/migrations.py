@@ -28,7 +28,7 @@ from mignet.guest.directory import GuestDir
 from mignet.guest.ram import GuestRam, RamBlock
 from mignet.guest.workload import Workload
 from mignet.migration.loadvm import Loader, LoadThread, load_in_coroutine, start_load_thread
-from mignet.migration.precopy import Precopy, PrecopyParams
+from mignet.migration.precopy import Precopy, PrecopyParams, RoundStats
 from mignet.migration.savevm import Sender
 from mignet.migration.status import DirectionState, MigrationState, Phase, RamCounters
 from mignet.transport import Listener, connect, listen
@@ -116,8 +116,10 @@ class Migrations:
                 if not out.move(frozenset({Phase.RAM}), Phase.SWITCHOVER):
                     raise MigrationCancelled("outgoing migration cancelled")  # vCPUs resume
                 self.state.runstate = "finish-migrate"
-            precopy = Precopy(sender, workload, self._precopy_params(), on_stop=stopped,
-                              on_round=lambda r: events and self.emit("MIGRATION_PASS", {"pass": r.round + 1}))
+            def on_round(r: RoundStats) -> None:
+                if events:
+                    self.emit("MIGRATION_PASS", {"pass": r.round + 1})
+            precopy = Precopy(sender, workload, self._precopy_params(), on_stop=stopped, on_round=on_round)
 
             def on_option(name: str, value: Any) -> None:  # allowlisted while migrating
                 if name == "max-bandwidth":  # takes effect within 100 ms

@@ -36,10 +36,10 @@ def zero_pages(words: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     whole = rows is None
     if rows is None:
         rows = np.arange(len(words))
-    maybe = (words[rows, 0] == 0) & (words[rows, -1] == 0)
+    maybe = np.asarray((words[rows, 0] == 0) & (words[rows, -1] == 0))
     cand = np.flatnonzero(maybe)
     if len(cand) * 4 > len(maybe):
-        return ~(words if whole else words[rows]).any(axis=1)
+        return np.asarray(~(words if whole else words[rows]).any(axis=1))
     if len(cand):
         maybe[cand] = ~words[rows[cand]].any(axis=1)
     return maybe
@@ -113,7 +113,7 @@ class RamBlock:
         return self.size // PAGE_SIZE
 
     def view(self) -> memoryview:
-        return memoryview(self.data)
+        return self.data.data
 
     def page_words(self, first: int = 0, count: int | None = None) -> np.ndarray:
         """Pages ``first..first+count`` as a (count, 512) uint64 array (a view)."""
@@ -137,7 +137,7 @@ class RamBlock:
             self.pristine[offset // PAGE_SIZE] = value == 0 and self.pristine[offset // PAGE_SIZE]
 
     def digest(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
+        return hashlib.sha256(self.data.data).hexdigest()
 
     def flush(self) -> None:
         if isinstance(self.data, np.memmap):
@@ -181,7 +181,7 @@ class GuestRam:
         h = hashlib.sha256()
         for block in self:
             h.update(block.name.encode() + b"\0")
-            h.update(block.data)
+            h.update(block.data.data)
         return h.hexdigest()
 
     @classmethod

@@ -148,7 +148,7 @@ class _Uffd:
     def _api(self, features: int) -> int:
         buf = ctypes.create_string_buffer(struct.pack("QQQ", UFFD_API, features, 0), 24)
         _ioctl(self.fd, UFFDIO_API, buf, "UFFDIO_API")
-        return struct.unpack("QQQ", buf.raw)[1]  # type: ignore[no-any-return]
+        return struct.unpack("QQQ", buf.raw)[1]
 
     def close(self) -> None:
         os.close(self.pagemap)

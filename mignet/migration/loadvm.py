@@ -124,7 +124,7 @@ class Loader:
         self._small = bytearray(1 << 16)
         self._small_view = memoryview(self._small)
         self._words = np.zeros(MAX_RUN + 1, dtype=">u8")
-        word_bytes = memoryview(self._words).cast("B")
+        word_bytes = self._words.data.cast("B")
         self._word_views = [word_bytes[i * 8:i * 8 + 8] for i in range(MAX_RUN + 1)]
         self._run = MIN_RUN
         self._stash: Any = None  # an event taken during a device burst, not yet handled

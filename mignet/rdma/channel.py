@@ -72,8 +72,8 @@ class RdmaChannel(Channel):
         self._io = threading.RLock()  # progress engine and posting; never held while sleeping
         self._recv_arr = np.zeros(RECV_SLOTS * MSG_SIZE, dtype=np.uint8)
         self._send_arr = np.zeros(SEND_SLOTS * MSG_SIZE, dtype=np.uint8)
-        self._recv_mv = memoryview(self._recv_arr)
-        self._send_mv = memoryview(self._send_arr)
+        self._recv_mv = self._recv_arr.data
+        self._send_mv = self._send_arr.data
         self._mrs: list[Any] = []
         self._rx: collections.deque[list[int]] = collections.deque()  # [slot, pos, end]
         self._free_send = list(range(SEND_SLOTS))
@@ -92,7 +92,8 @@ class RdmaChannel(Channel):
         self._shut_rd = self._shut_wr = False
         self.cancelled = False  # shut down locally in both directions (cancel)
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.page_placement = RdmaPlacement(self)
+        self.placement = RdmaPlacement(self)
+        self.page_placement = self.placement
         _OPEN.add(self)
 
     # --- construction ----------------------------------------------------------------
@@ -461,7 +462,7 @@ class RdmaChannel(Channel):
             self.conn.cmid.disconnect()
         except Exception:  # noqa: BLE001 - already disconnected
             pass
-        mrs = self._mrs + self.page_placement.release()
+        mrs = self._mrs + self.placement.release()
         self.conn.close(mrs)
         verbs.unpinned(self._recv_arr.nbytes + self._send_arr.nbytes)
         os.close(self._wake_r)

@@ -24,7 +24,7 @@ from mignet.errors import MisuseError
 T = TypeVar("T")
 
 
-class _Coroutine(greenlet.greenlet):  # type: ignore[misc]
+class _Coroutine(greenlet.greenlet):
     """A greenlet that is known to be driven by :func:`run_coroutine`."""
 
 
@@ -53,7 +53,7 @@ def yield_until(awaitable: Awaitable[T]) -> T:
         if asyncio.iscoroutine(awaitable):
             awaitable.close()
         raise MisuseError("yield_until() called outside a mignet coroutine")
-    return current.parent.switch(_AwaitRequest(awaitable))  # type: ignore[no-any-return]
+    return current.parent.switch(_AwaitRequest(awaitable))
 
 
 async def run_coroutine(fn: Callable[..., T], *args: Any) -> T:
@@ -74,7 +74,7 @@ async def run_coroutine(fn: Callable[..., T], *args: Any) -> T:
             step = co.throw(exc)
         else:
             step = co.switch(value)
-    return step  # type: ignore[no-any-return]
+    return step
 
 
 async def wait_fds(fds: list[tuple[int, int]], timeout: float | None) -> bool:

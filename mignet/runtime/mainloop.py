@@ -23,7 +23,7 @@ from mignet.runtime.bql import BQL, bql_held, bql_locked, bql_released
 T = TypeVar("T")
 
 
-class BqlSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+class BqlSelector(selectors.DefaultSelector):
     """A selector that drops the big lock while blocked and records busy stretches."""
 
     def __init__(self) -> None:
@@ -42,7 +42,7 @@ class BqlSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
         else:
             ready = super().select(timeout)
         self._left_select = time.perf_counter()
-        return ready  # type: ignore[no-any-return]
+        return ready
 
 
 _current: MainLoop | None = None

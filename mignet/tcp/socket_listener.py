@@ -153,7 +153,7 @@ def connect_socket(address: Address, timeout: float | None = 30.0) -> SocketChan
     return SocketChannel(sock)
 
 
-def _resolve(address: Address, passive: bool) -> list[tuple]:  # type: ignore[type-arg]
+def _resolve(address: Address, passive: bool) -> list[tuple]:
     try:
         return socket.getaddrinfo(
             address.host, address.port, type=socket.SOCK_STREAM,

@@ -92,7 +92,7 @@ def run_with_progress(work: Callable[[], T], *, label: str,
             timer.cancel()
     if "error" in box:
         raise box["error"]
-    return box["result"]  # type: ignore[no-any-return]
+    return box["result"]
 
 
 def stats_table(title: str, rows: list[tuple[str, Any]]) -> None:

@@ -101,8 +101,8 @@ def _body_end_from_description(tail: bytes, head: int, end: int, sid: int,
     if not desc or "fields" not in desc:
         return None
     try:
-        pos = head + _fields_size(desc)
-        pos = _skip_subsections(tail, pos, end, desc)
+        after_fields = head + _fields_size(desc)
+        pos = _skip_subsections(tail, after_fields, end, desc)
     except (KeyError, TypeError, ValueError):
         return None
     if pos is None or not _footer_at(tail, pos, end, sid):

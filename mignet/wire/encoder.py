@@ -126,7 +126,7 @@ class StreamEncoder:
             return []
         first = int(offsets[0])
         out: list[Any] = [self._first_word(block, first, RamFlag.PAGE),
-                          memoryview(data[first:first + PAGE_SIZE])]
+                          data[first:first + PAGE_SIZE].data]
         if n == 1:
             return out
         rest = offsets[1:].astype(np.uint64)
@@ -143,7 +143,7 @@ class StreamEncoder:
             records[:, 8:] = pages[lo:hi]
         else:
             records[:, 8:] = pages[idx.astype(np.intp)]
-        out.append(memoryview(staging[:size]))
+        out.append(staging[:size].data)
         return out
 
     # --- devices and the end ---------------------------------------------------------

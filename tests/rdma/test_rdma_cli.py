@@ -7,6 +7,7 @@ import resource
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -59,7 +60,7 @@ def test_killed_source_gives_receiver_one_line_error(mignet_cmd: list[str],
     one_line(stderr, "disconnected")
 
 
-def _low_memlock(limit: int):  # noqa: ANN202 - a preexec_fn
+def _low_memlock(limit: int) -> Callable[[], None]:  # a preexec_fn
     def apply() -> None:
         _, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
         resource.setrlimit(resource.RLIMIT_MEMLOCK, (limit, hard))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from mignet.channel import ShutdownHow
 from mignet.errors import ConnectionLostError, MigrationCancelled
 from mignet.guest.devices import DeviceSet
 from mignet.guest.ram import GuestRam
-from mignet.migration.loadvm import Loader, start_load_thread
+from mignet.migration.loadvm import Loader, LoadResult, start_load_thread
 from mignet.migration.savevm import Sender, range_pages
 from mignet.transport import connect, listen
 
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.rdma
 MiB = 1 << 20
 
 
-def pair(uri: str):  # noqa: ANN201 - (source channel, destination channel)
+def pair(uri: str) -> tuple[Any, Any]:
     """Connect a source channel to a destination channel over ``uri``."""
     listener = listen(uri)
     box: dict[str, object] = {}
@@ -66,7 +68,8 @@ def test_connection_carries_bytes_both_ways_and_ends_cleanly(rdma_uri: str) -> N
     dst.close()
 
 
-def migrate(uri: str, ram: GuestRam, *, pin_all: bool = False, second_pass=None):  # noqa: ANN001,ANN201
+def migrate(uri: str, ram: GuestRam, *, pin_all: bool = False,
+            second_pass: Callable[[Sender], None] | None = None) -> tuple[LoadResult, Sender]:
     """Run a Loader thread against a Sender over RDMA; returns (result, sender)."""
     src, dst = pair(uri)
     loader = Loader(dst, devices=DeviceSet.empty())
@@ -83,8 +86,8 @@ def migrate(uri: str, ram: GuestRam, *, pin_all: bool = False, second_pass=None)
         sender.finish()
     result = thread.join(120)
     # the destination registered as the source asked (QEMU's rdma-pin-all)
-    assert dst.page_placement.pin_all == pin_all
-    chunks = len(dst.page_placement._dst_chunks)
+    assert dst.placement.pin_all == pin_all
+    chunks = len(dst.placement._dst_chunks)
     assert chunks == 0 if pin_all else chunks > 0
     src.close()
     dst.close()
@@ -100,7 +103,7 @@ def test_pages_land_in_numpy_ram_bit_exact_zero_pages_skipped(rdma_uri: str, pin
     result, sender = migrate(rdma_uri, ram, pin_all=pin_all)
     assert result.ram.digest() == ram.digest()
     assert np.array_equal(result.ram["pc.ram"].data, block.data)
-    placement = sender.placement
+    placement: Any = sender.placement
     # zero pages were neither written nor sent: only data pages crossed, in coalesced writes
     assert placement.bytes_written == (block.pages - zero) * 4096
     assert placement.writes < (block.pages - zero) // 4
@@ -183,7 +186,7 @@ def test_destination_memlock_below_guest_ram_fails_with_the_fix(rdma_uri: str) -
     try:
         thread = start_load_thread(Loader(dst, devices=DeviceSet.empty()))
         sender = Sender(src, GuestRam.generate(32 * MiB, "random", seed=1), DeviceSet.empty())
-        box: dict[str, BaseException] = {}
+        box: dict[str, BaseException | None] = {}
         t = threading.Thread(target=lambda: box.setdefault("err", _raises(sender.run)))
         t.start()
         with pytest.raises(SetupError, match=r"^RLIMIT_MEMLOCK is 8388608: raise it with ulimit -l unlimited"):
@@ -201,7 +204,7 @@ def test_destination_memlock_below_guest_ram_fails_with_the_fix(rdma_uri: str) -
         src.close()
 
 
-def _raises(fn) -> BaseException | None:  # noqa: ANN001
+def _raises(fn: Callable[[], object]) -> BaseException | None:
     try:
         fn()
     except BaseException as exc:  # noqa: BLE001

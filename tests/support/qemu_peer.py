@@ -235,7 +235,7 @@ class QemuVM:
         self._proc: subprocess.Popen[bytes] | None = None
         self._loop: _LoopThread | None = None
         self._client: Any = None  # qemu.qmp.QMPClient, imported lazily
-        self._finalizer: weakref.finalize | None = None  # type: ignore[type-arg]
+        self._finalizer: weakref.finalize | None = None
         #: seconds spent in ``__enter__`` (image fill, QEMU start, QMP connect).
         self.start_seconds: float = 0.0
         self.fill_seconds: float = 0.0

@@ -42,7 +42,7 @@ class Serve:
         while True:
             info = await self.x("query-migrate")
             if info.get("status") in statuses:
-                return info  # type: ignore[no-any-return]
+                return info
             assert time.monotonic() < deadline, f"still {info} after {timeout} s"
             await asyncio.sleep(0.02)
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from mignet.bench import rdma as bench  # noqa: E402 - after the sys.path line above
 from mignet.guest.devices import DeviceSet  # noqa: E402
 from mignet.guest.ram import GuestRam  # noqa: E402
-from mignet.rdma import bench  # noqa: E402
 
 
 def main() -> int:
