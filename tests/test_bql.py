@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from mignet.errors import BqlMisuseError
-from mignet.guest.devices import DeviceSet
+from mignet.guest.devices import DeviceSet, RawSection
 from mignet.runtime.bql import bql_held, bql_lock, bql_locked, bql_released, bql_unlock
 
 
@@ -55,7 +55,7 @@ def test_device_state_needs_the_lock() -> None:
         devs.load("mignet-serial", 0, 1, b"", None)
     with bql_held():
         devs.load("x", 0, 1, b"raw", None)
-    assert devs.raw == [("x", 0, 1, b"raw")]
+    assert devs.raw == [RawSection("x", 0, 1, b"raw")]
 
 
 def _catch(errors: list[BaseException], fn: object) -> None:

@@ -143,7 +143,7 @@ def page_word(offset: int, flags: int) -> bytes:
     (lambda d: patch(d, page_word(0, 0x08), page_word(0x100000, 0x08)), "outside block 'a'"),
     (lambda d: patch(d, b"\x01a", b"\x01z", 1), "unknown block 'z'"),
     (lambda d: patch(d, page_word(0, 0x08), page_word(0, 0x28)), "CONTINUE with no previous RAM block"),
-    (lambda d: patch(d, b"\x7e\x00\x00\x00\x00", b"\x7e\x00\x00\x00\x09", 1), "bad section footer"),
+    (lambda d: patch(d, b"\x7e\x00\x00\x00\x01", b"\x7e\x00\x00\x00\x09", 1), "bad section footer"),
     (lambda d: d + b"junk", "after the end of the stream"),
     (lambda d: patch(d, b"mignet-serial", b"mignet-seriaL")[:-300], "without EOF after device sections"),
 ])
@@ -198,7 +198,7 @@ def test_unknown_device_is_kept_raw_and_split_with_the_description() -> None:
     """Like real QEMU's devices: no layout known, bytes kept exactly, split by VMDESCRIPTION."""
     data = good_stream()
     renamed = patch(data, b"mignet-serial", b"mignet-seriaL")
-    renamed = patch(renamed, b'"name":"mignet-serial"', b'"name":"mignet-seriaL"')
+    renamed = patch(renamed, b'"name": "mignet-serial"', b'"name": "mignet-seriaL"')
     events, _ = decode_all(renamed, [7, 100, 3])
     devs = [e for e in events if isinstance(e, DeviceState)]
     serial = next(d for d in devs if d.idstr == "mignet-seriaL")
@@ -217,7 +217,7 @@ def test_unknown_device_tail_after_a_long_buffered_prefix() -> None:
     ram["a"].data[:PAGE_SIZE] = 1
     data = encode_stream(ram, DeviceSet.example(2))
     renamed = patch(data, b"mignet-serial", b"mignet-seriaL")
-    renamed = patch(renamed, b'"name":"mignet-serial"', b'"name":"mignet-seriaL"')
+    renamed = patch(renamed, b'"name": "mignet-serial"', b'"name": "mignet-seriaL"')
     for chunk in ([1 << 16], [4096, 9, 70000]):
         events, out = decode_all(renamed, chunk)
         assert [e.idstr for e in events if isinstance(e, DeviceState)][-2] == "mignet-seriaL"

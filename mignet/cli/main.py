@@ -22,7 +22,7 @@ from mignet.bench.receiver import receiver_result, recv_command, start_receiver
 from mignet.cli import bench, rxe, serve
 from mignet.errors import MignetError, MigrationCancelled, SetupError
 from mignet.guest.devices import DeviceSet
-from mignet.guest.directory import GuestDir
+from mignet.guest.directory import GuestDir, open_snapshot
 from mignet.guest.ram import GuestRam, RamBlock
 from mignet.migration.loadvm import Loader, LoadResult, LoadStats, start_load_thread
 from mignet.migration.savevm import Sender, SendStats
@@ -57,7 +57,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
     stats = _load_stats_dict(result.stats)
     digest = result.ram.digest()
     if out:
-        out.write(result.ram, result.devices, result.description, stats)
+        out.write(result.ram, result.devices, result.description, stats, result.stats.ram_section_id)
     if not args.quiet:
         _print_load_table(result, digest, out)
     if args.json:
@@ -123,15 +123,25 @@ def _source_ram(args: argparse.Namespace) -> GuestRam:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    if not args.image and not args.size:
-        raise SetupError("say what to send: --image FILE or --size SIZE [--fill random|zero|mixed]")
+    if not args.image and not args.size and not args.snapshot:
+        raise SetupError("say what to send: --snapshot DIR, --image FILE or --size SIZE "
+                         "[--fill random|zero|mixed]")
     if args.live:
+        if args.snapshot:
+            raise SetupError("--live migrates a running synthetic guest; a snapshot is not running")
         return _send_live(args)
-    ram = _source_ram(args)
-    devices = DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed)
+    kwargs: dict[str, Any] = {}
+    if args.snapshot:
+        snap = open_snapshot(Path(args.snapshot))
+        ram, devices = snap.ram, snap.devices
+        kwargs = {"machine_type": snap.machine_type, "ram_section_id": snap.ram_section_id,
+                  "description": snap.description}
+    else:
+        ram = _source_ram(args)
+        devices = DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed)
     channel = connect(args.uri)
     sender = Sender(channel, ram, devices, max_bandwidth=parse_rate(args.max_bandwidth),
-                    rdma_pin_all=args.rdma_pin_all)
+                    rdma_pin_all=args.rdma_pin_all, **kwargs)
     stats = _run_send(sender, quiet=args.quiet)
     channel.close()
     digest = ram.digest() if args.json or not args.quiet else ""
@@ -256,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     src = s.add_mutually_exclusive_group()
     src.add_argument("--image", metavar="FILE", help="a RAM image, e.g. QEMU's memory-backend-file")
     src.add_argument("--size", metavar="SIZE", help="a synthetic guest of SIZE (e.g. 2G)")
+    src.add_argument("--snapshot", metavar="DIR",
+                     help="a guest received with recv --out DIR (e.g. from real QEMU): its "
+                          "machine type, RAM blocks and device state, sent so that "
+                          "qemu -incoming accepts it")
     s.add_argument("--fill", choices=["random", "zero", "mixed"], default="random")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--block-name", default="pc.ram", help="RAM block name for --image")

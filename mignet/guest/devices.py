@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -82,13 +82,24 @@ class Device:
     instance_id: int = 0
 
 
+class RawSection(NamedTuple):
+    """One device section kept as the source sent it: enough to send it again unchanged
+    (QEMU finds a section by idstr and instance id; the id only pairs header and footer)."""
+
+    idstr: str
+    instance_id: int
+    version_id: int
+    data: bytes
+    section_id: int | None = None
+
+
 @dataclass
 class DeviceSet:
     """The guest's devices in section order. ``raw`` keeps sections of devices mignet does
     not model (real QEMU's), byte for byte."""
 
     devices: list[Device] = field(default_factory=list)
-    raw: list[tuple[str, int, int, bytes]] = field(default_factory=list)  # idstr, inst, ver, bytes
+    raw: list[RawSection] = field(default_factory=list)
 
     @classmethod
     def example(cls, seed: int = 0) -> DeviceSet:
@@ -125,11 +136,11 @@ class DeviceSet:
         return next((d for d in self.devices if d.idstr == idstr), None)
 
     def load(self, idstr: str, instance_id: int, version_id: int, raw: bytes,
-             values: dict[str, Any] | None) -> None:
+             values: dict[str, Any] | None, section_id: int | None = None) -> None:
         """Apply one device section. Must hold the big lock: this is main-loop state."""
         assert_bql_held("loading device state")
         if values is None:
-            self.raw.append((idstr, instance_id, version_id, raw))
+            self.raw.append(RawSection(idstr, instance_id, version_id, raw, section_id))
             return
         vmsd = KNOWN_DEVICES.get(idstr)
         if vmsd is None:  # pragma: no cover - the decoder only decodes known devices
@@ -150,8 +161,16 @@ class DeviceSet:
                  "fields": {k: plain(v) for k, v in d.values.items()}}
                 for d in self.devices],
             "opaque_sections": [
-                {"idstr": i, "instance_id": n, "version": v, "bytes": len(b)} for i, n, v, b in self.raw],
+                {"idstr": s.idstr, "instance_id": s.instance_id, "version": s.version_id,
+                 "bytes": len(s.data), "section_id": s.section_id} for s in self.raw],
         }, indent=1)
+
+    def sections(self) -> list[RawSection]:
+        """Every section as bytes, in send order: modelled devices encoded, then the raw
+        ones as they came. What a snapshot directory stores and a replay sends."""
+        own = [RawSection(d.idstr, d.instance_id, d.vmsd.version_id, d.vmsd.encode(d.values))
+               for d in self.devices]
+        return own + self.raw
 
     def state_equal(self, other: DeviceSet) -> bool:
         mine = {d.idstr: d.values for d in self.devices}

@@ -76,6 +76,7 @@ class LoadStats:
     predicted_pages: int = 0  # placed by the run fast path
     mispredictions: int = 0
     machine_type: str = ""
+    ram_section_id: int | None = None  # the source's id for 'ram' (a replay reuses it)
     finished: float | None = None
     switchover_at: float | None = None
     setup_seconds: float = 0.0  # registering RAM for remote writes (RDMA), QEMU's setup-time
@@ -164,6 +165,7 @@ class Loader:
                 elif cls is RamZero:
                     self._zero_page(event)  # type: ignore[arg-type]
                 elif cls is RamEndOfSection:
+                    self.stats.ram_section_id = event.section_id  # type: ignore[union-attr]
                     self.stats.sections += 1
                     self.stats.bytes_received = dec.offset
                 elif cls is DeviceState:
@@ -374,7 +376,7 @@ class Loader:
         with bql_held():
             while True:
                 self.devices.load(event.idstr, event.instance_id, event.version_id, event.raw,
-                                  event.fields)
+                                  event.fields, event.section_id)
                 self.stats.device_sections += 1
                 if time.perf_counter() >= deadline:
                     return

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,9 @@ class Sender:
 
     def __init__(self, channel: Channel, ram: GuestRam, devices: DeviceSet, *,
                  max_bandwidth: int = 0, section_bytes: int = 64 << 20,
-                 machine_type: str = MACHINE_TYPE, rdma_pin_all: bool | None = None) -> None:
+                 machine_type: str = MACHINE_TYPE, rdma_pin_all: bool | None = None,
+                 ram_section_id: int | None = None,
+                 description: dict[str, Any] | None = None) -> None:
         self.channel = channel
         self.ram = ram
         self.devices = devices
@@ -64,6 +67,9 @@ class Sender:
         self.limiter = RateLimiter(max_bandwidth)
         self.section_bytes = section_bytes
         self.machine_type = machine_type
+        self.ram_section_id = ram_section_id
+        # A captured guest's own VM description; None: describe mignet's modelled devices.
+        self.description = description
         self._cancelled = threading.Event()
         self.placement = channel.page_placement
         self.rdma_pin_all = rdma_pin_all  # QEMU's rdma-pin-all; None: the transport's default
@@ -109,7 +115,8 @@ class Sender:
         enc = self.encoder
         if self.placement is not None:
             self.placement.announce(self.rdma_pin_all)
-        self._write([enc.header(), enc.configuration(self.machine_type), enc.ram_start(self.ram.layout())])
+        self._write([enc.header(), enc.configuration(self.machine_type),
+                     enc.ram_start(self.ram.layout(), self.ram_section_id)])
 
     def send_pages(self, block: RamBlock, batches: Iterable[tuple[int, int]]) -> None:
         """Send the pages of ``block`` given as (first page, count) batches (a full pass)."""
@@ -175,12 +182,13 @@ class Sender:
             self.placement.fence()  # every page has landed before device state is sent
         if before_devices is not None:
             before_devices()
-        parts: list[object] = []
-        description = {"page_size": PAGE_SIZE, "devices": []}
-        for dev in self.devices.devices:
-            body = dev.vmsd.encode(dev.values)
-            parts.append(enc.device_section(dev.idstr, dev.instance_id, dev.vmsd.version_id, body))
-            description["devices"].append(dev.vmsd.describe(dev.idstr, dev.instance_id))  # type: ignore[attr-defined]
+        parts: list[object] = [
+            enc.device_section(s.idstr, s.instance_id, s.version_id, s.data, s.section_id)
+            for s in self.devices.sections()]
+        description = self.description
+        if description is None:
+            description = {"page_size": PAGE_SIZE, "devices": [
+                dev.vmsd.describe(dev.idstr, dev.instance_id) for dev in self.devices.devices]}
         parts += [enc.eof(), enc.vmdescription(description)]
         self._write(parts)
         try:

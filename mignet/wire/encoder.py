@@ -44,7 +44,10 @@ class StreamEncoder:
 
     def __init__(self) -> None:
         self._last_block: str | None = None
-        self._next_section_id = 0
+        # Never 0 for 'ram': QEMU matches a PART/END section to the first handler whose
+        # load id equals it, and every handler not yet loaded has id 0 (it would go to
+        # 'timer'). QEMU's own numbering gives 'ram' 2; any non-zero id works.
+        self._next_section_id = 1
         self._ram_section_id: int | None = None
 
     # --- framing ---------------------------------------------------------------------
@@ -55,7 +58,11 @@ class StreamEncoder:
         raw = machine_type.encode()
         return bytes([SectionType.CONFIGURATION]) + _BE32.pack(len(raw)) + raw
 
-    def _new_section_id(self) -> int:
+    def _new_section_id(self, wanted: int | None = None) -> int:
+        """The next free id, or ``wanted`` (a replay keeps the source's ids)."""
+        if wanted is not None:
+            self._next_section_id = max(self._next_section_id, wanted + 1)
+            return wanted
         sid = self._next_section_id
         self._next_section_id += 1
         return sid
@@ -64,11 +71,13 @@ class StreamEncoder:
         return bytes([SectionType.SECTION_FOOTER]) + _BE32.pack(section_id)
 
     # --- RAM -------------------------------------------------------------------------
-    def ram_start(self, blocks: Sequence[tuple[str, int]]) -> bytes:
+    def ram_start(self, blocks: Sequence[tuple[str, int]], section_id: int | None = None) -> bytes:
         """SECTION_START of 'ram' with MEM_SIZE and the block list, EOS and footer."""
         if self._ram_section_id is not None:
             raise MisuseError("ram section already started")
-        sid = self._ram_section_id = self._new_section_id()
+        if section_id == 0:
+            raise MisuseError("QEMU cannot load a 'ram' section with id 0")
+        sid = self._ram_section_id = self._new_section_id(section_id)
         total = sum(size for _, size in blocks)
         if total & (PAGE_SIZE - 1):
             raise MisuseError("RAM blocks must be whole pages")
@@ -147,9 +156,10 @@ class StreamEncoder:
         return out
 
     # --- devices and the end ---------------------------------------------------------
-    def device_section(self, idstr: str, instance_id: int, version_id: int, body: bytes) -> bytes:
+    def device_section(self, idstr: str, instance_id: int, version_id: int, body: bytes,
+                       section_id: int | None = None) -> bytes:
         """A SECTION_FULL: header, the vmstate field bytes, footer."""
-        sid = self._new_section_id()
+        sid = self._new_section_id(section_id)
         head = bytes([SectionType.SECTION_FULL]) + _BE32.pack(sid) + _name(idstr)
         head += _BE32.pack(instance_id) + _BE32.pack(version_id)
         return head + body + self.footer(sid)
@@ -160,5 +170,6 @@ class StreamEncoder:
 
     @staticmethod
     def vmdescription(description: dict[str, Any]) -> bytes:
-        raw = json.dumps(description, separators=(",", ":")).encode()
+        # json.dumps' default separators: byte for byte what QEMU 7.2 writes.
+        raw = json.dumps(description).encode()
         return bytes([SectionType.VMDESCRIPTION]) + _BE32.pack(len(raw)) + raw
