@@ -6,11 +6,14 @@ Callers need to tell apart *who* is at fault, because each calls for a different
   an offset outside its RAM block). Retrying will not help; the peer or its version is wrong.
 * ``ConnectionLostError`` — the transport broke (peer closed mid-read, reset, RDMA
   disconnect). The stream may have been fine; retrying the migration may work.
-* ``ClosedChannelError`` / ``MisuseError`` — *we* used an API wrongly (read after close, BQL
-  taken twice). These are bugs in the caller, never the peer's fault.
+* ``MisuseError`` — *we* used an API wrongly (BQL taken twice). A bug in the caller, never
+  the peer's fault.
+* ``ClosedChannelError`` — I/O on a channel this side closed (trio's ClosedResourceError, as
+  against ``ConnectionLostError``, trio's BrokenResourceError: the world broke it).
 * ``SetupError`` — the environment refused a resource we asked for (bad URI, port in use,
   no RDMA device). The message names the fix.
-* ``MigrationCancelled`` — someone asked us to stop; not a failure of either side.
+* ``MigrationCancelled`` — someone asked us to stop; not a failure of either side, and a
+  BaseException outside the root (see its docstring).
 * ``RequestRefused`` — a control request (QMP) was refused: bad argument or wrong moment
   (``InvalidOptionError``, ``OptionLockedError``). The requester can fix it.
 """
@@ -48,8 +51,9 @@ class MisuseError(MignetError):
     """A local programming error: an API was used against its contract."""
 
 
-class ClosedChannelError(MisuseError):
-    """I/O was attempted on a channel that this side already closed or shut down."""
+class ClosedChannelError(MignetError):
+    """I/O on a channel that this side closed or shut down (trio's ClosedResourceError):
+    we did it, but not necessarily by mistake — a cancel shuts channels down on purpose."""
 
 
 class BqlMisuseError(MisuseError):
@@ -60,8 +64,12 @@ class SetupError(MignetError):
     """A resource could not be set up: bad address, port in use, missing device."""
 
 
-class MigrationCancelled(MignetError):
-    """The migration was cancelled on request (``migrate-cancel``, Ctrl-C)."""
+class MigrationCancelled(BaseException):
+    """The migration was cancelled on request (``migrate-cancel``, Ctrl-C).
+
+    Not an error and deliberately not under :class:`MignetError`: like trio's ``Cancelled``
+    it is a BaseException, so no ``except Exception`` / ``except MignetError`` on the way
+    out can swallow it. Raised in one place only, :class:`mignet.runtime.cancel.Cancel`."""
 
 
 class RequestRefused(MignetError):

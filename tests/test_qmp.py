@@ -323,3 +323,30 @@ def test_live_guest_migrates_in_rounds_over_qmp(tmp_path: Path) -> None:
             src_guest, dst_guest = await src.x("x-mignet-query-guest"), await dst.x("x-mignet-query-guest")
             assert src_guest["ram-sha256"] == dst_guest["ram-sha256"]
     asyncio.run(main())
+
+
+def test_stop_before_incoming_keeps_the_guest_paused_until_cont(tmp_path: Path) -> None:
+    """libvirt's order: ``stop`` on the destination before the load ends (autostart off),
+    then ``cont`` once it completed; runstates as QEMU 7.2 reports them."""
+    async def main() -> None:
+        async with serve(tmp_path, "dst", "--incoming", "defer") as dst, \
+                serve(tmp_path, "src", "--size", "16M", "--seed", "5") as src:
+            assert (await dst.x("query-status"))["status"] == "inmigrate"
+            await dst.x("stop")
+            assert (await dst.x("query-status"))["status"] == "inmigrate"
+            uri = await dst.incoming_uri()
+            await src.x("migrate", {"uri": uri})
+            assert (await dst.wait_status(*FINAL))["status"] == "completed"
+            assert (await src.wait_status(*FINAL))["status"] == "completed"
+            status = await dst.x("query-status")
+            assert (status["status"], status["running"]) == ("paused", False)
+            await dst.x("cont")
+            status = await dst.x("query-status")
+            assert (status["status"], status["running"]) == ("running", True)
+            await dst.x("stop")
+            assert (await dst.x("query-status"))["status"] == "paused"
+            # The source after its migration: postmigrate; cont resumes it there, as in QEMU.
+            assert (await src.x("query-status"))["status"] == "postmigrate"
+            await src.x("cont")
+            assert (await src.x("query-status"))["status"] == "running"
+    asyncio.run(main())

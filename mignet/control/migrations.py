@@ -235,10 +235,12 @@ class Migrations:
             self.guest.ram, self.guest.devices = result.ram, result.devices
             self.guest.description = result.description
             if self.guest.out is not None:
-                self.guest.out.write(result.ram, result.devices, result.description, {})
+                self.guest.out.write(result.ram, result.devices, result.description,
+                                     {"machine_type": result.stats.machine_type},
+                                     result.stats.ram_section_id)
             self._end(inc, "incoming", Phase.DONE)
             self.guest.incoming_deferred = False
-            self.state.runstate = "running"  # QEMU's autostart
+            self.state.runstate = "running" if self.state.autostart else "paused"
         except MigrationCancelled:
             self._end(inc, "incoming", Phase.CANCELLED)
         except MignetError as exc:

@@ -66,6 +66,8 @@ class Commands:
             "query-migrate-parameters": self.query_migrate_parameters,
             "query-migrate": self.query_migrate,
             "query-status": self.query_status,
+            "cont": self.cont,
+            "stop": self.stop,
             "query-version": self.query_version,
             "query-commands": self.query_commands,
             "quit": self.quit,
@@ -164,6 +166,28 @@ class Commands:
         check_args(args)
         runstate = self.state.runstate
         return {"status": runstate, "running": runstate == "running", "singlestep": False}
+
+    def cont(self, args: dict[str, Any]) -> dict[str, Any]:
+        """QEMU 7.2's qmp_cont: while an incoming migration is pending it only sets
+        autostart (the guest starts when the load completes); otherwise the guest runs."""
+        check_args(args)
+        if self.state.runstate == "inmigrate":
+            self.state.autostart = True
+        elif self.state.runstate == "finish-migrate":
+            raise QmpError("GenericError", "The guest is being migrated: wait for the end")
+        else:
+            self.state.runstate = "running"
+        return {}
+
+    def stop(self, args: dict[str, Any]) -> dict[str, Any]:
+        """QEMU 7.2's qmp_stop: during a pending incoming migration it clears autostart,
+        so the guest stays paused after the load (what management does before ``cont``)."""
+        check_args(args)
+        if self.state.runstate == "inmigrate":
+            self.state.autostart = False
+        elif self.state.runstate == "running":
+            self.state.runstate = "paused"
+        return {}
 
     def query_version(self, args: dict[str, Any]) -> dict[str, Any]:
         check_args(args)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mignet import __version__
-from mignet.errors import MignetError, SetupError
+from mignet.errors import MignetError, RequestRefused, SetupError
 from mignet.runtime.bql import bql_held
 from mignet.tcp.socket_listener import bind_unix
 from mignet.uri import parse_uri
@@ -37,7 +37,7 @@ QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
 
 Handler = Callable[[dict[str, Any]], Any]
 
-class QmpError(Exception):
+class QmpError(RequestRefused):
     """An error reply: ``cls`` is QEMU's ErrorClass (GenericError, CommandNotFound, ...)."""
 
     def __init__(self, cls: str, desc: str) -> None:

@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 
 from mignet.channel import Channel
-from mignet.errors import MignetError, MigrationCancelled, ProtocolError
+from mignet.errors import ProtocolError
 from mignet.guest.devices import KNOWN_DEVICES, DeviceSet
 from mignet.guest.ram import GuestRam, RamBlock
 from mignet.runtime.bql import assert_bql_not_held, bql_held
+from mignet.runtime.cancel import Cancel
 from mignet.runtime.coroutine import run_coroutine
 from mignet.wire import (
     NEED_DATA,
@@ -121,7 +122,7 @@ class Loader:
         self.on_switchover = on_switchover
         self.block_factory = block_factory
         self.threaded = threaded
-        self._cancelled = threading.Event()
+        self._cancel = Cancel("incoming migration", on_cancel=channel.shutdown)
         self._small = bytearray(1 << 16)
         self._small_view = memoryview(self._small)
         self._words = np.zeros(MAX_RUN + 1, dtype=">u8")
@@ -137,12 +138,11 @@ class Loader:
     # --- control ---------------------------------------------------------------------
     def cancel(self) -> None:
         """Stop loading from any thread: the channel is shut down, a blocked read wakes."""
-        self._cancelled.set()
-        self.channel.shutdown()
+        self._cancel.cancel()
 
     @property
     def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+        return self._cancel.requested
 
     # --- the loop --------------------------------------------------------------------
     def run(self) -> LoadResult:
@@ -151,7 +151,7 @@ class Loader:
         if self.threaded:
             assert_bql_not_held("the threaded loader")
         dec = self.decoder
-        try:
+        with self._cancel.guard():
             while True:
                 event, self._stash = (self._stash, None) if self._stash is not None else (dec.next_event(), None)
                 cls = type(event)
@@ -183,12 +183,6 @@ class Loader:
                     self.stats.machine_type = event.machine_type  # type: ignore[union-attr]
                 elif cls is StreamStart:
                     pass
-        except MignetError:
-            if self.cancelled:
-                raise MigrationCancelled("incoming migration cancelled") from None
-            raise
-        if self.cancelled:
-            raise MigrationCancelled("incoming migration cancelled")
         self.stats.bytes_received = dec.offset
         self.stats.finished = time.monotonic()
         assert self.ram is not None
@@ -210,8 +204,7 @@ class Loader:
         want = min(self.decoder.wanted(), len(self._small))
         n = self.channel.read_some_into([self._small_view[:want]])
         if n == 0:
-            if self.cancelled:
-                raise MigrationCancelled("incoming migration cancelled")
+            self._cancel.check()
             self.decoder.receive_eof()
         else:
             self.decoder.receive_data(self._small_view[:n])
@@ -285,8 +278,7 @@ class Loader:
             self._bulk(n > 0)
             got = self.channel.read_some_into(iov)
             if got == 0:
-                if self.cancelled:
-                    raise MigrationCancelled("incoming migration cancelled")
+                self._cancel.check()
                 dec.receive_eof()
                 return
             if got < left:

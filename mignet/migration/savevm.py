@@ -10,7 +10,6 @@ guest RAM (the kernel pays per segment). A RAM section (SECTION_PART) is closed 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from mignet.channel import Channel, ShutdownHow
-from mignet.errors import ConnectionLostError, MignetError, MigrationCancelled
+from mignet.errors import ConnectionLostError
 from mignet.guest.devices import DeviceSet
 from mignet.guest.ram import GuestRam, RamBlock, zero_pages
 from mignet.migration.ratelimit import RateLimiter
+from mignet.runtime.cancel import Cancel
 from mignet.units import PAGE_SIZE
 from mignet.wire import StreamEncoder
 from mignet.wire.constants import PAGE_RECORD_SIZE
@@ -70,7 +70,7 @@ class Sender:
         self.ram_section_id = ram_section_id
         # A captured guest's own VM description; None: describe mignet's modelled devices.
         self.description = description
-        self._cancelled = threading.Event()
+        self._cancel = Cancel("outgoing migration", on_cancel=channel.shutdown)
         self.placement = channel.page_placement
         self.rdma_pin_all = rdma_pin_all  # QEMU's rdma-pin-all; None: the transport's default
         # The destination starts zeroed: in the first pass zero pages need not be sent when
@@ -84,23 +84,17 @@ class Sender:
         self.rate_limited = True
 
     def cancel(self) -> None:
-        self._cancelled.set()
-        self.channel.shutdown()
+        self._cancel.cancel()
 
     # --- I/O helpers -----------------------------------------------------------------
     def _write(self, bufs: list[object]) -> None:
-        if self._cancelled.is_set():
-            raise MigrationCancelled("outgoing migration cancelled")
-        try:
+        self._cancel.check()
+        with self._cancel.guard():
             n = self.channel.writev_all(bufs)  # type: ignore[arg-type]
-        except MignetError:
-            if self._cancelled.is_set():
-                raise MigrationCancelled("outgoing migration cancelled") from None
-            raise
         self.stats.transferred += n
         self._since_section += n
         if self.rate_limited:
-            self.limiter.consume(n, self._cancelled)
+            self.limiter.consume(n, self._cancel.flag)
 
     # --- the stream ------------------------------------------------------------------
     def run(self) -> SendStats:
@@ -153,7 +147,7 @@ class Sender:
                 self.stats.transferred += n
                 self._since_section += n
                 if self.rate_limited:
-                    self.limiter.consume(n, self._cancelled)
+                    self.limiter.consume(n, self._cancel.flag)
             if send_zero:
                 self._write([zero_records])
         else:

@@ -208,6 +208,9 @@ class MigrationState:
         self.outgoing = DirectionState("outgoing", on_status)
         self.incoming = DirectionState("incoming", on_status)
         self.runstate = runstate
+        # QEMU's autostart: whether an incoming guest runs when its load completes
+        # (``stop`` before the end clears it, ``cont`` sets it).
+        self.autostart = True
 
     def set_listener(self, on_status: StatusListener) -> None:
         self.outgoing.on_status = on_status
