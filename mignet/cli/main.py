@@ -1,4 +1,4 @@
-"""The ``mignet`` command line: recv, send, demo here; bench, rxe and serve in their modules.
+"""The ``mignet`` command line: recv, send, demo here; bench, inspect, rxe and serve in their modules.
 
 Every failure the user can cause or fix (bad URI, port in use, a peer that is not mignet or
 QEMU, a truncated stream) ends as one line on stderr and a non-zero exit, never a traceback.
@@ -19,7 +19,8 @@ from rich.markup import escape
 from mignet import __version__
 from mignet.bench.procstat import peak_rss
 from mignet.bench.receiver import receiver_result, recv_command, start_receiver
-from mignet.cli import bench, rxe, serve
+from mignet.channel import ShutdownHow
+from mignet.cli import bench, inspect, rxe, serve
 from mignet.errors import MignetError, MigrationCancelled, SetupError
 from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir, open_snapshot
@@ -123,9 +124,11 @@ def _source_ram(args: argparse.Namespace) -> GuestRam:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    if not args.image and not args.size and not args.snapshot:
-        raise SetupError("say what to send: --snapshot DIR, --image FILE or --size SIZE "
-                         "[--fill random|zero|mixed]")
+    if not args.image and not args.size and not args.snapshot and not args.stream:
+        raise SetupError("say what to send: --snapshot DIR, --stream FILE, --image FILE or "
+                         "--size SIZE [--fill random|zero|mixed]")
+    if args.stream:
+        return _send_stream(args)
     if args.live:
         if args.snapshot:
             raise SetupError("--live migrates a running synthetic guest; a snapshot is not running")
@@ -150,6 +153,31 @@ def cmd_send(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"event": "completed", "ram_sha256": digest, "transferred": stats.transferred,
                     "seconds": round(stats.elapsed, 4)})
+    return 0
+
+
+def _send_stream(args: argparse.Namespace) -> int:
+    """Replay a captured stream file byte for byte (no decoding: what QEMU wrote is sent)."""
+    if args.live:
+        raise SetupError("--live migrates a running synthetic guest; a stream file is not running")
+    path = Path(args.stream)
+    try:
+        f = open(path, "rb")  # closed by the with below
+    except OSError as exc:
+        raise SetupError(f"cannot read stream file {path}: {exc.strerror}") from None
+    sent = 0
+    with f:
+        channel = connect(args.uri)
+        try:
+            while chunk := f.read(1 << 20):
+                sent += channel.write_all(chunk)
+            channel.shutdown(ShutdownHow.WRITE)
+        finally:
+            channel.close()
+    if not args.quiet:
+        console.print(f"mignet: sent {path} ({human_bytes(sent)}) to {args.uri}")
+    if args.json:
+        _emit_json({"event": "completed", "transferred": sent, "stream": str(path)})
     return 0
 
 
@@ -270,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a guest received with recv --out DIR (e.g. from real QEMU): its "
                           "machine type, RAM blocks and device state, sent so that "
                           "qemu -incoming accepts it")
+    src.add_argument("--stream", metavar="FILE",
+                     help="a captured stream file (e.g. QEMU's migrate \"exec:cat > FILE\"), "
+                          "replayed byte for byte")
     s.add_argument("--fill", choices=["random", "zero", "mixed"], default="random")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--block-name", default="pc.ram", help="RAM block name for --image")
@@ -295,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_live_options(d)
     d.set_defaults(func=cmd_demo)
 
-    for module in (bench, rxe, serve):
+    for module in (bench, inspect, rxe, serve):
         module.add_parser(sub)
     return p
 
