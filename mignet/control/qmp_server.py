@@ -21,6 +21,7 @@ import asyncio
 import inspect
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -49,53 +50,107 @@ def timestamp() -> dict[str, int]:
     now = time.time()
     return {"seconds": int(now), "microseconds": int((now % 1) * 1_000_000)}
 
+#: QEMU's json-streamer limits (qobject/json-streamer.c): one text at most 64 MiB, nesting
+#: at most 1024 deep. Past either, QEMU answers GenericError and drops what it buffered.
+MAX_TEXT_BYTES = 64 << 20
+MAX_NESTING = 1024
+
+_STRUCTURAL = re.compile(rb'[][{}"]')
+_IN_STRING = re.compile(rb'["\\]')
+_SPACE = b" \t\r\n"
+
+
 class JsonSplitter:
-    """Cuts a byte stream into top-level JSON texts by bracket depth (QEMU's
-    json-streamer does the same), so clients need not send newlines."""
+    """Cuts a byte stream into top-level JSON texts by bracket depth (QEMU's json-streamer
+    does the same), so clients need not send newlines.
 
-    def __init__(self) -> None:
+    Linear: the scan state (depth, inside a string, escape) survives between feeds, so every
+    byte is looked at once however the input is split; the scanner jumps from one
+    structural byte to the next with a regex. A text over ``max_bytes`` or nested deeper
+    than ``max_depth`` yields a :class:`QmpError` in its place and is dropped, as in QEMU."""
+
+    def __init__(self, max_bytes: int = MAX_TEXT_BYTES, max_depth: int = MAX_NESTING) -> None:
+        self.max_bytes = max_bytes
+        self.max_depth = max_depth
         self._buf = bytearray()
+        self._pos = 0  # next byte of _buf to scan
+        self._start: int | None = None  # where the current text began
+        self._depth = 0
+        self._in_str = False
+        self._esc = False
+        self._scalar = False  # a bare scalar runs to the next whitespace
 
-    def feed(self, data: bytes) -> list[bytes]:
-        self._buf += data
-        out: list[bytes] = []
+    def feed(self, data: bytes) -> list[bytes | QmpError]:
+        out: list[bytes | QmpError] = []
         buf = self._buf
-        i, start, depth, in_str, esc = 0, None, 0, False, False
-        while i < len(buf):
-            c = buf[i]
-            if start is None:
-                if c in b" \t\r\n":
-                    i += 1
+        buf += data
+        while self._pos < len(buf):
+            if self._start is None:
+                while self._pos < len(buf) and buf[self._pos] in _SPACE:
+                    self._pos += 1
+                if self._pos == len(buf):
+                    break
+                self._start = self._pos
+                self._scalar = buf[self._pos] not in b"{["
+            if self._scalar:
+                end = self._pos
+                while end < len(buf) and buf[end] not in _SPACE:
+                    end += 1
+                self._pos = end
+                if end == len(buf):
+                    break
+                out.append(bytes(buf[self._start:end]))
+                self._start, self._scalar = None, False
+                continue
+            if self._in_str:
+                if self._esc:
+                    self._esc = False
+                    self._pos += 1
                     continue
-                start = i
-                if c not in b"{[":  # a bare scalar: up to the next whitespace
-                    end = i
-                    while end < len(buf) and buf[end] not in b" \t\r\n":
-                        end += 1
-                    if end == len(buf):
-                        break
-                    out.append(bytes(buf[start:end]))
-                    start, i = None, end
-                    continue
-            if in_str:
-                if esc:
-                    esc = False
-                elif c == 0x5C:  # backslash
-                    esc = True
-                elif c == 0x22:
-                    in_str = False
-            elif c == 0x22:
-                in_str = True
+                m = _IN_STRING.search(buf, self._pos)
+                if m is None:
+                    self._pos = len(buf)
+                    break
+                self._pos = m.end()
+                if m.group() == b"\\":
+                    self._esc = True
+                else:
+                    self._in_str = False
+                continue
+            m = _STRUCTURAL.search(buf, self._pos)
+            if m is None:
+                self._pos = len(buf)
+                break
+            self._pos = m.end()
+            c = m.group()
+            if c == b'"':
+                self._in_str = True
             elif c in b"{[":
-                depth += 1
-            elif c in b"}]":
-                depth -= 1
-                if depth == 0:
-                    out.append(bytes(buf[start:i + 1]))
-                    start = None
-            i += 1
-        del buf[:start if start is not None else len(buf)]
+                self._depth += 1
+                if self._depth > self.max_depth:
+                    # Drop the text so far and go on with what follows, as QEMU does.
+                    out.append(QmpError("GenericError", "JSON nesting depth limit exceeded"))
+                    del buf[:self._pos]
+                    self._pos, self._start, self._depth = 0, None, 0
+            else:
+                self._depth -= 1
+                if self._depth == 0:
+                    out.append(bytes(buf[self._start:self._pos]))
+                    self._start = None
+        if self._start is not None and len(buf) - self._start > self.max_bytes:
+            out.append(QmpError("GenericError", "JSON token size limit exceeded"))
+            buf.clear()
+            self._pos, self._start, self._depth = 0, None, 0
+            self._in_str = self._esc = self._scalar = False
+            return out
+        keep = self._start if self._start is not None else self._pos
+        if keep:
+            del buf[:keep]  # amortised: at most what was scanned since the last cut
+            self._pos -= keep
+            if self._start is not None:
+                self._start = 0
         return out
+
 
 class QmpServer:
     """Serves QMP on any number of UNIX/TCP addresses; commands come from ``handlers``."""
@@ -177,6 +232,9 @@ class QmpServer:
                 if not data:
                     break
                 for text in splitter.feed(data):
+                    if isinstance(text, QmpError):
+                        session.send({"error": {"class": text.cls, "desc": text.desc}})
+                        continue
                     await self._handle(session, text)
                     await writer.drain()
                     if self.quit.is_set():
@@ -195,6 +253,8 @@ class QmpServer:
                 msg = json.loads(text)
             except (ValueError, UnicodeDecodeError) as exc:
                 raise QmpError("GenericError", f"JSON parse error, {exc}") from None
+            except RecursionError:
+                raise QmpError("GenericError", "JSON nesting depth limit exceeded") from None
             if not isinstance(msg, dict):
                 raise QmpError("GenericError", "QMP input must be a JSON object")
             has_id, msg_id = "id" in msg, msg.get("id")
@@ -223,6 +283,8 @@ class QmpServer:
                 raise QmpError("CommandNotFound",
                                "Capabilities negotiation is already complete, command ignored")
             enable = args.get("enable", [])
+            if not isinstance(enable, list):
+                raise QmpError("GenericError", "Invalid parameter type for 'enable', expected: array")
             if set(args) - {"enable"}:
                 raise QmpError("GenericError", f"Parameter '{sorted(set(args) - {'enable'})[0]}' is unexpected")
             if enable:
