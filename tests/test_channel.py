@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import platform
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -58,15 +60,74 @@ def test_use_after_close_is_local_misuse() -> None:
     b.close()
 
 
+# x86_64 syscall numbers a thread blocked on a socket sits in (read, poll, readv, recvfrom,
+# recvmsg, ppoll); a thread waiting for the GIL sits in futex (202) instead.
+_SOCKET_WAITS = {0, 7, 19, 45, 47, 271}
+
+
+def blocked_in_io(tid: int) -> bool:
+    """Whether thread ``tid`` of this process is asleep in the kernel on I/O (not on a lock)."""
+    task = Path(f"/proc/self/task/{tid}")
+    try:
+        state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False  # gone
+    if state != "S":
+        return False
+    try:
+        nr = (task / "syscall").read_text().split()[0]
+        if nr.isdigit() and platform.machine() == "x86_64":
+            return int(nr) in _SOCKET_WAITS
+    except OSError:
+        pass
+    wchan = (task / "wchan").read_text().strip()
+    if wchan in ("", "0"):
+        pytest.skip("this kernel shows neither syscall nor wchan of a thread")
+    return "futex" not in wchan
+
+
+def wait_until_blocked(tid: int, done: threading.Event, limit: float = 30.0) -> None:
+    """Wait (generously: the machine may be loaded) until thread ``tid`` sleeps in I/O."""
+    deadline = time.monotonic() + limit
+    while not blocked_in_io(tid):
+        assert not done.is_set(), "the call returned instead of blocking"
+        assert time.monotonic() < deadline, "the thread never blocked in the kernel"
+        time.sleep(0.001)  # polling a condition, not timing anything
+
+
+class Blocker(threading.Thread):
+    """Runs ``call`` in a thread, announcing its native id just before the call."""
+
+    def __init__(self, call: Callable[[], object]) -> None:
+        super().__init__(daemon=True)
+        self.call = call
+        self.started_call = threading.Event()
+        self.returned = threading.Event()
+        self.result: list[object] = []
+        self.tid = 0
+
+    def run(self) -> None:
+        self.tid = threading.get_native_id()
+        self.started_call.set()
+        try:
+            self.result.append(self.call())
+        finally:
+            self.returned.set()
+
+    def wait_blocked(self) -> None:
+        assert self.started_call.wait(30)
+        wait_until_blocked(self.tid, self.returned)
+
+
 def test_shutdown_wakes_a_blocked_reader() -> None:
     a, b = channel_pair()
-    result: list[int] = []
-    t = threading.Thread(target=lambda: result.append(b.read_into(bytearray(10))))
-    t.start()
-    time.sleep(0.1)
+    reader = Blocker(lambda: b.read_into(bytearray(10)))
+    reader.start()
+    reader.wait_blocked()  # asleep in the kernel inside the read, with nothing to read
+    assert not reader.returned.is_set() and reader.result == []
     b.shutdown(ShutdownHow.BOTH)
-    t.join(5)
-    assert not t.is_alive() and result == [0]
+    assert reader.returned.wait(30), "shutdown did not wake the reader"
+    assert reader.result == [0]
     a.close()
     b.close()
 
@@ -76,10 +137,15 @@ def test_wait_cond_in_a_thread_blocks_in_poll() -> None:
     with a, b:
         t0 = time.monotonic()
         assert b.wait_cond(IOCondition.IN, timeout=0.2) is False
-        assert time.monotonic() - t0 >= 0.18
+        assert time.monotonic() - t0 >= 0.18  # a lower bound: load only makes it longer
         assert a.wait_cond(IOCondition.OUT, timeout=1) is True
-        threading.Timer(0.1, lambda: a.write_all(b"x")).start()
-        assert b.wait_cond(IOCondition.IN, timeout=5) is True
+        waiter = Blocker(lambda: b.wait_cond(IOCondition.IN, timeout=60))
+        waiter.start()
+        waiter.wait_blocked()
+        assert waiter.result == []
+        a.write_all(b"x")
+        assert waiter.returned.wait(30)
+        assert waiter.result == [True]
 
 
 def test_wait_cond_in_a_coroutine_yields_to_the_loop() -> None:
@@ -110,8 +176,12 @@ def test_wait_cond_in_a_coroutine_yields_to_the_loop() -> None:
 def test_nonblocking_read_in_a_thread_waits_with_poll() -> None:
     a, b = channel_pair()
     b.set_blocking(False)
-    threading.Timer(0.05, lambda: a.write_all(b"late")).start()
-    assert b.read_exactly(4) == b"late"
+    reader = Blocker(lambda: b.read_exactly(4))
+    reader.start()
+    reader.wait_blocked()  # in poll, not spinning on EAGAIN
+    a.write_all(b"late")
+    assert reader.returned.wait(30)
+    assert reader.result == [b"late"]
     a.close()
     b.close()
 

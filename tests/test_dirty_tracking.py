@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mignet.guest.ram import GuestRam, RamBlock
+from mignet.migration import dirty
 from mignet.migration.dirty import (
     DirtyLog,
     HashTracker,
@@ -95,11 +96,39 @@ def test_unaligned_numpy_block_marks_every_overlapping_guest_page() -> None:
         assert found <= {p + d for p in written.tolist() for d in (-1, 0, 1)}
 
 
-def test_page_aligned_copy_keeps_content() -> None:
-    ram = GuestRam.generate(4 << 20, "mixed", seed=4)
+def test_page_aligned_copies_an_unaligned_block_into_aligned_memory() -> None:
+    size = 64 * PAGE_SIZE
+    backing = mmap.mmap(-1, size + PAGE_SIZE)
+    data = np.frombuffer(backing, dtype=np.uint8, count=size, offset=16)  # like numpy's own
+    data[:] = np.random.default_rng(4).integers(0, 256, size, dtype=np.uint8)
+    pristine = np.zeros(size // PAGE_SIZE, dtype=bool)
+    pristine[[3, 9]] = True
+    block = RamBlock("pc.ram", data, pristine)
+    assert data.ctypes.data % PAGE_SIZE == 16  # the test's premise: really unaligned
+    ram = GuestRam([block])
+
     aligned = page_aligned(ram)
-    assert next(iter(aligned)).data.ctypes.data % PAGE_SIZE == 0
+    (copy,) = list(aligned)
+    assert copy is not block
+    assert copy.name == "pc.ram"
+    assert copy.data.ctypes.data % PAGE_SIZE == 0
+    assert copy.size == size
+    assert np.array_equal(copy.data, data)
     assert aligned.digest() == ram.digest()
+    # A copy, not a view: the pristine map is copied too, and neither side sees the other's writes.
+    assert copy.pristine is not None and copy.pristine is not pristine
+    assert np.flatnonzero(copy.pristine).tolist() == [3, 9]
+    before = int(data[5 * PAGE_SIZE])
+    copy.data[5 * PAGE_SIZE] ^= 0xFF
+    assert int(data[5 * PAGE_SIZE]) == before
+    copy.pristine[0] = True
+    assert not pristine[0]
+
+
+def test_page_aligned_keeps_an_aligned_block_as_is() -> None:
+    block = aligned_block(8)
+    (kept,) = list(page_aligned(GuestRam([block])))
+    assert kept is block
 
 
 def test_ranges_to_mask_clips_and_merges() -> None:
@@ -110,7 +139,11 @@ def test_ranges_to_mask_clips_and_merges() -> None:
     assert np.flatnonzero(mask).tolist() == [0, 4, 5, 6]
 
 
-def test_hash_fallback_finds_written_pages_and_is_announced_once(capsys: pytest.CaptureFixture[str]) -> None:
+def test_hash_fallback_finds_written_pages_and_is_announced_once(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fresh "this process has announced nothing yet", whatever other tests printed before.
+    monkeypatch.setattr(dirty, "_announced", set())
     block = aligned_block(2048)
     ram = GuestRam([block])
     with DirtyLog(ram, force_fallback=True) as log, DirtyLog(ram, force_fallback=True):
@@ -122,4 +155,4 @@ def test_hash_fallback_finds_written_pages_and_is_announced_once(capsys: pytest.
         assert np.array_equal(np.flatnonzero(log.sync()["pc.ram"]), written)
         assert not log.sync()["pc.ram"].any()
     err = capsys.readouterr().err
-    assert err.count("per-page hashing, as asked") <= 1  # once per process
+    assert err.count("per-page hashing, as asked") == 1  # two logs, one notice per process

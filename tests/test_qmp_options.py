@@ -4,6 +4,7 @@ real objects, real threads)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import pytest
 
@@ -25,9 +26,29 @@ def test_defaults_are_qemu_7_2s() -> None:
     assert [c["capability"] for c in caps] == list(CAPABILITIES) and not any(c["state"] for c in caps)
 
 
+def refusal(call: Callable[[], object]) -> str:
+    """Run a real request; it must be refused the way the QMP layer answers a client (a
+    ``RequestRefused``, not a ``MisuseError`` bug). Returns the message the client would see."""
+    try:
+        call()
+    except MisuseError as exc:
+        pytest.fail(f"a bad request was treated as a bug: {exc!r}")
+    except RequestRefused as exc:
+        return str(exc)
+    pytest.fail("the request was accepted")
+
+
 def test_errors_are_request_refusals_not_bugs() -> None:
-    assert issubclass(InvalidOptionError, RequestRefused) and issubclass(OptionLockedError, RequestRefused)
-    assert not issubclass(OptionLockedError, MisuseError)
+    o = OptionSet()
+    assert refusal(lambda: o.set_parameters({"bogus": 1})) == "Parameter 'bogus' is unexpected"
+    assert refusal(lambda: o.set_capabilities([{"capability": "bogus", "state": True}])) == (
+        "Parameter 'capabilities[0].capability' does not accept value 'bogus'")
+    o.begin("outgoing")
+    assert refusal(lambda: o.set_parameters({"multifd-channels": 3})) == (
+        "There's a migration process in progress (outgoing): parameter(s) multifd-channels cannot "
+        "change until it ends; only downtime-limit, max-bandwidth, max-postcopy-bandwidth may")
+    # Refused requests change nothing.
+    assert o.parameter("multifd-channels") == 2 and "bogus" not in o.query_parameters()
 
 
 def test_lock_blocks_all_but_the_allowlist_and_refusals_are_all_or_nothing() -> None:

@@ -9,14 +9,31 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 WINDOW = 0.1  # seconds, QEMU's BUFFER_DELAY
 
 
+def _event_wait(event: threading.Event, timeout: float) -> object:
+    return event.wait(timeout)
+
+
 class RateLimiter:
-    def __init__(self, bytes_per_second: int = 0) -> None:
+    """``clock`` (seconds, monotonic) and ``wait`` (block on the wake event for at most
+    ``timeout`` seconds) are injectable so tests can drive the windows without wall time;
+    the defaults are :func:`time.monotonic` and :meth:`threading.Event.wait`."""
+
+    def __init__(
+        self,
+        bytes_per_second: int = 0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wait: Callable[[threading.Event, float], object] = _event_wait,
+    ) -> None:
+        self._clock = clock
+        self._wait = wait
         self._limit = bytes_per_second
-        self._window_start = time.monotonic()
+        self._window_start = clock()
         self._used = 0
         self._wake = threading.Event()
 
@@ -30,7 +47,7 @@ class RateLimiter:
         # A new window: bytes sent under the old limit are not charged at the new one
         # (QEMU resets its rate-limit window on a max-bandwidth change too).
         self._used = 0
-        self._window_start = time.monotonic()
+        self._window_start = self._clock()
         self._wake.set()
 
     def consume(self, nbytes: int, should_stop: threading.Event | None = None) -> float:
@@ -39,8 +56,10 @@ class RateLimiter:
         self._used += nbytes
         while True:
             limit = self._limit
-            now = time.monotonic()
-            if now - self._window_start >= WINDOW:
+            now = self._clock()
+            # Compared with the window's end (not ``now - start >= WINDOW``): after sleeping
+            # exactly ``end - now`` the float sum lands on the end again, never just short.
+            if now >= self._window_start + WINDOW:
                 # Carry over any overshoot so the long-run rate stays at the limit.
                 budget = limit * (now - self._window_start) if limit else self._used
                 self._used = max(0, int(self._used - budget))
@@ -51,6 +70,6 @@ class RateLimiter:
                 return slept
             delay = self._window_start + WINDOW - now
             self._wake.clear()
-            t0 = time.monotonic()
-            self._wake.wait(max(0.0, delay))
-            slept += time.monotonic() - t0
+            t0 = self._clock()
+            self._wait(self._wake, max(0.0, delay))
+            slept += self._clock() - t0
