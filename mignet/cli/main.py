@@ -20,7 +20,7 @@ from mignet import __version__
 from mignet.bench.procstat import peak_rss
 from mignet.bench.receiver import receiver_result, recv_command, start_receiver
 from mignet.channel import ShutdownHow
-from mignet.cli import bench, inspect, rxe, serve
+from mignet.cli import bench, inspect, relay, rxe, serve
 from mignet.errors import MignetError, MigrationCancelled, SetupError
 from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir, open_snapshot
@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_live_options(d)
     d.set_defaults(func=cmd_demo)
 
-    for module in (bench, inspect, rxe, serve):
+    for module in (bench, inspect, relay, rxe, serve):
         module.add_parser(sub)
     return p
 

@@ -1,0 +1,100 @@
+"""``mignet relay --listen URI --to URI``: be the destination of one migration (QEMU or
+mignet) and, page by page as they arrive, the source of the same stream towards ``--to``
+(QEMU's ``-incoming``, ``mignet recv`` or another relay), over tcp:, unix: or rdma:.
+
+    qemu (migrate tcp:B:4444) -> relay --listen tcp:0.0.0.0:4444 --to rdma:C:4445
+                              -> relay --listen rdma:0.0.0.0:4445 --to tcp:D:4446 -> qemu -incoming
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+from mignet.errors import MigrationCancelled, SetupError
+from mignet.migration.relay import Relay, RelayStats
+from mignet.transport import connect, listen
+from mignet.ui.terminal import console
+from mignet.units import human_bytes, parse_size, rate
+from mignet.uri import parse_uri
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("relay", help="receive a migration stream and forward it, page by page, to URI")
+    p.add_argument("--listen", required=True, metavar="URI", help="tcp:HOST:PORT, unix:PATH or rdma:HOST:PORT")
+    p.add_argument("--to", required=True, metavar="URI",
+                   help="where the stream goes on: qemu -incoming, mignet recv or another relay")
+    p.add_argument("--max-ram", default=str(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
+                   metavar="SIZE", help="refuse sources with more RAM (default: physical memory)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the source")
+    p.add_argument("--progress", type=float, default=0.25, metavar="SECONDS",
+                   help="with --json: a progress event this often")
+    p.add_argument("--json", action="store_true", help="machine-readable events on stdout")
+    p.add_argument("--quiet", action="store_true", help="no summary line")
+    p.set_defaults(func=cmd_relay)
+
+
+def _emit(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _progress(relay: Relay) -> dict[str, Any]:
+    s = relay.stats
+    return {"event": "progress", "t": time.monotonic(), "bytes_in": relay.loader.decoder.offset,
+            "bytes_out": s.bytes_out, "pages": s.pages_out, "zero_pages": s.zero_out,
+            "ram_sections": s.ram_sections}
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    parse_uri(args.to)  # a bad destination is refused before anything listens
+    listener = listen(args.listen)
+    if args.json:
+        _emit({"event": "listening", "uri": str(listener.address)})
+    elif not args.quiet:
+        console.print(f"mignet relay: listening on {listener.address}, forwarding to {args.to}")
+    try:
+        inbound = listener.accept(timeout=args.timeout)
+    except TimeoutError as exc:
+        raise SetupError(str(exc)) from None
+    finally:
+        listener.close()
+    relay = Relay(inbound, lambda: connect(args.to), max_ram_bytes=parse_size(args.max_ram))
+    box: dict[str, Any] = {}
+
+    def main() -> None:
+        try:
+            box["stats"] = relay.run()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
+            box["error"] = exc
+    thread = threading.Thread(target=main, name="mig/relay", daemon=True)
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(args.progress)
+            if args.json and thread.is_alive():
+                _emit(_progress(relay))
+    except KeyboardInterrupt:
+        relay.cancel()
+        thread.join(5)
+        raise MigrationCancelled("cancelled by Ctrl-C") from None
+    finally:
+        relay.close()
+        inbound.close()
+    if "error" in box:
+        raise box["error"]
+    stats: RelayStats = box["stats"]
+    if args.json:
+        _emit({"event": "completed", **stats.as_dict()})
+    elif not args.quiet:
+        console.print(
+            f"mignet relay: {human_bytes(stats.bytes_in)} in, {human_bytes(stats.bytes_out)} out, "
+            f"{stats.pages_out} pages + {stats.zero_out} zero, {stats.ram_sections} RAM sections, "
+            f"{stats.device_sections} device sections, {stats.elapsed:.2f} s "
+            f"({rate(stats.bytes_out, stats.elapsed)})")
+    return 0
