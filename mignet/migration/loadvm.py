@@ -22,9 +22,9 @@ time, never correctness.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ from mignet.guest.ram import GuestRam, RamBlock
 from mignet.runtime.bql import assert_bql_not_held, bql_held
 from mignet.runtime.cancel import Cancel
 from mignet.runtime.coroutine import run_coroutine
+from mignet.runtime.threads import start_thread
 from mignet.wire import (
     NEED_DATA,
     PAGE_SIZE,
@@ -388,37 +389,23 @@ class Loader:
 
 
 class LoadThread:
-    """Runs a :class:`Loader` in its own thread named ``mig/dst/main``; the result or the
-    error is collected with :meth:`join`."""
+    """Runs a :class:`Loader` in its own thread named ``mig/dst/main`` (started at once);
+    the result or the error is collected with :meth:`join`."""
 
     def __init__(self, loader: Loader) -> None:
         self.loader = loader
-        self.result: LoadResult | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._main, name=LOAD_THREAD_NAME, daemon=True)
-
-    def _main(self) -> None:
-        try:
-            self.result = self.loader.run()
-        except BaseException as exc:  # noqa: BLE001 - handed to join()
-            self.error = exc
-
-    def start(self) -> LoadThread:
-        self.thread.start()
-        return self
+        self.thread, self.future = start_thread(loader.run, LOAD_THREAD_NAME)
 
     def join(self, timeout: float | None = None) -> LoadResult:
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            raise TimeoutError(f"loader still running after {timeout} s")
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None
-        return self.result
+        """The load's result, or what it raised; TimeoutError if still running."""
+        try:
+            return self.future.result(timeout)
+        except FutureTimeout:
+            raise TimeoutError(f"loader still running after {timeout} s") from None
 
 
 def start_load_thread(loader: Loader) -> LoadThread:
-    return LoadThread(loader).start()
+    return LoadThread(loader)
 
 
 async def load_in_coroutine(loader: Loader) -> LoadResult:

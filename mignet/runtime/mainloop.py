@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import selectors
+import statistics
 import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -87,10 +88,13 @@ def summarize(samples: list[float]) -> dict[str, float | int]:
     """count, p50, p99 and max of durations in seconds, reported in milliseconds."""
     if not samples:
         return {"count": 0, "p50-ms": 0.0, "p99-ms": 0.0, "max-ms": 0.0}
-    ordered = sorted(samples)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
-    return {"count": len(ordered), "p50-ms": round(pick(0.5), 3), "p99-ms": round(pick(0.99), 3),
-            "max-ms": round(ordered[-1] * 1000, 3)}
+    if len(samples) == 1:
+        p50 = p99 = samples[0]
+    else:  # 99 cut points; "inclusive": the sample's own range, as a latency report wants
+        cuts = statistics.quantiles(samples, n=100, method="inclusive")
+        p50, p99 = cuts[49], cuts[98]
+    return {"count": len(samples), "p50-ms": round(p50 * 1000, 3), "p99-ms": round(p99 * 1000, 3),
+            "max-ms": round(max(samples) * 1000, 3)}
 
 
 def record_bql_holds(on: bool = True) -> list[float]:

@@ -22,6 +22,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from mignet.runtime.threads import start_thread
+
 console = Console(stderr=True, highlight=False)
 T = TypeVar("T")
 
@@ -67,18 +69,10 @@ def run_with_progress(work: Callable[[], T], *, label: str,
     ``force_after`` = (seconds, action) runs ``action`` once after that long (benchmarks)."""
     from mignet.errors import MigrationCancelled
 
-    box: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            box["result"] = work()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            box["error"] = exc
-    t = threading.Thread(target=body, name=thread_name, daemon=True)
     timer = threading.Timer(force_after[0], force_after[1]) if force_after else None
     try:
         with transfer_progress(label, poll, enabled=not quiet):
-            t.start()
+            t, future = start_thread(work, thread_name)
             if timer is not None:
                 timer.start()
             while t.is_alive():
@@ -90,9 +84,7 @@ def run_with_progress(work: Callable[[], T], *, label: str,
     finally:
         if timer is not None:
             timer.cancel()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+    return future.result()
 
 
 def stats_table(title: str, rows: list[tuple[str, Any]]) -> None:
