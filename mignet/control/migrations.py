@@ -110,16 +110,17 @@ class Migrations:
             workload = self.guest.workload if self.guest.workload and self.guest.workload.running else None
 
             def stopped() -> None:
-                """vCPUs stopped for the final copy: from here the migration can no longer be
-                cancelled (the rest of the stream is about to go out; a destination that got
-                it would start while the source resumed)."""
-                if not out.move(frozenset({Phase.RAM}), Phase.SWITCHOVER):
-                    raise MigrationCancelled("outgoing migration cancelled")  # vCPUs resume
+                """vCPUs stopped for the final copy (the driver has moved ``out`` to
+                SWITCHOVER: from here a cancel comes too late)."""
                 self.state.runstate = "finish-migrate"
             def on_round(r: RoundStats) -> None:
                 if events:
                     self.emit("MIGRATION_PASS", {"pass": r.round + 1})
-            precopy = Precopy(sender, workload, self._precopy_params(), on_stop=stopped, on_round=on_round)
+            def on_active() -> None:
+                if events:
+                    self.emit("MIGRATION_PASS", {"pass": 1})
+            precopy = Precopy(sender, workload, self._precopy_params(), on_stop=stopped,
+                              on_round=on_round, state=out, on_active=on_active)
 
             def on_option(name: str, value: Any) -> None:  # allowlisted while migrating
                 if name == "max-bandwidth":  # takes effect within 100 ms
@@ -130,14 +131,8 @@ class Migrations:
             precopy.set_max_bandwidth(self.options.parameter("max-bandwidth"))  # a change meanwhile
             with self._mutex:
                 self._sender = sender
-            out.counters = lambda: _precopy_counters(precopy)
-            if not out.move(frozenset({Phase.CONNECTING}), Phase.RAM):
-                raise MigrationCancelled("outgoing migration cancelled")
-            if events:
-                self.emit("MIGRATION_PASS", {"pass": 1})
-            result = precopy.run()  # rounds while the vCPUs run, then stop and copy
+            precopy.run()  # rounds while the vCPUs run, then stop and copy (phases of ``out``)
             self.state.runstate = "postmigrate"
-            out.downtime_ms = int(result.get("downtime", 0))
             self._end(out, "outgoing", Phase.DONE)
         except MigrationCancelled:
             self._end(out, "outgoing", Phase.CANCELLED)
@@ -288,19 +283,6 @@ class Migrations:
 
 def _failed_or_cancelled(side: DirectionState) -> Phase:
     return Phase.CANCELLED if side.phase is Phase.CANCELLING else Phase.FAILED
-
-
-def _precopy_counters(precopy: Precopy) -> RamCounters:
-    info = precopy.query_migrate()
-    ram = info.get("ram")
-    if ram is None:
-        return RamCounters()
-    return RamCounters(transferred=ram["transferred"], remaining=ram["remaining"], total=ram["total"],
-                       duplicate=ram["duplicate"], normal=ram["normal"],
-                       dirty_sync_count=ram["dirty-sync-count"], precopy_bytes=ram["precopy-bytes"],
-                       downtime_bytes=ram["downtime-bytes"], dirty_pages_rate=ram["dirty-pages-rate"],
-                       expected_downtime_ms=info.get("expected-downtime"), mbps=ram["mbps"],
-                       pages_per_second=ram["pages-per-second"])
 
 
 def _load_counters(loader: Loader) -> RamCounters:

@@ -11,7 +11,6 @@ string"), so scripts that match on them keep working.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,10 +19,9 @@ from mignet.control.migrations import Migrations
 from mignet.control.options import OptionSet
 from mignet.control.qmp_server import QEMU_VERSION, Handler, QmpError
 from mignet.errors import RequestRefused
-from mignet.migration.status import MigrationState, MigrationStatus
+from mignet.migration.status import MigrationState, query_migrate
 from mignet.runtime.bql import BQL
 from mignet.runtime.mainloop import current_main_loop, record_bql_holds, summarize
-from mignet.units import PAGE_SIZE
 
 _TYPES: dict[type, str] = {str: "string", bool: "boolean", int: "integer", dict: "object", list: "array"}
 
@@ -122,45 +120,7 @@ class Commands:
         side = self.state.current()
         if side is None:
             return {}
-        status = side.status
-        info: dict[str, Any] = {"status": status.value}
-        if side.socket_address:
-            info["socket-address"] = side.socket_address
-        if status is MigrationStatus.FAILED and side.error_desc:
-            info["error-desc"] = side.error_desc
-        shows_ram = status in (MigrationStatus.ACTIVE, MigrationStatus.CANCELLING,
-                               MigrationStatus.DEVICE, MigrationStatus.COMPLETED)
-        if not shows_ram or side.counters is None:
-            return info
-        c = side.counters()
-        end = side.ended if status is MigrationStatus.COMPLETED and side.ended else None
-        now = end or time.monotonic()
-        info["total-time"] = int((now - side.started) * 1000)
-        if side.setup_done is not None:
-            info["setup-time"] = int((side.setup_done - side.started) * 1000)
-        if status is MigrationStatus.COMPLETED:
-            if side.downtime_ms is not None:
-                info["downtime"] = side.downtime_ms
-        else:
-            info["expected-downtime"] = (c.expected_downtime_ms if c.expected_downtime_ms is not None
-                                         else int(self.options.parameter("downtime-limit")))
-        if status is MigrationStatus.COMPLETED:
-            elapsed = max(1e-9, now - (side.setup_done or side.started))
-            mbps, pps = c.transferred * 8 / elapsed / 1e6, c.normal / elapsed
-        else:
-            mbps, pps = side.meter.sample(c.transferred, c.normal + c.duplicate)
-            if c.mbps is not None and c.pages_per_second is not None:
-                mbps, pps = c.mbps, c.pages_per_second  # the precopy driver's per-round rates
-        info["ram"] = {
-            "transferred": c.transferred, "remaining": c.remaining, "total": c.total,
-            "duplicate": c.duplicate, "skipped": 0, "normal": c.normal,
-            "normal-bytes": c.normal * PAGE_SIZE, "dirty-pages-rate": c.dirty_pages_rate, "mbps": round(mbps, 3),
-            "dirty-sync-count": c.dirty_sync_count, "postcopy-requests": 0,
-            "page-size": PAGE_SIZE, "multifd-bytes": 0, "pages-per-second": int(pps),
-            "precopy-bytes": c.precopy_bytes, "downtime-bytes": c.downtime_bytes,
-            "postcopy-bytes": 0, "dirty-sync-missed-zero-copy": 0,
-        }
-        return info
+        return query_migrate(side, int(self.options.parameter("downtime-limit")))
 
     def query_status(self, args: dict[str, Any]) -> dict[str, Any]:
         check_args(args)

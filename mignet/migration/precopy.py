@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,9 +35,13 @@ from mignet.errors import MigrationCancelled, MisuseError
 from mignet.guest.workload import Workload
 from mignet.migration.dirty import DirtyLog
 from mignet.migration.savevm import Sender, range_pages
+from mignet.migration.status import DirectionState, Phase, RamCounters, query_migrate
 from mignet.units import PAGE_SIZE
 
 MiB = 1 << 20
+
+
+_CANCELLABLE = frozenset({Phase.CONNECTING, Phase.RAM})
 
 
 @dataclass
@@ -72,13 +76,12 @@ class RoundStats:
 
 
 @dataclass
-class _Counters:
-    started: float = field(default_factory=time.monotonic)
-    setup_done: float | None = None
+class _Rounds:
+    """What the rounds measured, between syncs; the public figures come out of
+    :meth:`Precopy.counters` as one :class:`RamCounters`."""
+
     stopped: float | None = None  # vCPUs stopped: downtime starts
     sent_all: float | None = None
-    finished: float | None = None
-    downtime: float | None = None
     downtime_at: str = ""
     precopy_bytes: int = 0
     remaining_pages: int = 0
@@ -95,14 +98,19 @@ class Precopy:
 
     ``destination_loaded``, called once the stream is sent, returns the destination's
     switchover time on this host's CLOCK_MONOTONIC (``time.monotonic()``), or None when it
-    cannot be known. ``on_round`` is called after each sync (progress display)."""
+    cannot be known. ``on_round`` is called after each sync (progress display).
+
+    Status lives in ``state``, a :class:`DirectionState` (the one status machine): the
+    controller passes its outgoing side, so QMP and the driver see the same phase;
+    standalone (``mignet send --live``) the driver keeps its own and ends it itself."""
 
     def __init__(self, sender: Sender, workload: Workload | None = None,
                  params: PrecopyParams | None = None, *,
                  destination_loaded: Callable[[], float | None] | None = None,
                  on_round: Callable[[RoundStats], None] | None = None,
                  on_stop: Callable[[], None] | None = None,
-                 force_fallback: bool = False) -> None:
+                 force_fallback: bool = False, state: DirectionState | None = None,
+                 on_active: Callable[[], None] | None = None) -> None:
         self.sender = sender
         self.workload = workload
         self.params = params or PrecopyParams()
@@ -110,11 +118,14 @@ class Precopy:
         self.on_round = on_round
         self.on_stop = on_stop  # the vCPUs just stopped for the final copy (runstate change)
         self.force_fallback = force_fallback
-        self.status = "none"
+        self.on_active = on_active  # setup done, status active: the first pass begins
+        self.owns_state = state is None
+        self.state = state if state is not None else DirectionState("outgoing")
         self.rounds: list[RoundStats] = []
         self.tracking = ""
         self.error: str | None = None
-        self._c = _Counters()
+        self._c = _Rounds()
+        self._started = False
         self._force = threading.Event()
         self._high_dirty = 0
         self._throttle_active = False
@@ -132,16 +143,30 @@ class Precopy:
         self._force.set()
 
     def cancel(self) -> None:
+        """Upper half (any thread). Too late once the vCPUs stopped for the final copy."""
+        if self.owns_state and not self.state.move(_CANCELLABLE, Phase.CANCELLING):
+            return
         self.sender.cancel()
+
+    @property
+    def status(self) -> str:
+        """The public status (QEMU's MigrationStatus value)."""
+        return self.state.status.value
+
+    @property
+    def phase(self) -> Phase:
+        return self.state.phase
 
     # --- the migration ----------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Migrate; returns :meth:`query_migrate`. On failure or cancel the vCPUs run on."""
-        if self.status != "none":
+        if self._started:
             raise MisuseError("a Precopy object runs one migration")
-        c = self._c
-        c.started = time.monotonic()
-        self.status = "setup"
+        self._started = True
+        c, st = self._c, self.state
+        if self.owns_state:
+            st.to(Phase.CONNECTING)
+        st.counters = self.counters
         sender = self.sender
         sender.limiter.set_limit(self.params.max_bandwidth)
         log = DirtyLog(sender.ram, force_fallback=self.force_fallback)
@@ -151,13 +176,22 @@ class Precopy:
                 self.workload.start()
             log.start()  # arm before the first page goes out: every later write is seen
             sender.start()
-            c.setup_done = time.monotonic()
-            self.status = "active"
+            if not st.move(frozenset({Phase.CONNECTING}), Phase.RAM):
+                raise MigrationCancelled("outgoing migration cancelled")
+            if self.on_active is not None:
+                self.on_active()
             self._iterate(log)
             self._stop_and_copy(log)
         except BaseException as exc:
-            self.status = "cancelled" if isinstance(exc, (MigrationCancelled, KeyboardInterrupt)) else "failed"
             self.error = str(exc)
+            if self.owns_state:  # else the controller ends it, after releasing the options
+                cancelled = isinstance(exc, (MigrationCancelled, KeyboardInterrupt))
+                if cancelled and st.phase in _CANCELLABLE:
+                    st.move(_CANCELLABLE, Phase.CANCELLING)
+                if st.phase is Phase.CANCELLING:
+                    st.to(Phase.CANCELLED)
+                else:
+                    st.to(Phase.FAILED, str(exc))
             if self.workload is not None:
                 self.workload.set_throttle(0)  # as QEMU: a failed migration leaves the guest
                 if not self.workload.running and c.stopped is not None:  # running, unthrottled
@@ -165,7 +199,8 @@ class Precopy:
             raise
         finally:
             log.close()
-        self.status = "completed"
+        if self.owns_state:
+            st.to(Phase.DONE)
         return self.query_migrate()
 
     def _iterate(self, log: DirtyLog) -> None:
@@ -233,8 +268,10 @@ class Precopy:
     def _stop_and_copy(self, log: DirtyLog) -> None:
         sender, c = self.sender, self._c
         c.precopy_bytes = sender.stats.transferred
+        # Past this point a cancel comes too late (QEMU: the stream's end is on its way).
+        if not self.state.move(frozenset({Phase.RAM}), Phase.SWITCHOVER):
+            raise MigrationCancelled("outgoing migration cancelled")
         c.stopped = time.monotonic()
-        self.status = "device"  # QEMU's state while the guest is stopped for the last copy
         if self.workload is not None:
             self.workload.stop()
         if self.on_stop is not None:
@@ -248,59 +285,49 @@ class Precopy:
         for block in sender.ram:
             sender.send_page_list(block, np.flatnonzero(final[block.name]))
         sender.finish()
-        c.sent_all = c.finished = time.monotonic()  # total-time ends on the source's side
+        c.sent_all = time.monotonic()
         c.remaining_pages = 0
         loaded = self.destination_loaded() if self.destination_loaded is not None else None
         if loaded is not None:
-            c.downtime, c.downtime_at = loaded - c.stopped, "destination"
+            downtime, c.downtime_at = loaded - c.stopped, "destination"
         else:
-            c.downtime, c.downtime_at = c.sent_all - c.stopped, "source"
+            downtime, c.downtime_at = c.sent_all - c.stopped, "source"
+        self.state.downtime_ms = int(round(downtime * 1000))
 
     # --- statistics -------------------------------------------------------------------
-    def query_migrate(self) -> dict[str, Any]:
-        """The ``query-migrate`` reply's shape and meanings (times in ms, rates as QEMU)."""
+    def counters(self) -> RamCounters:
+        """This migration's figures, from the sender's record and the rounds (any thread)."""
         c, s = self._c, self.sender.stats
-        now = time.monotonic()
-        info: dict[str, Any] = {"status": self.status}
-        if self.status == "none":
-            return info
-        end = c.finished if c.finished is not None else now
-        info["total-time"] = int((end - c.started) * 1000)
-        if c.setup_done is not None:
-            info["setup-time"] = int((c.setup_done - c.started) * 1000)
-        if self.status == "completed" and c.downtime is not None:
-            info["downtime"] = int(round(c.downtime * 1000))
-        elif self.status == "active" and c.expected_downtime is not None:
-            info["expected-downtime"] = int(c.expected_downtime * 1000)
-        if self.status in ("active", "device") or c.stopped is None:
+        in_rounds = self.state.phase in (Phase.CONNECTING, Phase.RAM, Phase.SWITCHOVER)
+        if in_rounds or c.stopped is None:
             remaining = max(0, c.remaining_pages - (s.pages_scanned - c.round_scanned_at))
         else:
             remaining = 0
-        downtime_bytes = s.transferred - c.precopy_bytes if c.stopped is not None else 0
-        info["ram"] = {
-            "transferred": s.transferred,
-            "remaining": remaining * PAGE_SIZE,
-            "total": s.ram_total,
-            "duplicate": s.zero_pages,
-            "normal": s.normal_pages,
-            "normal-bytes": s.normal_pages * PAGE_SIZE,
-            "dirty-pages-rate": int(c.dirty_rate),
-            "mbps": round(c.bandwidth * 8 / 1e6, 3),
-            "dirty-sync-count": c.sync_count,
-            "pages-per-second": int(c.pages_per_second),
-            "precopy-bytes": c.precopy_bytes if c.stopped is not None else s.transferred,
-            "downtime-bytes": downtime_bytes,
-            "page-size": PAGE_SIZE,
-        }
-        if self.workload is not None and self.workload.throttle:
-            info["cpu-throttle-percentage"] = self.workload.throttle
-        if self.error is not None:
+        active = self.state.phase is Phase.RAM
+        return RamCounters(
+            transferred=s.transferred, remaining=remaining * PAGE_SIZE, total=s.ram_total,
+            duplicate=s.zero_pages, normal=s.normal_pages, dirty_sync_count=c.sync_count,
+            precopy_bytes=c.precopy_bytes if c.stopped is not None else s.transferred,
+            downtime_bytes=s.transferred - c.precopy_bytes if c.stopped is not None else 0,
+            dirty_pages_rate=int(c.dirty_rate),
+            expected_downtime_ms=(int(c.expected_downtime * 1000)
+                                  if active and c.expected_downtime is not None else None),
+            mbps=c.bandwidth * 8 / 1e6, pages_per_second=int(c.pages_per_second),
+            cpu_throttle_percentage=self.workload.throttle if self.workload is not None else 0)
+
+    def query_migrate(self) -> dict[str, Any]:
+        """``query-migrate`` of this migration: the one builder QMP uses, plus mignet's own
+        ``x-mignet`` member (rounds, tracking method, where downtime was measured)."""
+        info = query_migrate(self.state, self.params.downtime_limit_ms)
+        if self.error is not None and "error-desc" not in info and self.status != "cancelled":
             info["error-desc"] = self.error
+        c = self._c
         info["x-mignet"] = {
             "rounds": len(self.rounds),
             "dirty-tracking": self.tracking,
             "last-sync-ms": round(self.rounds[-1].sync_seconds * 1000, 3) if self.rounds else None,
             "downtime-measured-at": c.downtime_at or None,
             "downtime-limit": self.params.downtime_limit_ms,
+            "stop-and-copy": self.state.phase is Phase.SWITCHOVER,
         }
         return info

@@ -22,8 +22,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from mignet.errors import MisuseError
+from mignet.units import PAGE_SIZE
 
 
 class MigrationStatus(enum.StrEnum):
@@ -100,7 +102,11 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 
 @dataclass
 class RamCounters:
-    """Counters for query-migrate's ``ram`` member, filled by the migration glue."""
+    """The one set of RAM figures of a migration, in QEMU's terms (MigrationStats.ram).
+
+    The sender's and the loader's progress records feed it (``Precopy.counters``, the
+    controller's ``_load_counters``); query-migrate, the CLI tables and ``--json`` read
+    it, through :meth:`to_qapi` and :func:`query_migrate`, so each figure is computed once."""
 
     transferred: int = 0
     remaining: int = 0
@@ -112,8 +118,22 @@ class RamCounters:
     downtime_bytes: int = 0
     dirty_pages_rate: int = 0  # pages/s, measured at the last sync
     expected_downtime_ms: int | None = None  # None: use downtime-limit
-    mbps: float | None = None  # None: the glue's own rate meter
+    mbps: float | None = None  # None: the direction's own rate meter
     pages_per_second: int | None = None
+    cpu_throttle_percentage: int = 0
+
+    def to_qapi(self, mbps: float, pages_per_second: float) -> dict[str, Any]:
+        """query-migrate's ``ram`` member, QEMU 7.2's field names."""
+        return {
+            "transferred": self.transferred, "remaining": self.remaining, "total": self.total,
+            "duplicate": self.duplicate, "skipped": 0, "normal": self.normal,
+            "normal-bytes": self.normal * PAGE_SIZE, "dirty-pages-rate": self.dirty_pages_rate,
+            "mbps": round(mbps, 3), "dirty-sync-count": self.dirty_sync_count,
+            "postcopy-requests": 0, "page-size": PAGE_SIZE, "multifd-bytes": 0,
+            "pages-per-second": int(pages_per_second), "precopy-bytes": self.precopy_bytes,
+            "downtime-bytes": self.downtime_bytes, "postcopy-bytes": 0,
+            "dirty-sync-missed-zero-copy": 0,
+        }
 
 
 class RateMeter:
@@ -224,3 +244,43 @@ class MigrationState:
         if self.incoming.phase is not Phase.IDLE:
             return self.incoming
         return None
+
+
+_SHOWS_RAM = frozenset({MigrationStatus.ACTIVE, MigrationStatus.CANCELLING, MigrationStatus.DEVICE,
+                        MigrationStatus.COMPLETED})
+
+
+def query_migrate(side: DirectionState, downtime_limit_ms: int) -> dict[str, Any]:
+    """The ``query-migrate`` reply for one direction, as QEMU 7.2 shapes it: built here and
+    nowhere else (QMP, ``Precopy.query_migrate``, the CLI and ``--json`` all call it)."""
+    status = side.status
+    info: dict[str, Any] = {"status": status.value}
+    if side.socket_address:
+        info["socket-address"] = side.socket_address
+    if status is MigrationStatus.FAILED and side.error_desc:
+        info["error-desc"] = side.error_desc
+    if status not in _SHOWS_RAM or side.counters is None:
+        return info
+    c = side.counters()
+    end = side.ended if status is MigrationStatus.COMPLETED and side.ended else None
+    now = end or time.monotonic()
+    info["total-time"] = int((now - side.started) * 1000)
+    if side.setup_done is not None:
+        info["setup-time"] = int((side.setup_done - side.started) * 1000)
+    if status is MigrationStatus.COMPLETED:
+        if side.downtime_ms is not None:
+            info["downtime"] = side.downtime_ms
+    else:
+        info["expected-downtime"] = (c.expected_downtime_ms if c.expected_downtime_ms is not None
+                                     else downtime_limit_ms)
+    if status is MigrationStatus.COMPLETED and c.mbps is None:
+        elapsed = max(1e-9, now - (side.setup_done or side.started))
+        mbps, pps = c.transferred * 8 / elapsed / 1e6, c.normal / elapsed
+    else:
+        mbps, pps = side.meter.sample(c.transferred, c.normal + c.duplicate)
+        if c.mbps is not None and c.pages_per_second is not None:
+            mbps, pps = c.mbps, c.pages_per_second  # the precopy driver's per-round rates
+    info["ram"] = c.to_qapi(mbps, pps)
+    if c.cpu_throttle_percentage:
+        info["cpu-throttle-percentage"] = c.cpu_throttle_percentage
+    return info

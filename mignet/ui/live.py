@@ -26,7 +26,7 @@ def progress_note(info: dict[str, Any]) -> str:
     """'round 3 · dirty 45.1 MiB/s · left 3.2 MiB · throttle 20%' from query-migrate."""
     ram = info.get("ram", {})
     parts = [f"round {info.get('x-mignet', {}).get('rounds', 0) + 1}"]
-    if info.get("status") == "device":
+    if info.get("x-mignet", {}).get("stop-and-copy"):
         parts = ["stop-and-copy"]
     elif info.get("status") == "completed":
         parts = [f"completed after {info['x-mignet']['rounds']} rounds"]
