@@ -31,6 +31,7 @@ from mignet.migration.loadvm import Loader, LoadThread, load_in_coroutine, start
 from mignet.migration.precopy import Precopy, PrecopyParams, RoundStats
 from mignet.migration.savevm import Sender
 from mignet.migration.status import DirectionState, MigrationState, Phase, RamCounters
+from mignet.runtime.halves import bottom_half, upper_half
 from mignet.transport import Listener, connect, listen
 from mignet.units import PAGE_SIZE
 from mignet.uri import parse_uri
@@ -76,6 +77,7 @@ class Migrations:
         self._mutex = threading.Lock()  # sender/loader/listener hand-over vs cancel
 
     # --- outgoing --------------------------------------------------------------------
+    @upper_half
     def start_outgoing(self, uri: str, config: Mapping[str, Any] | None = None) -> None:
         """``migrate``: checks, then options lock, then the thread. Errors are raised here,
         synchronously, so QMP answers them; later failures end in status "failed"."""
@@ -94,6 +96,7 @@ class Migrations:
         self._threads.append(t)
         t.start()
 
+    @bottom_half
     def _outgoing_main(self, uri: str, events: bool) -> None:
         out = self.state.outgoing
         channel: Channel | None = None
@@ -163,6 +166,7 @@ class Migrations:
         )
 
     # --- incoming --------------------------------------------------------------------
+    @upper_half
     def start_incoming(self, uri: str, config: Mapping[str, Any] | None = None) -> list[dict[str, str]]:
         """``migrate-incoming``: listen now (errors answered at once), accept and load in
         threads. Returns the listening addresses (QEMU's socket-address)."""
@@ -197,6 +201,7 @@ class Migrations:
         t.start()
         return inc.socket_address
 
+    @bottom_half
     def _incoming_main(self, listener: Listener) -> None:
         inc = self.state.incoming
         channel: Channel | None = None
@@ -258,6 +263,7 @@ class Migrations:
         elif not side.move(frozenset(Phase), phase, error):
             side.move(frozenset({Phase.CANCELLING}), Phase.CANCELLED)
 
+    @upper_half
     def cancel(self) -> None:
         """``migrate-cancel``: stop whichever migration runs, outgoing or incoming. Returns
         at once; the migration's thread publishes "cancelled" when it has stopped."""

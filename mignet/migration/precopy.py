@@ -36,6 +36,7 @@ from mignet.guest.workload import Workload
 from mignet.migration.dirty import DirtyLog
 from mignet.migration.savevm import Sender, range_pages
 from mignet.migration.status import DirectionState, Phase, RamCounters, query_migrate
+from mignet.runtime.halves import bottom_half, upper_half
 from mignet.units import PAGE_SIZE
 
 MiB = 1 << 20
@@ -132,16 +133,19 @@ class Precopy:
         self._pending: dict[str, np.ndarray] = {}  # the deciding sync's dirty set
 
     # --- control from other threads ---------------------------------------------------
+    @upper_half
     def set_max_bandwidth(self, bytes_per_second: int) -> None:
         """QMP migrate-set-parameters max-bandwidth: effective at once (0 = unlimited)."""
         self.params.max_bandwidth = max(0, int(bytes_per_second))
         self.sender.limiter.set_limit(self.params.max_bandwidth)
 
+    @upper_half
     def force_switchover(self) -> None:
         """Stop and copy at the next sync whatever is left (the downtime may exceed the
         limit): what raising downtime-limit to infinity would do."""
         self._force.set()
 
+    @upper_half
     def cancel(self) -> None:
         """Upper half (any thread). Too late once the vCPUs stopped for the final copy."""
         if self.owns_state and not self.state.move(_CANCELLABLE, Phase.CANCELLING):
@@ -158,6 +162,7 @@ class Precopy:
         return self.state.phase
 
     # --- the migration ----------------------------------------------------------------
+    @bottom_half
     def run(self) -> dict[str, Any]:
         """Migrate; returns :meth:`query_migrate`. On failure or cancel the vCPUs run on."""
         if self._started:
@@ -295,6 +300,7 @@ class Precopy:
         self.state.downtime_ms = int(round(downtime * 1000))
 
     # --- statistics -------------------------------------------------------------------
+    @upper_half
     def counters(self) -> RamCounters:
         """This migration's figures, from the sender's record and the rounds (any thread)."""
         c, s = self._c, self.sender.stats

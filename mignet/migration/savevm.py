@@ -23,6 +23,7 @@ from mignet.guest.devices import DeviceSet
 from mignet.guest.ram import GuestRam, RamBlock, zero_pages
 from mignet.migration.ratelimit import RateLimiter
 from mignet.runtime.cancel import Cancel
+from mignet.runtime.halves import bottom_half, upper_half
 from mignet.units import PAGE_SIZE
 from mignet.wire import StreamEncoder
 from mignet.wire.constants import PAGE_RECORD_SIZE
@@ -83,6 +84,7 @@ class Sender:
         # clears this for its final round (max-bandwidth only shapes the live rounds).
         self.rate_limited = True
 
+    @upper_half
     def cancel(self) -> None:
         self._cancel.cancel()
 
@@ -97,6 +99,7 @@ class Sender:
             self.limiter.consume(n, self._cancel.flag)
 
     # --- the stream ------------------------------------------------------------------
+    @bottom_half
     def run(self) -> SendStats:
         self.start()
         for block in self.ram:
