@@ -47,6 +47,12 @@ class StreamTruncatedError(ConnectionLostError):
     before sending EOF. The bytes that came were valid; there were not enough of them."""
 
 
+class TimedOut(MignetError, TimeoutError):
+    """A peer did not connect, answer or send within the time allowed. Raised the same
+    way by every transport (accept, connect, a wait with a deadline); also a builtin
+    ``TimeoutError``, so generic code that waits may catch it as one."""
+
+
 class MisuseError(MignetError):
     """A local programming error: an API was used against its contract."""
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from mignet.channel import Buffer, Channel, IOCondition, ShutdownHow, WritableBuffer
-from mignet.errors import ConnectionLostError, MigrationCancelled, ProtocolError, SetupError
+from mignet.errors import ConnectionLostError, MigrationCancelled, ProtocolError, SetupError, TimedOut
 from mignet.rdma import connection, verbs
 from mignet.rdma.control import HEADER, Msg
 from mignet.rdma.placement import WRITE_WINDOW, RdmaPlacement
@@ -328,7 +328,7 @@ class RdmaChannel(Channel):
             self._check_usable()
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise ConnectionLostError(f"{self.name}: timed out {what}")
+                raise TimedOut(f"{self.name}: timed out {what}")
             self.wait_cond(IOCondition.IN, left)
 
     # --- wake pipe -------------------------------------------------------------------

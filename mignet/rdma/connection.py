@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mignet.errors import ConnectionLostError, SetupError
+from mignet.errors import ConnectionLostError, SetupError, TimedOut
 from mignet.rdma.verbs import CmEvents, check_device, cm_event_name, create_with_fd, load_pyverbs
 from mignet.uri import Address
 
@@ -111,7 +111,7 @@ class PassiveEndpoint:
         try:
             ev = self.cm.get(timeout)
         except TimeoutError:
-            raise TimeoutError(f"no connection on {self.address} within {timeout} s") from None
+            raise TimedOut(f"no connection on {self.address} within {timeout} s") from None
         if int(ev.event_type) != ce.RDMA_CM_EVENT_CONNECT_REQUEST:
             kind = int(ev.event_type)
             ev.ack_cm_event()
@@ -191,7 +191,7 @@ def _expect_setup(cm: CmEvents, want: int, timeout: float, address: Address, fai
     try:
         ev = cm.get(timeout)
     except TimeoutError:
-        raise SetupError(f"{address}: no answer within {timeout:.0f} s ({failure})") from None
+        raise TimedOut(f"{address}: no answer within {timeout:.0f} s ({failure})") from None
     kind = int(ev.event_type)
     ev.ack_cm_event()
     if kind != want:

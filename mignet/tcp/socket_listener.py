@@ -13,7 +13,7 @@ import stat
 import tempfile
 
 from mignet.channel import IOCondition
-from mignet.errors import ClosedChannelError, SetupError
+from mignet.errors import ClosedChannelError, SetupError, TimedOut
 from mignet.tcp.socket_channel import SocketChannel
 from mignet.uri import Address
 
@@ -37,7 +37,7 @@ class SocketListener:
         try:
             conn, _ = self.sock.accept()
         except TimeoutError as exc:
-            raise TimeoutError(f"no connection on {self.address} within {timeout} s") from exc
+            raise TimedOut(f"no connection on {self.address} within {timeout} s") from exc
         except OSError as exc:
             if self._closed:
                 raise ClosedChannelError(f"listener {self.address} was closed") from exc
@@ -146,7 +146,10 @@ def connect_socket(address: Address, timeout: float | None = 30.0) -> SocketChan
             f"nothing is listening on {address}: start the destination "
             "(mignet recv --listen ...) first"
         ) from exc
-    except (TimeoutError, OSError) as exc:
+    except TimeoutError as exc:
+        sock.close()
+        raise TimedOut(f"{address}: no answer within {timeout} s") from exc
+    except OSError as exc:
         sock.close()
         raise SetupError(f"cannot connect to {address}: {exc}") from exc
     sock.settimeout(None)
