@@ -4,7 +4,9 @@ layout checks and the big-lock rules."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from mignet.guest.ram import GuestRam, RamBlock
 from mignet.migration.loadvm import LOAD_THREAD_NAME, Loader, start_load_thread
 from mignet.migration.savevm import Sender
 from mignet.runtime.bql import bql_held
+from mignet.tcp import SocketChannel
 from mignet.units import PAGE_SIZE
 from tests.support.streams import channel_pair, encode_stream, feed_in_chunks
 
@@ -223,3 +226,78 @@ def test_remote_placement_second_pass_clears_pages_that_became_zero() -> None:
     result = thread.join(30)
     rx.close()
     assert result.ram.digest() == src.digest()
+
+
+class _OrderedPlacement(_WrittenElsewhere):
+    """Follows real RDMA placement's ordering contract (mignet/rdma/placement.py): before a
+    WRITE, wait until the destination's loader has processed every stream byte sent so
+    far. "Processed" is what the RDMA channel reports too: bytes read before the loader's
+    latest read call (the loader applies everything buffered before it reads again).
+    ``ordered=False`` writes at once: the bug the contract prevents."""
+
+    def __init__(self, dst: GuestRam, tx: SocketChannel, rx: SocketChannel, ordered: bool) -> None:
+        super().__init__(dst)
+        self.ordered = ordered
+        self._sent = self._read = self._processed = 0
+        read, write = rx.read_some_into, tx.writev_all
+
+        def counting_read(bufs: Any) -> int:
+            self._processed = self._read
+            n = read(bufs)
+            self._read += n
+            return n
+
+        def counting_write(bufs: Any) -> int:
+            n = write(bufs)
+            self._sent += n
+            return n
+        rx.read_some_into = counting_read  # type: ignore[method-assign]
+        tx.writev_all = counting_write  # type: ignore[method-assign]
+
+    def write_pages(self, block: RamBlock, offsets: np.ndarray) -> int:
+        if self.ordered:
+            target = self._sent  # stream bytes only: pages written here never travel in it
+            deadline = time.monotonic() + 20
+            while self._processed < target:
+                assert time.monotonic() < deadline, "the loader never caught up"
+                time.sleep(0.001)
+        return super().write_pages(block, offsets)
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_zero_record_never_wipes_a_later_remote_write(ordered: bool) -> None:
+    """Round 2: page 3 became zero and travels as a ZERO record in the stream; round 3:
+    it holds data again and is written into the destination's RAM directly. Applied
+    after that write, the old ZERO record would wipe it. With the ordering contract the
+    RAM arrives intact; without it (and a loader that is late), the test sees the wipe."""
+    b = RamBlock.anonymous("b", 8 * PAGE_SIZE)
+    b.data[:] = 2
+    src = GuestRam([b])
+    dst = GuestRam([RamBlock.anonymous("b", 8 * PAGE_SIZE)])
+    tx, rx = channel_pair()
+    placement = _OrderedPlacement(dst, tx, rx, ordered)
+    tx.page_placement = placement  # type: ignore[assignment]
+    loader = Loader(rx, ram=dst)
+    thread = start_load_thread(loader) if ordered else None  # unordered: the loader is late
+    sender = Sender(tx, src, DeviceSet.empty())
+    sender.start()
+    sender.send_pages(b, [(0, b.pages)])
+    sender.close_section()
+    sender.first_pass = False
+    b.data[3 * PAGE_SIZE:4 * PAGE_SIZE] = 0  # round 2: a ZERO record
+    sender.send_page_list(b, np.array([3]))
+    sender.close_section()
+    b.data[3 * PAGE_SIZE:4 * PAGE_SIZE] = 7  # round 3: data again, written directly
+    sender.send_page_list(b, np.array([3]))
+    sender.close_section()
+    sender.finish()
+    tx.close()
+    if thread is None:
+        thread = start_load_thread(loader)
+    result = thread.join(30)
+    rx.close()
+    page3 = result.ram["b"].data[3 * PAGE_SIZE:4 * PAGE_SIZE]
+    if ordered:
+        assert result.ram.digest() == src.digest()
+    else:
+        assert not page3.any(), "the late ZERO record should have wiped the direct write"
