@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from mignet.bench.recv_model import Shape, _run_one
+from mignet.bench.recv_model import Shape, run_one
 
 
 @pytest.mark.parametrize("model", ["thread", "coroutine"])
 def test_each_model_loads_and_refuses_option_changes_mid_load(model: str, tmp_path: Path) -> None:
     # 400 device sections (25 MiB, decoded field by field) keep the load "active" for long
     # enough that 10 ms polls see it even on a fast, quiet machine.
-    run = asyncio.run(_run_one(model, Shape("mixed", "64M", 400), tmp_path))
+    run = asyncio.run(run_one(model, Shape("mixed", "64M", 400), tmp_path))
     assert run.nbytes == 64 << 20 and run.seconds > 0
     assert run.latencies, "query-migrate was answered during the load"
     # The race from upstream review: capabilities cannot change under a running load, in

@@ -59,7 +59,7 @@ class ModelRun:
         return self.nbytes / self.seconds / 1e9 if self.seconds else 0.0
 
 
-async def _run_one(model: str, shape: Shape, workdir: Path, listen: str = "tcp:127.0.0.1:0") -> ModelRun:
+async def run_one(model: str, shape: Shape, workdir: Path, listen: str = "tcp:127.0.0.1:0") -> ModelRun:
     from qemu.qmp import QMPClient
     from qemu.qmp.qmp_client import ExecuteError
 
@@ -181,7 +181,7 @@ def bench_recv_model(size: str, blobs: int, out_dir: Path | None, repeat: int = 
             for shape in shapes:
                 for model in (("thread", "coroutine") if i % 2 == 0 else ("coroutine", "thread")):
                     console.print(f"  {model:9s} loading {shape.describe()} …")
-                    run = asyncio.run(_run_one(model, shape, Path(tmp), listen))
+                    run = asyncio.run(run_one(model, shape, Path(tmp), listen))
                     runs.append(run)
     rows: list[tuple[str, Any]] = []
     result: dict[str, Any] = {"runs": [], "summary": []}
