@@ -33,7 +33,14 @@ from mignet.wire.constants import (
     RamFlag,
     SectionType,
 )
-from mignet.wire.decoder_states import FINAL_STATES, DecoderState, check_transition
+from mignet.wire.decoder_states import (
+    FINAL_STATES,
+    READ_AHEAD,
+    RECORD_STATES,
+    TOP_STATES,
+    DecoderState,
+    check_transition,
+)
 from mignet.wire.device_tail import split_device_tail
 from mignet.wire.events import (
     Configuration,
@@ -71,12 +78,6 @@ MAX_VMDESC_BYTES = 64 << 20
 # Real QEMU's device state is ~12 KB (plus a ~100 KB description); this bounds what a peer
 # can make us buffer while we wait for the description that splits it.
 MAX_DEVICE_TAIL_BYTES = 256 << 20
-# After a ZERO record, the next records are likely ZERO too: read up to this many bytes of
-# them at once. A page that follows instead has at most this much copied from the buffer.
-ZERO_READAHEAD = 9 * 455
-# Device sections come after the last RAM record: reading ahead there copies no page data,
-# and lets the loader apply a burst of sections under one hold of the big lock.
-DEVICE_READAHEAD = 1 << 20
 # QEMU's ram_load: block names are at most 255 bytes (u8 length).
 _KIND_BY_TYPE: dict[int, SectionKind] = {
     SectionType.SECTION_START: "start", SectionType.SECTION_PART: "part",
@@ -128,8 +129,6 @@ class StreamDecoder:
         self._tail_start = 0
         self._pending: list[Event] = []
         self._finished = False
-        self._zero_ahead = False  # the last record was ZERO: read the next ones in bulk
-        self._device_ahead = False  # device state has begun: no page data follows, read in bulk
 
     # --- input -----------------------------------------------------------------------
     @property
@@ -151,10 +150,9 @@ class StreamDecoder:
             return max(0, self._payload_left - self.buffered)
         if self.state is DecoderState.DEVICE_TAIL:
             return _TAIL_CHUNK
-        if self._zero_ahead and self.state is DecoderState.RAM_RECORDS:
-            return max(self._need, ZERO_READAHEAD - self.buffered)
-        if self._device_ahead and self.state is DecoderState.TOP:
-            return max(self._need, DEVICE_READAHEAD)
+        ahead = READ_AHEAD.get(self.state)  # the table says where reading ahead is safe
+        if ahead is not None:
+            return max(self._need, ahead - self.buffered)
         return max(1, self._need)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
@@ -221,7 +219,7 @@ class StreamDecoder:
         try:
             event = self._step()
         except ProtocolError:
-            self.state = DecoderState.ERROR
+            self._fail()
             raise
         if event is NEED_DATA and self._eof:
             return self._at_eof()
@@ -238,18 +236,18 @@ class StreamDecoder:
             self._finished = True
             return StreamFinished()
         where = self.state.value
-        self.state = DecoderState.ERROR
+        self._fail()
         raise StreamTruncatedError(
             f"stream truncated at offset {self.offset}: the source stopped sending in state "
             f"{where} ({self.buffered} stray bytes); the migration did not complete")
 
     def _step(self) -> Event | _NeedData:
         state = self.state
-        if state is DecoderState.RAM_RECORDS:
+        if state in RECORD_STATES:
             return self._ram_record()
         if state is DecoderState.PAGE_PAYLOAD:
             return NEED_DATA  # the driver must place the payload
-        if state is DecoderState.TOP:
+        if state in TOP_STATES:
             return self._top()
         if state is DecoderState.RAM_FOOTER:
             return self._footer_then(DecoderState.TOP, RamEndOfSection(
@@ -367,7 +365,6 @@ class StreamDecoder:
         flags = word & FLAGS_MASK
         offset = word & ~FLAGS_MASK
         if flags == CONTINUE_PAGE_FLAGS:  # the common case first
-            self._zero_ahead = False
             block = self._block
             if block is None:
                 raise self._error("CONTINUE with no previous RAM block")
@@ -389,7 +386,6 @@ class StreamDecoder:
             if flags != RamFlag.EOS or offset:
                 raise self._error(f"EOS record with extra bits {word:#x}")
             self._pos += 8
-            self._zero_ahead = False
             self._goto(DecoderState.RAM_FOOTER)
             self._need = 5
             return self._footer_then(DecoderState.TOP, RamEndOfSection(
@@ -422,11 +418,11 @@ class StreamDecoder:
             self._pos += head + 1
             self._block = block
             self._need = 8
-            self._zero_ahead = True
+            if self.state is not DecoderState.ZERO_RECORDS:
+                self._goto(DecoderState.ZERO_RECORDS)
             return RamZero(block, offset, fill)
         self._pos += head
         self._block = block
-        self._zero_ahead = False
         self._payload_left = PAGE_SIZE
         self._goto(DecoderState.PAGE_PAYLOAD)
         return RamPage(block, offset)
@@ -507,8 +503,7 @@ class StreamDecoder:
         fields = desc.decode(raw, version)
         self._pos += body + size
         self._section_id = sid
-        self._device_ahead = True
-        return self._footer_then(DecoderState.TOP, DeviceState(sid, idstr, instance, version, raw, fields))
+        return self._footer_then(DecoderState.DEVICES, DeviceState(sid, idstr, instance, version, raw, fields))
 
     def _vmdescription(self) -> Event | _NeedData:
         if not self._have(1):
@@ -561,10 +556,15 @@ class StreamDecoder:
         check_transition(self.state, new)
         self.state = new
 
+    def _fail(self) -> None:
+        """Into ERROR (through the table like every change), once."""
+        if self.state is not DecoderState.ERROR:
+            self._goto(DecoderState.ERROR)
+
     def _require(self, state: DecoderState) -> None:
         if self.state is not state:
             raise MisuseError(f"decoder is in state {self.state.value}, not {state.value}")
 
     def _error(self, message: str) -> ProtocolError:
-        self.state = DecoderState.ERROR
+        self._fail()
         return ProtocolError(message, offset=self.offset)
