@@ -60,6 +60,8 @@ class ModelRun:
 
 
 async def run_one(model: str, shape: Shape, workdir: Path, listen: str = "tcp:127.0.0.1:0") -> ModelRun:
+    """One load of ``shape`` into a fresh ``mignet serve`` destination using ``model``, with
+    QMP polled throughout: the unit the benchmark repeats (and a test runs once)."""
     from qemu.qmp import QMPClient
     from qemu.qmp.qmp_client import ExecuteError
 
