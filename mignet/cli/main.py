@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rich.markup import escape
 
@@ -26,10 +26,11 @@ from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir, open_snapshot
 from mignet.guest.ram import GuestRam, RamBlock
 from mignet.migration.loadvm import Loader, LoadResult, LoadStats, start_load_thread
+from mignet.migration.multifd import MultifdReceiver, PollableListener
 from mignet.migration.savevm import Sender, SendStats
 from mignet.transport import connect, listen
 from mignet.ui.terminal import console, run_with_progress, stats_table, transfer_progress
-from mignet.units import human_bytes, parse_rate, parse_size, rate
+from mignet.units import PAGE_SIZE, human_bytes, parse_rate, parse_size, rate
 
 
 def _emit_json(obj: dict[str, Any]) -> None:
@@ -45,17 +46,42 @@ def cmd_recv(args: argparse.Namespace) -> int:
         console.print(f"mignet: listening on {listener.address}")
     if args.json:
         _emit_json({"event": "listening", "uri": str(listener.address)})
+    multifd: MultifdReceiver | None = None
     try:
-        channel = listener.accept(timeout=args.timeout)
+        if listener.address.scheme in ("tcp", "unix"):
+            # Keeps listening: a multifd source (QEMU's multifd capability) adds channels.
+            multifd = MultifdReceiver(cast(PollableListener, listener),
+                                      on_refused=lambda why: _refused(args, why))
+            channel = multifd.accept_main(timeout=args.timeout)
+        else:
+            channel = listener.accept(timeout=args.timeout)
     except TimeoutError as exc:
+        if multifd is not None:
+            multifd.close()
         raise SetupError(str(exc)) from None
     finally:
-        listener.close()
+        if multifd is None:
+            listener.close()
     loader = Loader(channel, devices=DeviceSet.empty(), max_ram_bytes=parse_size(args.max_ram),
                     block_factory=out.block_factory if out else RamBlock.anonymous)
-    result = _run_load(loader, quiet=args.quiet)
-    channel.close()
+    try:
+        if multifd is not None:
+            multifd.attach(loader)
+        try:
+            result = _run_load(loader, quiet=args.quiet, extra_pages=multifd)
+        except Exception:
+            if multifd is not None:
+                multifd.raise_error()  # a failed channel is the cause of the main's error
+            raise
+        if multifd is not None:
+            multifd.finish(result.stats)
+    finally:
+        if multifd is not None:
+            multifd.close()
+        channel.close()
     stats = _load_stats_dict(result.stats)
+    if multifd is not None and multifd.channel_count:
+        stats["multifd"] = multifd.describe()
     digest = result.ram.digest()
     if out:
         out.write(result.ram, result.devices, result.description, stats, result.stats.ram_section_id)
@@ -67,12 +93,21 @@ def cmd_recv(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_load(loader: Loader, quiet: bool) -> LoadResult:
+def _refused(args: argparse.Namespace, why: str) -> None:
+    """A stray connection (not the migration's) was turned away; the migration goes on."""
+    if args.json:
+        _emit_json({"event": "refused", "reason": why})
+    elif not args.quiet:
+        console.print(f"mignet: {escape(why)}", soft_wrap=True)
+
+
+def _run_load(loader: Loader, quiet: bool, extra_pages: MultifdReceiver | None = None) -> LoadResult:
     thread = start_load_thread(loader)
 
     def poll() -> tuple[int, int | None, str]:
         s = loader.stats
-        return s.ram_done, s.ram_total or None, f"{s.device_sections} dev"
+        done = s.ram_done + (extra_pages.pages * PAGE_SIZE if extra_pages is not None else 0)
+        return done, s.ram_total or None, f"{s.device_sections} dev"
     try:
         with transfer_progress("receiving", poll, enabled=not quiet):
             while thread.thread.is_alive():

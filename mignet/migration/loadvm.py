@@ -135,6 +135,11 @@ class Loader:
         self._block_name: str | None = None
         self._block: RamBlock | None = None
         self._block_view: memoryview | None = None
+        #: Hooks (multifd): the RAM blocks once created, and every RAM end-of-section
+        #: (QEMU's multifd_recv_sync_main barrier); called in the loader's thread.
+        self.on_blocks: Callable[[GuestRam], None] | None = None
+        self.on_ram_eos: Callable[[], None] | None = None
+        self._eos_hooked = False
 
     # --- control ---------------------------------------------------------------------
     def cancel(self) -> None:
@@ -162,6 +167,12 @@ class Loader:
                     if dec.state is DecoderState.PAGE_PAYLOAD:
                         self._place_payload()
                     else:
+                        if dec.state is DecoderState.RAM_FOOTER and self.on_ram_eos is not None \
+                                and not self._eos_hooked:
+                            # At the EOS record, not after its footer: a multifd source
+                            # flushes the footer only after the next round's SYNCs.
+                            self._eos_hooked = True
+                            self.on_ram_eos()
                         self._feed()
                 elif cls is RamZero:
                     self._zero_page(event)  # type: ignore[arg-type]
@@ -169,6 +180,10 @@ class Loader:
                     self.stats.ram_section_id = event.section_id  # type: ignore[union-attr]
                     self.stats.sections += 1
                     self.stats.bytes_received = dec.offset
+                    if self._eos_hooked:
+                        self._eos_hooked = False
+                    elif self.on_ram_eos is not None:
+                        self.on_ram_eos()
                 elif cls is DeviceState:
                     self._load_device(event)  # type: ignore[arg-type]
                 elif cls is RamBlocks:
@@ -234,6 +249,8 @@ class Loader:
                 block.pristine = None
             self.channel.page_placement.register_destination_ram(self.ram)
             self.stats.setup_seconds = time.monotonic() - t0
+        if self.on_blocks is not None:
+            self.on_blocks(self.ram)
 
     def _select_block(self, name: str) -> RamBlock:
         if name != self._block_name:

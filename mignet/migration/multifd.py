@@ -1,0 +1,444 @@
+"""The destination's multifd channels (QEMU 7.2's ``multifd`` capability), receive side.
+
+A multifd source connects its main stream first, then ``multifd-channels`` extra
+connections, each opened by a 64-byte init record (``mignet.wire.multifd``). The main
+stream then carries only ZERO records, EOS markers, device state and the VM description;
+page data travels in the channels' packets. :class:`MultifdReceiver` owns the listener for
+the whole load:
+
+* an accept thread takes every connection and classifies it by its first bytes (QEMU 7.2
+  itself takes the first connection as the main one; peeking does not depend on the order
+  connections are accepted in): ``QEVM`` is the main stream; ``0x11223344`` a multifd
+  channel; anything else is handed over as the main stream (the loader then says it is not
+  a migration stream) while no main stream exists yet, and refused after;
+* channels must all carry the UUID of the first, with distinct ids, and arrive before the
+  main stream's first RAM end-of-section (QEMU's source waits for every channel's SYNC
+  before it writes that EOS, so all of them are connected by then); anything else is
+  refused — closed, reported through ``on_refused`` — and the migration goes on;
+* one thread per channel (``mig/dst/multifd/N``, QEMU's ``multifdrecv_N``) reads each packet
+  header, checks it, waits until the main stream has announced the RAM blocks, and reads
+  the pages straight into the numpy blocks (consecutive offsets as one buffer; no staging
+  copy). A SYNC packet is a barrier: the channel waits there until the main loader reaches
+  the RAM EOS of the same round and every channel has synced (``multifd_recv_sync_main``),
+  so a page re-sent in a later round never races its older copy;
+* an error in any channel fails the whole load: the main channel is shut down and
+  :meth:`raise_error` re-raises the channel's error (the cause) instead of the main
+  stream's truncation.
+"""
+
+from __future__ import annotations
+
+import functools
+import select
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from mignet.channel import Channel, IOCondition
+from mignet.errors import ConnectionLostError, MignetError, ProtocolError
+from mignet.guest.ram import GuestRam, RamBlock
+from mignet.migration.loadvm import Loader, LoadStats
+from mignet.runtime.threads import start_thread
+from mignet.uri import Address
+from mignet.wire import PAGE_SIZE
+from mignet.wire.constants import QEMU_VM_FILE_MAGIC
+from mignet.wire.multifd import (
+    INIT_SIZE,
+    MAGIC_BYTES,
+    PACKET_LEN,
+    ChannelInit,
+    check_offsets,
+    parse_init,
+    parse_packet,
+)
+
+QEVM_BYTES = QEMU_VM_FILE_MAGIC.to_bytes(4, "big")
+CLASSIFY_TIMEOUT = 30.0  # a connection must say what it is within this
+SETTLE_TIMEOUT = 2.0  # at a RAM EOS: how long to wait for connections still being classified
+ACCEPT_THREAD_NAME = "mig/dst/multifd-accept"
+
+
+class PollableListener(Protocol):
+    """A listener whose socket can be polled (tcp:, unix:)."""
+
+    address: Address
+
+    def fileno(self) -> int: ...
+
+    def accept(self, timeout: float | None = None) -> Channel: ...
+
+    def close(self) -> None: ...
+
+
+class _Stopped(Exception):
+    """Internal: the receiver is stopping; a channel thread leaves quietly."""
+
+
+@dataclass
+class _ChannelState:
+    channel_id: int
+    channel: Channel
+    pages: int = 0
+    packets: int = 0
+    synced: bool = False
+    done: bool = False  # its thread has ended
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+
+class MultifdReceiver:
+    """Accepts the main stream and any multifd channels from ``listener`` (see the module
+    docstring); ``attach`` hooks it into the main stream's :class:`Loader`."""
+
+    def __init__(self, listener: PollableListener, *,
+                 on_refused: Callable[[str], None] | None = None,
+                 classify_timeout: float = CLASSIFY_TIMEOUT,
+                 settle_timeout: float = SETTLE_TIMEOUT) -> None:
+        self.listener = listener
+        self.on_refused = on_refused
+        self.classify_timeout = classify_timeout
+        self.settle_timeout = settle_timeout
+        self.refused: list[str] = []
+        self._cond = threading.Condition()
+        self._accept_lock = threading.Lock()
+        self._main: Channel | None = None
+        self._uuid: bytes | None = None
+        self._channels: dict[int, _ChannelState] = {}
+        self._unclassified: set[Channel] = set()
+        self._frozen = False  # the first RAM EOS passed: the channel set is complete
+        self._ram: GuestRam | None = None
+        self._generation = 0
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._loader: Loader | None = None
+        self._acceptor: threading.Thread | None = None
+
+    # --- accepting -------------------------------------------------------------------
+    def accept_main(self, timeout: float | None = None) -> Channel:
+        """Wait for the main stream's connection (multifd channels that come before it are
+        kept); ``TimeoutError`` when none came in time."""
+        if self._acceptor is None:
+            self._acceptor, _ = start_thread(self._accept_loop, ACCEPT_THREAD_NAME)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._main is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"no connection on {self.listener.address} within {timeout} s")
+                self._cond.wait(left if left is not None else 0.5)
+            return self._main
+
+    def _accept_loop(self) -> None:
+        while not self._stopping:
+            try:
+                if _readable(self.listener.fileno(), 0.1):
+                    self._accept_ready()
+            except (OSError, MignetError, ValueError):
+                if self._stopping:
+                    return
+                time.sleep(0.05)
+
+    def _accept_ready(self) -> None:
+        """Accept every connection waiting in the backlog; each is classified in its own
+        thread. Under one lock, so ``_settle`` never misses one taken but not yet counted."""
+        with self._accept_lock:
+            while not self._stopping and _readable(self.listener.fileno(), 0):
+                try:
+                    ch = self.listener.accept(timeout=0.5)
+                except TimeoutError:
+                    return
+                with self._cond:
+                    self._unclassified.add(ch)
+                start_thread(functools.partial(self._classify, ch), "mig/dst/multifd-classify")
+
+    def _classify(self, ch: Channel) -> None:
+        try:
+            head = self._peek(ch, 4)
+            if head == MAGIC_BYTES:
+                init = parse_init(self._peek(ch, INIT_SIZE, exact=True))
+                ch.read_exactly(INIT_SIZE)
+                self._register(ch, init)
+                return
+            with self._cond:
+                if self._main is None:  # QEVM, or something the loader will name
+                    self._main = ch
+                    self._cond.notify_all()
+                    return
+            what = "a second migration stream" if head == QEVM_BYTES else \
+                f"neither a migration stream nor a multifd channel (it began {head!r})"
+            self._refuse(ch, f"{what}")
+        except (MignetError, OSError, TimeoutError) as exc:
+            self._refuse(ch, str(exc))
+        finally:
+            with self._cond:
+                self._unclassified.discard(ch)
+                self._cond.notify_all()
+
+    def _peek(self, ch: Channel, size: int, exact: bool = False) -> bytes:
+        """The first ``size`` bytes without consuming them (fewer if the peer closed first,
+        unless ``exact``); ``TimeoutError`` after ``classify_timeout``."""
+        deadline = time.monotonic() + self.classify_timeout
+        while True:
+            if self._stopping:
+                raise ConnectionLostError("the receiver is stopping")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"it sent {size} bytes in {self.classify_timeout:.0f} s")
+            if ch.wait_cond(IOCondition.IN, min(left, 0.5)):
+                data = ch.peek(size)
+                if len(data) == size or (not data and not exact):
+                    return data
+                if not data:
+                    raise ConnectionLostError("it closed before sending its multifd init record")
+                time.sleep(0.005)  # part of it is there; the rest is on its way
+
+    def _register(self, ch: Channel, init: ChannelInit) -> None:
+        with self._cond:
+            cid = init.channel_id
+            why = None
+            if self._frozen:
+                why = (f"multifd channel {cid} arrived after the first RAM sync "
+                       f"(the migration has channels {sorted(self._channels)})")
+            elif self._uuid is not None and init.uuid != self._uuid:
+                why = (f"multifd channel {cid} carries UUID {init.uuid_text}, the migration's "
+                       f"channels carry {ChannelInit(self._uuid, 0).uuid_text}")
+            elif cid in self._channels:
+                why = f"multifd channel id {cid} is already connected"
+            elif self._stopping:
+                why = "the receiver is stopping"
+            if why is None:
+                self._uuid = init.uuid
+                state = _ChannelState(cid, ch)
+                self._channels[cid] = state
+                state.thread, _ = start_thread(lambda: self._channel_thread(state),
+                                               f"mig/dst/multifd/{cid}")
+                self._cond.notify_all()
+                return
+        self._refuse(ch, why)
+
+    def _refuse(self, ch: Channel, why: str) -> None:
+        message = f"refused a connection from {ch.name}: {why}"
+        ch.shutdown()
+        ch.close()
+        with self._cond:
+            self.refused.append(message)
+        if self.on_refused is not None and not self._stopping:
+            self.on_refused(message)
+
+    def _settle(self) -> None:
+        """Take and classify every connection already made (QEMU's channels all connected
+        before the EOS the main loader is at), waiting at most ``settle_timeout``."""
+        self._accept_ready()
+        deadline = time.monotonic() + self.settle_timeout
+        with self._cond:
+            while self._unclassified and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
+    # --- the main loader's side --------------------------------------------------------
+    def attach(self, loader: Loader) -> None:
+        """Hook into the main stream's loader: RAM blocks once announced, a SYNC barrier
+        at every RAM end-of-section."""
+        self._loader = loader
+        loader.on_blocks = self._blocks_ready
+        loader.on_ram_eos = self._sync_main
+
+    @property
+    def channel_count(self) -> int:
+        with self._cond:
+            return len(self._channels)
+
+    @property
+    def pages(self) -> int:
+        """Pages placed by the channels so far (progress; read without the lock)."""
+        return sum(s.pages for s in list(self._channels.values()))
+
+    def _blocks_ready(self, ram: GuestRam) -> None:
+        with self._cond:
+            self._ram = ram
+            self._cond.notify_all()
+
+    def _sync_main(self) -> None:
+        """``multifd_recv_sync_main``: wait until every channel delivered its SYNC for this
+        round, then let them all go on."""
+        if not self._frozen:
+            self._settle()
+        with self._cond:
+            self._frozen = True
+            if not self._channels:
+                return
+            while True:
+                self._check_failed()
+                states = list(self._channels.values())
+                if all(s.synced for s in states):
+                    break
+                gone = [s.channel_id for s in states if s.done and not s.synced]
+                if gone:
+                    raise ConnectionLostError(
+                        f"multifd channel {gone[0]} closed before its SYNC at RAM round "
+                        f"{self._generation + 1}; the migration is incomplete")
+                self._cond.wait(0.2)
+            for s in states:
+                s.synced = False
+            self._generation += 1
+            self._cond.notify_all()
+
+    def _check_failed(self) -> None:
+        if self._error is not None:
+            raise ConnectionLostError(f"a multifd channel failed: {self._error}")
+        if self._loader is not None and self._loader.cancelled:
+            raise ConnectionLostError("cancelled while waiting for the multifd channels")
+        if self._stopping:
+            raise ConnectionLostError("the multifd receiver stopped")
+
+    # --- a channel ---------------------------------------------------------------------
+    def _channel_thread(self, state: _ChannelState) -> None:
+        ch = state.channel
+        header = bytearray(PACKET_LEN)
+        cached: tuple[str, RamBlock, memoryview] | None = None
+        try:
+            while True:
+                if ch.read_into(header) == 0:
+                    return  # the source closed the channel at a packet boundary
+                if self._stopping:
+                    return
+                pkt = parse_packet(header)
+                state.packets += 1
+                if pkt.normal_pages:
+                    if cached is None or cached[0] != pkt.block:
+                        block = self._block(pkt.block, pkt.packet_num)
+                        cached = (pkt.block, block, block.view())
+                    _, block, mv = cached
+                    check_offsets(pkt, block.size)
+                    offs = pkt.offsets.astype(np.int64)
+                    if block.pristine is not None:  # no longer known to hold zeros
+                        block.pristine[offs // PAGE_SIZE] = False
+                    if ch.readv_into(_page_views(mv, offs)) == 0:
+                        raise ConnectionLostError(
+                            f"the channel closed before packet {pkt.packet_num}'s "
+                            f"{pkt.normal_pages} pages")
+                    state.pages += pkt.normal_pages
+                if pkt.sync:
+                    self._sync_channel(state)
+        except _Stopped:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - any failure fails the whole load
+            self._fail(state, exc)
+        finally:
+            with self._cond:
+                state.done = True
+                self._cond.notify_all()
+
+    def _block(self, name: str, packet_num: int) -> RamBlock:
+        with self._cond:
+            while self._ram is None:
+                if self._stopping or self._error is not None:
+                    raise _Stopped
+                self._cond.wait(0.5)
+            ram = self._ram
+        block = ram.get(name)
+        if block is None:
+            raise ProtocolError(
+                f"multifd: packet {packet_num} names RAM block {name!r}, which the main stream "
+                f"did not announce (it has {', '.join(b.name for b in ram)})")
+        return block
+
+    def _sync_channel(self, state: _ChannelState) -> None:
+        with self._cond:
+            state.synced = True
+            generation = self._generation
+            self._cond.notify_all()
+            while self._generation == generation:
+                if self._stopping or self._error is not None:
+                    raise _Stopped
+                self._cond.wait(0.5)
+
+    def _fail(self, state: _ChannelState, exc: BaseException) -> None:
+        with self._cond:
+            if self._stopping or self._error is not None:
+                return
+            self._error = _channel_error(state.channel_id, exc)
+            self._cond.notify_all()
+            main = self._main
+            others = [s.channel for s in self._channels.values()]
+        if main is not None:
+            main.shutdown()  # the loader wakes; raise_error names the cause
+        for ch in others:
+            ch.shutdown()
+
+    # --- the end ---------------------------------------------------------------------
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    def raise_error(self) -> None:
+        """Re-raise a channel's failure, if one failed (the cause of the main's error)."""
+        if self._error is not None:
+            raise self._error
+
+    def finish(self, stats: LoadStats | None = None) -> None:
+        """The main stream is loaded (its last EOS synced every channel): stop the
+        channels, re-raise a channel failure, and add their pages to ``stats``."""
+        self.raise_error()
+        self.close()
+        self.raise_error()
+        if stats is not None:
+            stats.normal_pages += self.pages
+
+    def close(self) -> None:
+        """Stop accepting, close the listener and every channel (idempotent)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+            states = list(self._channels.values())
+            pending = list(self._unclassified)
+        with self._accept_lock:
+            self.listener.close()
+        for ch in pending:
+            ch.shutdown()
+        for s in states:
+            s.channel.shutdown()
+        for s in states:
+            if s.thread is not None:
+                s.thread.join(5)
+            s.channel.close()
+        if self._acceptor is not None:
+            self._acceptor.join(5)
+
+    def describe(self) -> dict[str, Any]:
+        with self._cond:
+            return {"channels": len(self._channels),
+                    "pages": {cid: s.pages for cid, s in sorted(self._channels.items())},
+                    "packets": sum(s.packets for s in self._channels.values()),
+                    "syncs": self._generation, "refused": list(self.refused)}
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000.0))
+
+
+def _page_views(mv: memoryview, offs: np.ndarray) -> list[memoryview]:
+    """Views of the pages at ``offs``; runs of consecutive pages become one view."""
+    if offs.size == 1:
+        o = int(offs[0])
+        return [mv[o:o + PAGE_SIZE]]
+    breaks = np.flatnonzero(np.diff(offs) != PAGE_SIZE) + 1
+    starts = np.concatenate(([0], breaks)).tolist()
+    ends = np.concatenate((breaks, [offs.size])).tolist()
+    return [mv[int(offs[a]):int(offs[b - 1]) + PAGE_SIZE] for a, b in zip(starts, ends, strict=True)]
+
+
+def _channel_error(channel_id: int, exc: BaseException) -> MignetError:
+    text = f"multifd channel {channel_id}: {str(exc).removeprefix('multifd: ')}"
+    if isinstance(exc, ProtocolError):
+        return ProtocolError(text)
+    if isinstance(exc, ConnectionLostError):
+        return ConnectionLostError(text)
+    return MignetError(text)
