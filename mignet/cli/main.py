@@ -26,11 +26,13 @@ from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir, open_snapshot
 from mignet.guest.ram import GuestRam, RamBlock
 from mignet.migration.loadvm import Loader, LoadResult, LoadStats, start_load_thread
-from mignet.migration.multifd import MultifdReceiver, PollableListener
+from mignet.migration.multifd import MultifdReceiver, MultifdSender, PollableListener
 from mignet.migration.savevm import Sender, SendStats
 from mignet.transport import connect, listen
 from mignet.ui.terminal import console, run_with_progress, stats_table, transfer_progress
 from mignet.units import PAGE_SIZE, human_bytes, parse_rate, parse_size, rate
+from mignet.uri import parse_uri
+from mignet.wire.multifd import MAX_CHANNELS
 
 
 def _emit_json(obj: dict[str, Any]) -> None:
@@ -120,7 +122,7 @@ def _run_load(loader: Loader, quiet: bool, extra_pages: MultifdReceiver | None =
 
 
 def _load_stats_dict(s: LoadStats) -> dict[str, Any]:
-    return {"machine_type": s.machine_type, "ram_total": s.ram_total,
+    return {"machine_type": s.machine_type, "ram_total": s.ram_total, "return_path": s.return_path,
             "stream_bytes": s.bytes_received, "normal_pages": s.normal_pages,
             "zero_pages": s.zero_pages, "ram_sections": s.sections,
             "device_sections": s.device_sections, "seconds": round(s.elapsed, 4),
@@ -162,6 +164,15 @@ def cmd_send(args: argparse.Namespace) -> int:
     if not args.image and not args.size and not args.snapshot and not args.stream:
         raise SetupError("say what to send: --snapshot DIR, --stream FILE, --image FILE or "
                          "--size SIZE [--fill random|zero|mixed]")
+    if args.channels < 1 or args.channels > MAX_CHANNELS:
+        raise SetupError(f"--channels takes 1 to {MAX_CHANNELS}")
+    if args.channels > 1:
+        if args.stream:
+            raise SetupError("--channels re-encodes the guest; a --stream file is replayed as it was written")
+        if args.live:
+            raise SetupError("--live with --channels is not implemented yet: live precopy uses one stream")
+        if parse_uri(args.uri).scheme not in ("tcp", "unix"):
+            raise SetupError("--channels (multifd) needs a tcp: or unix: URI")
     if args.stream:
         return _send_stream(args)
     if args.live:
@@ -178,16 +189,31 @@ def cmd_send(args: argparse.Namespace) -> int:
         ram = _source_ram(args)
         devices = DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed)
     channel = connect(args.uri)
-    sender = Sender(channel, ram, devices, max_bandwidth=parse_rate(args.max_bandwidth),
-                    rdma_pin_all=args.rdma_pin_all, **kwargs)
-    stats = _run_send(sender, quiet=args.quiet)
-    channel.close()
+    multifd: MultifdSender | None = None
+    try:
+        if args.channels > 1:
+            # QEMU 7.2's destination takes its first connection as the main stream: it
+            # comes first, then one connection per channel.
+            multifd = MultifdSender([connect(args.uri) for _ in range(args.channels)])
+            multifd.start()
+        sender = Sender(channel, ram, devices, max_bandwidth=parse_rate(args.max_bandwidth),
+                        rdma_pin_all=args.rdma_pin_all, pages_to=multifd, **kwargs)
+        stats = _run_send(sender, quiet=args.quiet)
+        if multifd is not None:
+            multifd.finish()
+    finally:
+        if multifd is not None:
+            multifd.close()
+        channel.close()
     digest = ram.digest() if args.json or not args.quiet else ""
     if not args.quiet:
         _print_send_table(stats, digest)
     if args.json:
-        _emit_json({"event": "completed", "ram_sha256": digest, "transferred": stats.transferred,
-                    "seconds": round(stats.elapsed, 4)})
+        done: dict[str, Any] = {"event": "completed", "ram_sha256": digest,
+                                "transferred": stats.transferred, "seconds": round(stats.elapsed, 4)}
+        if multifd is not None:
+            done["multifd"] = multifd.describe()
+        _emit_json(done)
     return 0
 
 
@@ -344,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rdma-pin-all", action="store_true", default=None,
                    help="rdma: URIs: the destination registers all its RAM before the first page "
                         "(QEMU's rdma-pin-all) instead of 1 MiB chunks on demand")
+    s.add_argument("--channels", type=int, default=1, metavar="N",
+                   help="QEMU 7.2's multifd: page data over N extra connections (N >= 2; "
+                        "the destination needs the multifd capability and multifd-channels N)")
     s.add_argument("--live", action="store_true",
                    help="live precopy: the guest keeps running (vCPUs writing at --dirty-rate)")
     s.add_argument("--dirty-rate", default="200MiB/s", metavar="RATE", help="with --live: guest write rate")

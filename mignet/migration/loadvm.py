@@ -56,6 +56,8 @@ from mignet.wire import (
 )
 from mignet.wire.constants import CONTINUE_PAGE_FLAGS, PAGE_RECORD_SIZE
 from mignet.wire.decoder_states import DecoderState
+from mignet.wire.events import Command
+from mignet.wire.return_path import CMD_OPEN_RETURN_PATH, CMD_PING, rp_pong, rp_shut
 
 MAX_RUN = 511  # (1 + 2 * 511 + 1) buffers fit Linux's IOV_MAX of 1024
 MIN_RUN = 4
@@ -79,6 +81,8 @@ class LoadStats:
     mispredictions: int = 0
     machine_type: str = ""
     ram_section_id: int | None = None  # the source's id for 'ram' (a replay reuses it)
+    # QEMU's return path, when the source opened it: {"opened", "pings", "shut"}
+    return_path: dict[str, Any] | None = None
     finished: float | None = None
     switchover_at: float | None = None
     setup_seconds: float = 0.0  # registering RAM for remote writes (RDMA), QEMU's setup-time
@@ -197,9 +201,15 @@ class Loader:
                     break
                 elif cls is Configuration:
                     self.stats.machine_type = event.machine_type  # type: ignore[union-attr]
+                elif cls is Command:
+                    self._command(event)  # type: ignore[arg-type]
                 elif cls is StreamStart:
                     pass
         self.stats.bytes_received = dec.offset
+        rp = self.stats.return_path
+        if rp is not None:  # loaded: confirm, so the source may report completed
+            self.channel.write_all(rp_shut(0))
+            rp["shut"] = 0
         self.stats.finished = time.monotonic()
         assert self.ram is not None
         return LoadResult(self.stats, self.ram, self.devices, self.description)
@@ -224,6 +234,19 @@ class Loader:
             self.decoder.receive_eof()
         else:
             self.decoder.receive_data(self._small_view[:n])
+
+    def _command(self, event: Command) -> None:
+        """QEMU's return path: OPEN_RETURN_PATH, then PING answered with PONG on the same
+        channel (the loader's thread writes; nothing else writes on an incoming channel)."""
+        if event.cmd == CMD_OPEN_RETURN_PATH:
+            self.stats.return_path = {"opened": True, "pings": 0, "shut": None}
+        elif event.cmd == CMD_PING:
+            rp = self.stats.return_path
+            if rp is None:
+                raise ProtocolError("PING before OPEN_RETURN_PATH: the source never opened "
+                                    "the return path")
+            self.channel.write_all(rp_pong(int.from_bytes(event.data, "big")))
+            rp["pings"] += 1
 
     # --- RAM -------------------------------------------------------------------------
     def _setup_blocks(self, event: RamBlocks) -> None:

@@ -43,6 +43,7 @@ from mignet.wire.decoder_states import (
 )
 from mignet.wire.device_tail import split_device_tail
 from mignet.wire.events import (
+    Command,
     Configuration,
     DeviceState,
     EndOfStream,
@@ -56,6 +57,7 @@ from mignet.wire.events import (
     StreamStart,
     VMDescription,
 )
+from mignet.wire.return_path import COMMAND_NAMES, SUPPORTED_COMMANDS
 from mignet.wire.vmstate import VMStateDescription
 
 
@@ -255,6 +257,8 @@ class StreamDecoder:
         if state is DecoderState.HEADER:
             return self._header()
         if state is DecoderState.DEVICE_TAIL:
+            if self._tail_complete():
+                return self._finish_tail()
             self._need = _TAIL_CHUNK
             return NEED_DATA
         if state is DecoderState.AFTER_EOF:
@@ -302,11 +306,36 @@ class StreamDecoder:
             self._goto(DecoderState.AFTER_EOF)
             self._need = 1
             return EndOfStream()
+        if kind == SectionType.COMMAND:
+            return self._command()
         try:
             name = SectionType(kind).name
         except ValueError:
             raise self._error(f"unknown section type {kind:#04x}") from None
         raise self._error(f"section type {name} is not supported here")
+
+    def _command(self) -> Event | _NeedData:
+        """A QEMU_VM_COMMAND: the return-path ones are events; postcopy, COLO and packaged
+        streams are refused by name (the capability to turn off is in the message)."""
+        if not self._have(5):
+            return NEED_DATA
+        cmd, length = struct.unpack_from(">HH", self._buf, self._pos + 1)
+        name = COMMAND_NAMES.get(cmd)
+        if name is None:
+            raise self._error(f"unknown stream command {cmd}")
+        if cmd not in SUPPORTED_COMMANDS:
+            hint = ("postcopy is not supported by mignet: turn off the postcopy-ram capability"
+                    if name.startswith("POSTCOPY") or name == "PACKAGED" else
+                    "mignet does not implement it")
+            raise self._error(f"stream command {name}: {hint}")
+        if length != SUPPORTED_COMMANDS[cmd]:
+            raise self._error(f"stream command {name} with {length} bytes of data")
+        if not self._have(5 + length):
+            return NEED_DATA
+        data = bytes(self._buf[self._pos + 5:self._pos + 5 + length])
+        self._pos += 5 + length
+        self._need = 1
+        return Command(cmd, data)
 
     def _configuration(self) -> Event | _NeedData:
         if not self._have(5):
@@ -492,8 +521,7 @@ class StreamDecoder:
             # end and split it with the VM description once the input ends.
             self._tail_start = self._pos
             self._goto(DecoderState.DEVICE_TAIL)
-            self._need = _TAIL_CHUNK
-            return NEED_DATA
+            return self._step()  # the whole tail may be buffered already
         desc.check_version(version)
         body = 6 + idlen + 8
         size = desc.wire_size(version)
@@ -527,6 +555,22 @@ class StreamDecoder:
         self._goto(DecoderState.DONE)
         self._need = 0
         return VMDescription(description)
+
+    def _tail_complete(self) -> bool:
+        """Whether the buffered tail already ends with EOF and QEMU's VM description
+        (``{"page_size": ...}``, the last thing a precopy stream carries). Then the stream
+        is complete even though the input has not ended: a QEMU source with a return path
+        keeps the connection open until the destination says SHUT."""
+        buf = self._buf
+        if not buf.endswith(b"}"):
+            return False
+        at = buf.rfind(b'{"page_size"', self._tail_start)
+        if at < self._tail_start + 6:
+            return False
+        if buf[at - 6] != SectionType.EOF or buf[at - 5] != SectionType.VMDESCRIPTION:
+            return False
+        (length,) = _BE32.unpack_from(buf, at - 4)
+        return at + length == len(buf)
 
     def _finish_tail(self) -> Event | _NeedData:
         tail = bytes(self._buf[self._tail_start:])

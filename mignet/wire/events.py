@@ -76,6 +76,15 @@ class EndOfStream:
 
 
 @dataclass(frozen=True, slots=True)
+class Command:
+    """A QEMU_VM_COMMAND the destination must act on (OPEN_RETURN_PATH, PING): see
+    :mod:`mignet.wire.return_path`."""
+
+    cmd: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class VMDescription:
     """The JSON self-description QEMU appends after EOF."""
 
@@ -89,5 +98,5 @@ class StreamFinished:
 
 Event = (
     StreamStart | Configuration | RamBlocks | RamZero | RamPage | RamEndOfSection | DeviceState
-    | EndOfStream | VMDescription | StreamFinished
+    | Command | EndOfStream | VMDescription | StreamFinished
 )

@@ -1,0 +1,67 @@
+"""QEMU's stream commands (QEMU_VM_COMMAND sections) and return-path messages, sans-I/O.
+
+With the ``return-path`` capability a QEMU source sends OPEN_RETURN_PATH and a PING right
+after the header; the destination answers on the same connection, in the other direction,
+with PONG and, once the guest is loaded, SHUT (0 = loaded, else failed). Only then does
+the source report ``completed``: a source without a return path cannot tell a destination
+that loaded the guest from one that died at the last byte. Facts from QEMU 7.2's
+migration/savevm.c (``enum qemu_vm_cmd``, ``qemu_savevm_command_send``) and migration.c
+(``enum mig_rp_message_type``, ``rp_cmd_args``).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from mignet.wire.constants import SectionType
+
+CMD_OPEN_RETURN_PATH = 1
+CMD_PING = 2
+#: QEMU 7.2's MIG_CMD_* numbers and names.
+COMMAND_NAMES = {1: "OPEN_RETURN_PATH", 2: "PING", 3: "POSTCOPY_ADVISE", 4: "POSTCOPY_LISTEN",
+                 5: "POSTCOPY_RUN", 6: "POSTCOPY_RAM_DISCARD", 7: "PACKAGED", 8: "ENABLE_COLO",
+                 9: "POSTCOPY_RESUME", 10: "RECV_BITMAP"}
+#: The commands mignet implements, with their fixed payload length.
+SUPPORTED_COMMANDS = {CMD_OPEN_RETURN_PATH: 0, CMD_PING: 4}
+
+RP_SHUT = 1
+RP_PONG = 2
+_RP_LENGTHS = {RP_SHUT: 4, RP_PONG: 4}  # the messages a source of mignet's understands
+_HEAD = struct.Struct(">HH")
+_BE32 = struct.Struct(">I")
+
+
+def command(cmd: int, data: bytes = b"") -> bytes:
+    """A QEMU_VM_COMMAND section: type byte, be16 command, be16 length, data."""
+    return bytes([SectionType.COMMAND]) + _HEAD.pack(cmd, len(data)) + data
+
+
+def rp_message(kind: int, data: bytes) -> bytes:
+    """One return-path message: be16 type, be16 length, data."""
+    return _HEAD.pack(kind, len(data)) + data
+
+
+def rp_shut(status: int) -> bytes:
+    return rp_message(RP_SHUT, _BE32.pack(status))
+
+
+def rp_pong(value: int) -> bytes:
+    return rp_message(RP_PONG, _BE32.pack(value))
+
+
+def parse_rp_messages(data: bytes) -> tuple[list[tuple[int, int]], bytes]:
+    """Whole SHUT/PONG messages at the front of ``data`` as (type, value), and the rest.
+
+    Raises ValueError for a type or length QEMU's own table would refuse."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    while len(data) - pos >= _HEAD.size:
+        kind, length = _HEAD.unpack_from(data, pos)
+        if _RP_LENGTHS.get(kind) != length:
+            raise ValueError(f"return-path message type {kind} with {length} bytes")
+        if len(data) - pos < _HEAD.size + length:
+            break
+        (value,) = _BE32.unpack_from(data, pos + _HEAD.size)
+        out.append((kind, value))
+        pos += _HEAD.size + length
+    return out, data[pos:]
