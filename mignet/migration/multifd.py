@@ -29,6 +29,7 @@ the whole load:
 from __future__ import annotations
 
 import functools
+import queue
 import select
 import threading
 import time
@@ -38,7 +39,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mignet.channel import Channel, IOCondition
+from mignet.channel import Channel, IOCondition, ShutdownHow
 from mignet.errors import ConnectionLostError, MignetError, ProtocolError
 from mignet.guest.ram import GuestRam, RamBlock
 from mignet.migration.loadvm import Loader, LoadStats
@@ -47,10 +48,14 @@ from mignet.uri import Address
 from mignet.wire import PAGE_SIZE
 from mignet.wire.constants import QEMU_VM_FILE_MAGIC
 from mignet.wire.multifd import (
+    FLAG_SYNC,
     INIT_SIZE,
     MAGIC_BYTES,
     PACKET_LEN,
+    PACKET_PAGES,
     ChannelInit,
+    build_init,
+    build_packet,
     check_offsets,
     parse_init,
     parse_packet,
@@ -442,3 +447,190 @@ def _channel_error(channel_id: int, exc: BaseException) -> MignetError:
     if isinstance(exc, ConnectionLostError):
         return ConnectionLostError(text)
     return MignetError(text)
+
+
+# --- the source side ---------------------------------------------------------------------
+SEND_THREAD_PREFIX = "mig/src/multifd/"
+_POLL = 0.2  # how often a blocked queue operation looks for a failure
+
+
+@dataclass
+class _SendJob:
+    sync: bool = False
+    stop: bool = False
+    block: str = ""
+    data: memoryview | None = None
+    offsets: np.ndarray | None = None
+    packet_num: int = 0
+
+
+class MultifdSender:
+    """The source's multifd channels (QEMU 7.2's ``multifd_send_*``), one thread each.
+
+    The main thread (the :class:`~mignet.migration.savevm.Sender`) finds zero pages itself
+    and sends them as ZERO records on the main stream; the data pages it hands to
+    :meth:`queue_pages`, which gathers them into packets of up to ``PACKET_PAGES`` pages of
+    one RAM block (QEMU's ``multifd_queue_page``) and puts each on a shared queue; whichever
+    channel thread is free takes it (QEMU: the next idle channel) and writes the 1344-byte
+    header and the pages straight from guest RAM in one vectored write (runs of consecutive
+    pages as one view; no staging copy). :meth:`sync` is ``multifd_send_sync_main``: the
+    pending pages go out, then one SYNC packet per channel; it returns once every channel has
+    written its SYNC, and only then does the main stream write its RAM EOS. Each channel
+    opens with the init record (``uuid``: QEMU 7.2's destination requires its own
+    ``qemu_uuid``, all zeros unless it was started with ``-uuid``). A failing channel fails
+    the migration: the main thread re-raises ``multifd channel N: ...`` at its next call."""
+
+    def __init__(self, channels: list[Channel], *, uuid: bytes = bytes(16),
+                 queue_depth: int | None = None) -> None:
+        if not channels:
+            raise ValueError("multifd needs at least one channel")
+        self.channels = channels
+        self.uuid = uuid
+        self._jobs: queue.Queue[_SendJob] = queue.Queue(queue_depth or 2 * len(channels))
+        self._barrier = threading.Barrier(len(channels) + 1)
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._packet_num = 0
+        self._pending_block: RamBlock | None = None
+        self._pending: list[np.ndarray] = []
+        self._pending_count = 0
+        self.pages = [0] * len(channels)
+        self.packets = [0] * len(channels)
+        self.syncs = 0
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for cid, ch in enumerate(self.channels):
+            t, _ = start_thread(functools.partial(self._thread, cid, ch), f"{SEND_THREAD_PREFIX}{cid}")
+            self._threads.append(t)
+
+    # --- the main thread ---------------------------------------------------------------
+    def queue_pages(self, block: RamBlock, offsets: np.ndarray) -> int:
+        """Queue the data pages of ``block`` at byte ``offsets`` (ascending); returns the
+        bytes handed to the channels (full packets: header + pages), for rate limiting."""
+        if self._pending_block is not block:
+            sent = self._flush()
+            self._pending_block = block
+        else:
+            sent = 0
+        self._pending.append(offsets)
+        self._pending_count += len(offsets)
+        if self._pending_count >= PACKET_PAGES:
+            offs = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
+            full = len(offs) - len(offs) % PACKET_PAGES
+            for start in range(0, full, PACKET_PAGES):
+                sent += self._put_pages(block, offs[start:start + PACKET_PAGES])
+            rest = offs[full:]
+            self._pending = [rest] if len(rest) else []
+            self._pending_count = len(rest)
+        return sent
+
+    def _flush(self) -> int:
+        block, offs = self._pending_block, self._pending
+        self._pending, self._pending_count = [], 0
+        if block is None or not offs:
+            return 0
+        return self._put_pages(block, np.concatenate(offs) if len(offs) > 1 else offs[0])
+
+    def _put_pages(self, block: RamBlock, offsets: np.ndarray) -> int:
+        self._put(_SendJob(block=block.name, data=block.view(), offsets=offsets,
+                           packet_num=self._next_packet()))
+        return PACKET_LEN + len(offsets) * PAGE_SIZE
+
+    def _next_packet(self) -> int:
+        n = self._packet_num
+        self._packet_num += 1
+        return n
+
+    def _put(self, job: _SendJob) -> None:
+        while True:
+            self._check()
+            try:
+                self._jobs.put(job, timeout=_POLL)
+                return
+            except queue.Full:
+                continue
+
+    def sync(self) -> int:
+        """``multifd_send_sync_main``: pending pages out, one SYNC packet per channel, and
+        wait until each channel wrote it. Returns the bytes handed to the channels."""
+        sent = self._flush()
+        for _ in self.channels:
+            self._put(_SendJob(sync=True, packet_num=self._next_packet()))
+        try:
+            self._barrier.wait()
+        except threading.BrokenBarrierError:
+            self._check()
+            raise ConnectionLostError("multifd: the channels were shut down") from None
+        self._check()
+        self.syncs += 1
+        return sent + PACKET_LEN * len(self.channels)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._stopping:
+            raise ConnectionLostError("multifd: the channels were shut down")
+
+    def finish(self) -> None:
+        """After the last sync: every thread ends, every channel is shut for writing."""
+        for _ in self.channels:
+            self._put(_SendJob(stop=True))
+        for t in self._threads:
+            t.join()
+        self._check()
+
+    def abort(self) -> None:
+        """Stop everything now (an error elsewhere, or a cancel): channels shut down."""
+        self._stopping = True
+        self._barrier.abort()
+        for ch in self.channels:
+            try:
+                ch.shutdown()
+            except MignetError:
+                pass
+
+    def close(self) -> None:
+        if any(t.is_alive() for t in self._threads):
+            self.abort()
+            for t in self._threads:
+                t.join(5)
+        for ch in self.channels:
+            ch.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {"channels": len(self.channels), "pages": dict(enumerate(self.pages)),
+                "packets": sum(self.packets), "syncs": self.syncs}
+
+    # --- a channel ---------------------------------------------------------------------
+    def _thread(self, cid: int, ch: Channel) -> None:
+        try:
+            ch.write_all(build_init(self.uuid, cid))
+            while True:
+                try:
+                    job = self._jobs.get(timeout=_POLL)
+                except queue.Empty:
+                    if self._stopping:
+                        return
+                    continue
+                if job.stop:
+                    ch.shutdown(ShutdownHow.WRITE)
+                    return
+                if job.sync:
+                    ch.write_all(build_packet(flags=FLAG_SYNC, packet_num=job.packet_num))
+                    self.packets[cid] += 1
+                    self._barrier.wait()
+                    continue
+                assert job.data is not None and job.offsets is not None
+                offs = job.offsets
+                head = build_packet(block=job.block, offsets=offs, packet_num=job.packet_num)
+                ch.writev_all([head, *_page_views(job.data, offs.astype(np.int64))])
+                self.pages[cid] += len(offs)
+                self.packets[cid] += 1
+        except threading.BrokenBarrierError:
+            return  # another channel failed, or an abort: that is the error
+        except BaseException as exc:  # noqa: BLE001 - any failure fails the migration
+            if self._error is None and not self._stopping:
+                self._error = _channel_error(cid, exc)
+            self._stopping = True
+            self._barrier.abort()

@@ -6,6 +6,11 @@ records (one small buffer), the data pages' records (word + page) are packed int
 measured faster on loopback than a vectored write of 8-byte words interleaved with views of
 guest RAM (the kernel pays per segment). A RAM section (SECTION_PART) is closed every
 ``section_bytes`` like a QEMU iteration, so a receiver sees regular progress markers.
+
+With ``pages_to`` (QEMU's multifd: :class:`~mignet.migration.multifd.MultifdSender`) the
+data pages of a batch go to the channels instead; the main stream keeps the ZERO records,
+and before every RAM EOS the channels sync (``multifd_send_sync_main`` before
+RAM_SAVE_FLAG_EOS, as QEMU 7.2's ram.c does in setup, every iteration and completion).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -30,6 +35,16 @@ from mignet.wire.constants import PAGE_RECORD_SIZE
 
 MACHINE_TYPE = "mignet-pc-1.0"
 BATCH_PAGES = 508  # pages per batch: about 2 MiB of records in the staging buffer
+
+
+class PageChannels(Protocol):
+    """Where data pages go when not in the main stream (multifd)."""
+
+    def queue_pages(self, block: RamBlock, offsets: np.ndarray) -> int: ...
+
+    def sync(self) -> int: ...
+
+    def abort(self) -> None: ...
 
 
 @dataclass
@@ -59,7 +74,8 @@ class Sender:
                  max_bandwidth: int = 0, section_bytes: int = 64 << 20,
                  machine_type: str = MACHINE_TYPE, rdma_pin_all: bool | None = None,
                  ram_section_id: int | None = None,
-                 description: dict[str, Any] | None = None) -> None:
+                 description: dict[str, Any] | None = None,
+                 pages_to: PageChannels | None = None) -> None:
         self.channel = channel
         self.ram = ram
         self.devices = devices
@@ -71,7 +87,8 @@ class Sender:
         self.ram_section_id = ram_section_id
         # A captured guest's own VM description; None: describe mignet's modelled devices.
         self.description = description
-        self._cancel = Cancel("outgoing migration", on_cancel=channel.shutdown)
+        self.pages_to = pages_to
+        self._cancel = Cancel("outgoing migration", on_cancel=self._shutdown_all)
         self.placement = channel.page_placement
         self.rdma_pin_all = rdma_pin_all  # QEMU's rdma-pin-all; None: the transport's default
         # The destination starts zeroed: in the first pass zero pages need not be sent when
@@ -87,6 +104,24 @@ class Sender:
     @upper_half
     def cancel(self) -> None:
         self._cancel.cancel()
+
+    def _shutdown_all(self) -> None:
+        if self.pages_to is not None:
+            self.pages_to.abort()
+        self.channel.shutdown()
+
+    def _account(self, n: int) -> None:
+        """Bytes sent outside the main channel (RDMA placement, multifd channels)."""
+        self.stats.transferred += n
+        self._since_section += n
+        if self.rate_limited:
+            self.limiter.consume(n, self._cancel.flag)
+
+    def _sync_pages(self) -> None:
+        """Multifd: every channel's SYNC is out before the main stream's RAM EOS."""
+        if self.pages_to is not None:
+            self._cancel.check()
+            self._account(self.pages_to.sync())
 
     # --- I/O helpers -----------------------------------------------------------------
     def _write(self, bufs: list[object]) -> None:
@@ -112,8 +147,16 @@ class Sender:
         enc = self.encoder
         if self.placement is not None:
             self.placement.announce(self.rdma_pin_all)
-        self._write([enc.header(), enc.configuration(self.machine_type),
-                     enc.ram_start(self.ram.layout(), self.ram_section_id)])
+        bufs: list[object] = [enc.header(), enc.configuration(self.machine_type),
+                              enc.ram_start(self.ram.layout(), self.ram_section_id)]
+        if self.pages_to is not None:
+            tail = len(enc.ram_section_close())  # EOS + footer end the setup section
+            setup = bufs.pop()
+            assert isinstance(setup, bytes)
+            self._write([*bufs, setup[:-tail]])
+            self._sync_pages()
+            bufs = [setup[-tail:]]
+        self._write(bufs)
 
     def send_pages(self, block: RamBlock, batches: Iterable[tuple[int, int]]) -> None:
         """Send the pages of ``block`` given as (first page, count) batches (a full pass)."""
@@ -146,13 +189,15 @@ class Sender:
         zero_records = enc.zero_records(block.name, offsets[zero]) if send_zero else b""
         if self.placement is not None:
             if len(data):
-                n = self.placement.write_pages(block, data)
-                self.stats.transferred += n
-                self._since_section += n
-                if self.rate_limited:
-                    self.limiter.consume(n, self._cancel.flag)
+                self._account(self.placement.write_pages(block, data))
             if send_zero:
                 self._write([zero_records])
+        elif self.pages_to is not None:
+            if send_zero:
+                self._write([zero_records])
+            if len(data):
+                self._cancel.check()
+                self._account(self.pages_to.queue_pages(block, data))
         else:
             bufs: list[object] = [zero_records] if send_zero else []
             bufs += enc.page_records(block.name, block.data, data, self._staging)
@@ -165,6 +210,7 @@ class Sender:
 
     def close_section(self) -> None:
         if self._section_open:
+            self._sync_pages()
             self._write([self.encoder.ram_section_close()])
             self._section_open = False
             self._since_section = 0
@@ -174,7 +220,12 @@ class Sender:
         """The last RAM section (END), device state, EOF and the VM description."""
         enc = self.encoder
         self.close_section()
-        self._write([enc.ram_section(final=True), enc.ram_section_close()])
+        if self.pages_to is not None:
+            self._write([enc.ram_section(final=True)])
+            self._sync_pages()
+            self._write([enc.ram_section_close()])
+        else:
+            self._write([enc.ram_section(final=True), enc.ram_section_close()])
         if self.placement is not None:
             self.placement.fence()  # every page has landed before device state is sent
         if before_devices is not None:
