@@ -42,6 +42,12 @@ class ConnectionLostError(MignetError):
     """The connection ended or broke while more data was expected."""
 
 
+class PeerFailedError(MignetError):
+    """The peer said it could not complete the migration (QEMU's return-path SHUT with an
+    error): the stream arrived, the destination refused or failed to load it. Its own log
+    says why (for QEMU: a machine type or RAM size that differs, a device it lacks)."""
+
+
 class StreamTruncatedError(ConnectionLostError):
     """The input ended in the middle of the stream: the source went away (or was killed)
     before sending EOF. The bytes that came were valid; there were not enough of them."""

@@ -73,7 +73,8 @@ def test_paused_guest_replays_into_qemu_byte_identical(mignet_cmd: list[str], su
         dst.migrate_incoming("tcp:127.0.0.1:0")
         uri = dst.listen_uri()
         assert uri is not None
-        _replay(mignet_cmd, subprocess_env, snap, uri)
+        # QEMU confirmed the load on the return path (on by default for a replay).
+        assert _replay(mignet_cmd, subprocess_env, snap, uri)["confirmed"] is True
         info = dst.wait_migration(timeout=120)
         assert info["status"] == "completed"
         # It waits for cont, in the run state the source had: never started (-S) there.
@@ -101,7 +102,8 @@ def test_running_guest_captured_live_and_replayed_keeps_counting(
 
     with CountingGuest(tmp_path, initramfs, name="dst", incoming=True, paused=True) as dst:
         uri = dst.migrate_incoming("tcp:127.0.0.1:0")
-        _replay(mignet_cmd, subprocess_env, snap, uri)
+        # QEMU confirmed the load on the return path (on by default for a replay).
+        assert _replay(mignet_cmd, subprocess_env, snap, uri)["confirmed"] is True
         assert dst.wait_migration(timeout=120)["status"] == "completed"
         assert dst.status() == "paused"
         dst.qmp("cont")

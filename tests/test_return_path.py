@@ -6,6 +6,7 @@ the guest from one that died at the last byte."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from mignet.guest.ram import block_filename
 from mignet.wire import NEED_DATA, StreamDecoder
 from mignet.wire.events import Command
 from mignet.wire.return_path import RP_PONG, RP_SHUT, command, parse_rp_messages, rp_message
-from tests.support.cli import start_recv
+from tests.support.cli import one_line_error, send_into, start_recv
 from tests.support.qemu_peer import QemuSource, qemu_skip_reason
 
 
@@ -98,3 +99,67 @@ def test_a_tail_of_unknown_devices_completes_without_waiting_for_the_peer_to_clo
         events.append(ev)
     assert pos == len(data)
     assert any(isinstance(e, DeviceState) and e.idstr == "mignet-seriaL" for e in events)
+
+
+def test_mignet_to_mignet_with_return_path_is_confirmed(mignet_cmd: list[str],
+                                                        subprocess_env: dict[str, str]) -> None:
+    recv, uri = start_recv(mignet_cmd, subprocess_env)
+    sent, got = send_into(mignet_cmd, subprocess_env, recv, uri, "--size", "8M", "--return-path")
+    assert sent["confirmed"] is True and sent["ram_sha256"] == got["ram_sha256"]
+    assert got["stats"]["return_path"] == {"opened": True, "pings": 1, "shut": 0}
+
+
+def test_without_return_path_completion_is_not_claimed_as_confirmed(
+        mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    recv, uri = start_recv(mignet_cmd, subprocess_env)
+    sent, _ = send_into(mignet_cmd, subprocess_env, recv, uri, "--size", "8M")
+    assert sent["confirmed"] is None
+
+
+def test_a_peer_that_never_confirms_is_not_completed(mignet_cmd: list[str],
+                                                     subprocess_env: dict[str, str]) -> None:
+    """Issue 13's case: a stream sent into something that reads it all and says nothing
+    (here a socket that drains and closes) must not end as completed."""
+    import socket
+    import subprocess
+    import threading
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def drain() -> None:
+        conn, _ = srv.accept()
+        while conn.recv(1 << 16):
+            pass
+        conn.close()
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    r = subprocess.run([*mignet_cmd, "send", f"tcp:127.0.0.1:{srv.getsockname()[1]}", "--size", "1M",
+                        "--return-path", "--quiet"], capture_output=True, text=True, env=subprocess_env, timeout=60)
+    srv.close()
+    one_line_error(r, "without confirming the load")
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(qemu_skip_reason() is not None, reason=qemu_skip_reason() or "")
+def test_qemu_that_cannot_load_a_replay_is_reported(mignet_cmd: list[str], subprocess_env: dict[str, str],
+                                                    tmp_path: Path) -> None:
+    """A snapshot of a 64 MiB guest into a QEMU started with 128 MiB: QEMU refuses the RAM
+    layout; mignet must say the destination did not load it, not 'completed'."""
+    from tests.support.qemu_peer import QemuDestination
+    snap = tmp_path / "snap"
+    recv, uri = start_recv(mignet_cmd, subprocess_env, "--out", str(snap))
+    with QemuSource(tmp_path, mem_mib=64, fill="random", seed=2) as src:
+        src.migrate(uri, timeout=60)
+    recv.communicate(timeout=60)
+    with QemuDestination(tmp_path, mem_mib=128) as dst:
+        dst.migrate_incoming("tcp:127.0.0.1:0")
+        dest_uri = dst.listen_uri()
+        assert dest_uri is not None
+        r = subprocess.run([*mignet_cmd, "send", dest_uri, "--snapshot", str(snap), "--quiet"],
+                           capture_output=True, text=True, env=subprocess_env, timeout=120)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and len([x for x in r.stderr.splitlines() if x.strip()]) == 1, r.stderr
+    # QEMU refuses at the block list (a reset mid-stream) or after the load (SHUT 1 / no
+    # SHUT): either way one line, never "completed".
+    assert any(s in r.stderr for s in ("could not load", "without confirming", "connection lost")), r.stderr

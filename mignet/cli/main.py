@@ -196,8 +196,11 @@ def cmd_send(args: argparse.Namespace) -> int:
             # comes first, then one connection per channel.
             multifd = MultifdSender([connect(args.uri) for _ in range(args.channels)])
             multifd.start()
+        # A replay goes to real QEMU: by default ask it to confirm the load (return path).
+        return_path = bool(args.snapshot) if args.return_path is None else args.return_path
         sender = Sender(channel, ram, devices, max_bandwidth=parse_rate(args.max_bandwidth),
-                        rdma_pin_all=args.rdma_pin_all, pages_to=multifd, **kwargs)
+                        rdma_pin_all=args.rdma_pin_all, pages_to=multifd,
+                        return_path=return_path, **kwargs)
         stats = _run_send(sender, quiet=args.quiet)
         if multifd is not None:
             multifd.finish()
@@ -210,7 +213,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         _print_send_table(stats, digest)
     if args.json:
         done: dict[str, Any] = {"event": "completed", "ram_sha256": digest,
-                                "transferred": stats.transferred, "seconds": round(stats.elapsed, 4)}
+                                "transferred": stats.transferred, "seconds": round(stats.elapsed, 4),
+                                "confirmed": stats.confirmed}
         if multifd is not None:
             done["multifd"] = multifd.describe()
         _emit_json(done)
@@ -290,6 +294,8 @@ def _print_send_table(s: SendStats, digest: str) -> None:
         ("time", f"{s.elapsed:.2f} s"),
         ("throughput", rate(s.transferred, s.elapsed)),
         ("RAM sha256", digest[:16] + "…"),
+        ("confirmed by the destination", {True: "yes (SHUT 0)", None: "not asked (no return path)"}
+         .get(s.confirmed, "no")),
     ])
 
 
@@ -367,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-name", default="pc.ram", help="RAM block name for --image")
     s.add_argument("--max-bandwidth", default="0", metavar="RATE", help="e.g. 128MiB/s; 0 = unlimited")
     s.add_argument("--no-devices", action="store_true", help="send no device-state sections")
+    s.add_argument("--return-path", action=argparse.BooleanOptionalAction, default=None,
+                   help="open QEMU's return path and report completed only once the destination "
+                        "confirms the load (SHUT); default: on with --snapshot, else off")
     s.add_argument("--rdma-pin-all", action="store_true", default=None,
                    help="rdma: URIs: the destination registers all its RAM before the first page "
                         "(QEMU's rdma-pin-all) instead of 1 MiB chunks on demand")

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mignet.channel import Channel, ShutdownHow
-from mignet.errors import ConnectionLostError
+from mignet.channel import Channel, IOCondition, ShutdownHow
+from mignet.errors import ConnectionLostError, PeerFailedError, ProtocolError, TimedOut
 from mignet.guest.devices import DeviceSet
 from mignet.guest.ram import GuestRam, RamBlock, zero_pages
 from mignet.migration.ratelimit import RateLimiter
@@ -32,6 +32,7 @@ from mignet.runtime.halves import bottom_half, upper_half
 from mignet.units import PAGE_SIZE
 from mignet.wire import StreamEncoder
 from mignet.wire.constants import PAGE_RECORD_SIZE
+from mignet.wire.return_path import CMD_OPEN_RETURN_PATH, CMD_PING, RP_SHUT, command, parse_rp_messages
 
 MACHINE_TYPE = "mignet-pc-1.0"
 BATCH_PAGES = 508  # pages per batch: about 2 MiB of records in the staging buffer
@@ -57,6 +58,7 @@ class SendStats:
     pages_scanned: int = 0
     sections: int = 0
     finished: float | None = None
+    confirmed: bool | None = None  # the destination's SHUT said loaded; None: no return path
 
     @property
     def elapsed(self) -> float:
@@ -75,7 +77,8 @@ class Sender:
                  machine_type: str = MACHINE_TYPE, rdma_pin_all: bool | None = None,
                  ram_section_id: int | None = None,
                  description: dict[str, Any] | None = None,
-                 pages_to: PageChannels | None = None) -> None:
+                 pages_to: PageChannels | None = None, return_path: bool = False,
+                 confirm_timeout: float = 120.0) -> None:
         self.channel = channel
         self.ram = ram
         self.devices = devices
@@ -88,6 +91,9 @@ class Sender:
         # A captured guest's own VM description; None: describe mignet's modelled devices.
         self.description = description
         self.pages_to = pages_to
+        # QEMU's return path: completed only once the destination confirms with SHUT.
+        self.return_path = return_path
+        self.confirm_timeout = confirm_timeout
         self._cancel = Cancel("outgoing migration", on_cancel=self._shutdown_all)
         self.placement = channel.page_placement
         self.rdma_pin_all = rdma_pin_all  # QEMU's rdma-pin-all; None: the transport's default
@@ -147,8 +153,10 @@ class Sender:
         enc = self.encoder
         if self.placement is not None:
             self.placement.announce(self.rdma_pin_all)
-        bufs: list[object] = [enc.header(), enc.configuration(self.machine_type),
-                              enc.ram_start(self.ram.layout(), self.ram_section_id)]
+        bufs: list[object] = [enc.header(), enc.configuration(self.machine_type)]
+        if self.return_path:  # as QEMU's migration_thread: right after the header
+            bufs += [command(CMD_OPEN_RETURN_PATH), command(CMD_PING, (1).to_bytes(4, "big"))]
+        bufs.append(enc.ram_start(self.ram.layout(), self.ram_section_id))
         if self.pages_to is not None:
             tail = len(enc.ram_section_close())  # EOS + footer end the setup section
             setup = bufs.pop()
@@ -243,7 +251,39 @@ class Sender:
             self.channel.shutdown(ShutdownHow.WRITE)
         except ConnectionLostError:
             pass
+        if self.return_path:
+            with self._cancel.guard():
+                self._await_shut()
         self.stats.finished = time.monotonic()
+
+    def _await_shut(self) -> None:
+        """Read the return path until the destination's SHUT: 0 means it loaded the guest."""
+        deadline = time.monotonic() + self.confirm_timeout
+        buf = bytearray(4096)
+        pending = b""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.channel.wait_cond(IOCondition.IN, left):
+                raise TimedOut(f"the destination did not confirm the load within "
+                               f"{self.confirm_timeout:.0f} s (no SHUT on the return path)")
+            n = self.channel.read_some_into([memoryview(buf)])
+            if n == 0:
+                raise ConnectionLostError(
+                    "the destination closed the connection without confirming the load (no "
+                    "SHUT on the return path): it most likely failed; see its log")
+            try:
+                messages, pending = parse_rp_messages(pending + bytes(buf[:n]))
+            except ValueError as exc:
+                raise ProtocolError(f"return path: {exc}") from None
+            for kind, value in messages:
+                if kind == RP_SHUT:
+                    if value != 0:
+                        self.stats.confirmed = False
+                        raise PeerFailedError(
+                            f"the destination could not load the stream (it answered SHUT "
+                            f"{value} on the return path); its log says why")
+                    self.stats.confirmed = True
+                    return
 
 
 def range_pages(block: RamBlock, batch: int = BATCH_PAGES) -> Iterable[tuple[int, int]]:
