@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run every test: the host suite, then the RDMA suite inside one
 # soft-RoCE guest (real rdma_rxe), where the guest can boot; ruff and mypy first. Fails if
-# any part fails or if a part ran no test at all.
+# any part fails, if a part ran no test at all, or if a process started by this run (QEMU,
+# virtme-run, mignet serve/recv, ...) is still alive after its part.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash tools/setup.sh || exit 1
 py=.venv/bin/python
+
+# Every process this run starts inherits this marker: after each part, none may be left.
+export MIGNET_TEST_RUN="test-sh-$$-$(date +%s%N)"
+left=0
+check_left() {  # $1: what ran
+    $py tests/support/processes.py --env "MIGNET_TEST_RUN=$MIGNET_TEST_RUN" --what "$1" || left=1
+}
 
 echo "== lint (ruff) and types (mypy) =="
 lint=0
@@ -16,6 +24,7 @@ $py -m mypy --no-incremental || lint=1
 echo "== host tests =="
 $py -m pytest -q -m "not rdma" -p no:cacheprovider "$@"
 host=$?
+check_left "host tests"
 
 rdma=0
 if compgen -G "tests/rdma/test_*.py" >/dev/null; then
@@ -28,7 +37,8 @@ if compgen -G "tests/rdma/test_*.py" >/dev/null; then
         $py tools/rxe/run_in_guest.py --timeout 600 -- "$root/.venv/bin/python" -m pytest -q -m rdma \
             -p no:cacheprovider tests/rdma
         rdma=$?
+        check_left "RDMA guest run"
     fi
 fi
-echo "== lint/types exit $lint, host tests exit $host, RDMA tests exit $rdma =="
-[[ $lint -eq 0 && $host -eq 0 && $rdma -eq 0 ]]
+echo "== lint/types exit $lint, host tests exit $host, RDMA tests exit $rdma, processes left $left =="
+[[ $lint -eq 0 && $host -eq 0 && $rdma -eq 0 && $left -eq 0 ]]

@@ -21,7 +21,15 @@ CLI (``tools/rxe/run_in_guest.py`` is the same entry point, kept for scripts)::
     mignet rxe run [--mem 2G] [--timeout 900] [--rwdir DIR] -- CMD...
     python tools/rxe/run_in_guest.py [--mem 2G] [--timeout 900] [--rwdir DIR] -- CMD...
 
-Exit status: CMD's; 124 on timeout; 125 if the guest could not boot or set up rxe.
+Exit status: CMD's; 124 on timeout; 125 if the guest could not boot or set up rxe;
+128+N when the harness was stopped by signal N (130 SIGINT, 129 SIGHUP, 143 SIGTERM).
+
+No guest is ever left behind. The guest (vng, virtme-run, QEMU) runs in its own session
+and carries a marker in its environment; on every way out — CMD's end, the timeout,
+SIGTERM, SIGINT, SIGHUP, an exception — each of its processes gets SIGTERM (QEMU exits,
+virtme-run removes its temporary files), what is left after 3 s SIGKILL, and the harness
+waits until none of them is alive (a few seconds at most).
+
 Prerequisites: ``tools/rxe/setup.sh`` (as root).
 """
 
@@ -37,10 +45,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType, TracebackType
+from typing import IO, Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]  # mignet/rdma/rxe_guest.py -> checkout
+REPO_ROOT = Path(__file__).resolve().parents[2]  # mignet/harness/rxe_guest.py -> checkout
 VENV = REPO_ROOT / ".venv"
 RXE_KO_GLOB = "kernel/drivers/infiniband/sw/rxe/rdma_rxe.ko*"
 GUEST_ADDR = "10.9.0.1"
@@ -53,17 +64,34 @@ MARK = "@@rxe-harness:"
 EXIT_GUEST_FAILED = 125
 EXIT_TIMEOUT = 124
 
-SETUP_SCRIPT = f"""\
-set -e
-modprobe rdma_rxe
-modprobe dummy
-ip link add dum0 type dummy
-ip link set dum0 mtu 9000
-ip addr add {GUEST_ADDR}/24 dev dum0
-ip link set dum0 up
-rdma link add {RXE_DEVICE} type rxe netdev dum0
-ulimit -l unlimited
-"""
+#: Signals that stop the harness, and with it the guest: Ctrl-C, a closed terminal, ``kill``
+#: or a CI timeout. The exit status is then 128 + the signal's number.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
+
+#: Seconds the guest's processes get to exit on SIGTERM before what is left is SIGKILLed.
+STOP_GRACE = 3.0
+
+#: Environment variable set (to a fresh value) for each guest: it finds every process of that
+#: guest, even one that left the guest's session.
+GUEST_MARKER_ENV = "MIGNET_RXE_GUEST"
+
+#: The guest's setup, one command per step: (command, what its failure usually means).
+SETUP_STEPS: tuple[tuple[str, str], ...] = (
+    ("modprobe rdma_rxe", "rdma_rxe missing from the guest kernel: run tools/rxe/setup.sh"),
+    ("modprobe dummy", "the dummy netdev driver is missing from the guest kernel"),
+    ("ip link add dum0 type dummy", ""),
+    ("ip link set dum0 mtu 9000", ""),
+    (f"ip addr add {GUEST_ADDR}/24 dev dum0", ""),
+    ("ip link set dum0 up", ""),
+    (f"rdma link add {RXE_DEVICE} type rxe netdev dum0", "could not create the rxe device"),
+    ("ulimit -l unlimited", "memlock: could not lift RLIMIT_MEMLOCK in the guest"),
+)
+SETUP_SCRIPT = "".join(f"{command}\n" for command, _ in SETUP_STEPS)
+_SETUP_LOG = "/tmp/rxe-setup.log"
+
+#: What to look for in the console of a guest that did not boot, most telling first.
+_BOOT_CLUES = ("Kernel panic", "qemu-system-x86_64:", "memlock", "Cannot allocate memory",
+               "FATAL", "error:", "Error:", "not found")
 
 
 class GuestError(RuntimeError):
@@ -72,6 +100,38 @@ class GuestError(RuntimeError):
     def __init__(self, message: str, output: str) -> None:
         super().__init__(message)
         self.output = output
+
+
+class GuestTimeout(subprocess.TimeoutExpired):
+    """CMD (or the boot before it) ran past the timeout; the guest has been stopped.
+
+    ``cmd`` is CMD (not vng's command line), ``output`` what the guest printed, ``started``
+    whether CMD had started (the guest was ready).
+    """
+
+    def __init__(self, cmd: Sequence[str], timeout: float, output: str, started: bool) -> None:
+        super().__init__(list(cmd), timeout, output)
+        self.started = started
+
+    def __str__(self) -> str:
+        what = shlex.join(self.cmd)
+        if self.started:
+            return f"timed out after {self.timeout:g} s: `{what}` was still running in the guest; guest stopped"
+        return f"timed out after {self.timeout:g} s: the guest was still booting, `{what}` never started; guest stopped"
+
+
+class GuestSignalled(SystemExit):
+    """The harness got SIGTERM or SIGHUP; the guest has been stopped. ``code`` is 128 + N.
+
+    (SIGINT raises KeyboardInterrupt, as everywhere in Python, after the same clean-up.)
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return f"{signal.Signals(self.signum).name} received"
 
 
 def _version_key(name: str) -> list[int | str]:
@@ -135,22 +195,210 @@ def guest_available() -> str | None:
 
 
 def _guest_script(cmd: Sequence[str], cwd: Path) -> str:
-    """Shell script run as the guest's command: rxe setup, then CMD in ``cwd``."""
-    setup = SETUP_SCRIPT.strip().replace("\n", "; ")
-    return "\n".join(
-        [
-            f"echo '{MARK}boot'",
-            f"export PATH={shlex.quote(str(_venv_bin()))}:$PATH",
-            f"if ! ( {setup} ) >/tmp/rxe-setup.log 2>&1; then",
-            f"  echo '{MARK}setup-failed'; cat /tmp/rxe-setup.log; exit {EXIT_GUEST_FAILED}",
-            "fi",
-            # the subshell's ulimit does not carry over: lift it in this shell as well
-            "ulimit -l unlimited",
-            f"cd {shlex.quote(str(cwd))}",
-            f"echo '{MARK}ready'",
-            shlex.join(cmd),
-        ]
-    )
+    """Shell script run as the guest's command: rxe setup, then CMD in ``cwd``.
+
+    Each setup step that fails prints ``MARK setup-failed STEP: its last line of output``
+    (and its whole log), so the host can say in one line what went wrong.
+    """
+    lines = [
+        f"echo '{MARK}boot'",
+        f"export PATH={shlex.quote(str(_venv_bin()))}:$PATH",
+        "rxe_fail() {",
+        f'  echo "{MARK}setup-failed $1: $(tail -n 1 {_SETUP_LOG})"; cat {_SETUP_LOG}; exit {EXIT_GUEST_FAILED}',
+        "}",
+    ]
+    # every step in this shell (not a subshell), so that ulimit carries over to CMD
+    lines += [f"{command} >>{_SETUP_LOG} 2>&1 || rxe_fail {shlex.quote(command)}"
+              for command, _ in SETUP_STEPS]
+    where = shlex.quote(str(cwd))
+    lines += [
+        f"cd {where} >>{_SETUP_LOG} 2>&1 || rxe_fail {shlex.quote(f'cd {cwd}')}",
+        f"echo '{MARK}ready'",
+        shlex.join(cmd),
+    ]
+    return "\n".join(lines)
+
+
+def describe_failure(output: str, marks: Sequence[str], status: int | None) -> str:
+    """One line saying what the guest showed when it failed before CMD ran."""
+    for mark in marks:
+        if mark.startswith("setup-failed"):
+            detail = mark.removeprefix("setup-failed").strip()
+            step = next((s for s in SETUP_STEPS if detail.startswith(s[0] + ":")), None)
+            hint = f" ({step[1]})" if step is not None and step[1] else ""
+            return f"rxe setup failed in the guest: {detail}{hint}"
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    seen = next((line for clue in _BOOT_CLUES for line in lines if clue in line), None)
+    if seen is None:
+        seen = lines[-1] if lines else "no output at all"
+    if len(seen) > 300:
+        seen = seen[:297] + "..."
+    what = "the guest's setup ended early" if "boot" in marks else "the guest did not boot"
+    return f"{what} (vng exit {status}): {seen}"
+
+
+# -- the guest's processes ---------------------------------------------------------------
+
+def _stat(pid: int) -> tuple[str, str, int] | None:
+    """(command name, state, session id) of a process, or None if it is gone."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    close = data.rfind(b")")
+    fields = data[close + 2:].split()
+    if len(fields) < 4:
+        return None
+    return data[data.find(b"(") + 1:close].decode(errors="replace"), fields[0].decode(), int(fields[3])
+
+
+def _has_env(pid: int, token: bytes) -> bool:
+    try:
+        return token in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+
+
+def guest_processes(session: int | None, marker: str) -> list[tuple[int, str]]:
+    """Live (not zombie) processes of one guest as (pid, name): those in its session, and
+    any that carries its marker in the environment it started with."""
+    token = f"{GUEST_MARKER_ENV}={marker}".encode()
+    me = os.getpid()
+    found: list[tuple[int, str]] = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        pid = int(entry.name)
+        info = _stat(pid)
+        if info is None or info[1] in ("Z", "X"):
+            continue
+        if info[2] == session or _has_env(pid, token):
+            found.append((pid, info[0]))
+    return found
+
+
+def _signal_all(pids: Sequence[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def stop_guest(proc: subprocess.Popen[str] | None, marker: str,
+               grace: float = STOP_GRACE) -> list[tuple[int, str]]:
+    """Stop every process of one guest and wait for them; return survivors (normally none).
+
+    Each process of the guest gets SIGTERM, also one started while we stop it (vng may be
+    about to start virtme-run, virtme-run QEMU): QEMU exits, virtme-run removes its temporary
+    files and exits. What is still alive after ``grace`` seconds is SIGKILLed.
+    """
+    session = proc.pid if proc is not None else None
+    signalled: set[int] = set()
+    deadline = time.monotonic() + grace
+    kill_deadline = deadline + 5
+    while True:
+        if proc is not None:
+            proc.poll()  # reap vng as soon as it ends
+        members = guest_processes(session, marker)
+        now = time.monotonic()
+        if not members or now >= kill_deadline:
+            break
+        if now < deadline:
+            fresh = [pid for pid, _ in members if pid not in signalled]
+            _signal_all(fresh, signal.SIGTERM)
+            signalled.update(fresh)
+        else:
+            _signal_all([pid for pid, _ in members], signal.SIGKILL)
+        time.sleep(0.05)
+    if proc is not None:
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            members = members or [(proc.pid, "vng")]
+    return members
+
+
+class _Signals:
+    """While a guest runs, SIGTERM/SIGHUP raise :class:`GuestSignalled` and SIGINT
+    KeyboardInterrupt in the main thread; while it is being stopped they are only remembered
+    (a second Ctrl-C must not cut the clean-up short). Signals the caller ignores (nohup, a
+    background job) stay ignored; outside the main thread nothing is installed."""
+
+    def __init__(self) -> None:
+        self.old: dict[int, Any] = {}
+        self.deferring = False
+        self.pending: list[int] = []
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                old = signal.getsignal(sig)
+                if old is signal.SIG_IGN:
+                    continue
+                self.old[sig] = signal.SIG_DFL if old is None else old  # None: set outside Python
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.deferring:
+            self.pending.append(signum)
+            return
+        raise interruption(signum)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+        if exc is None and self.pending:
+            raise interruption(self.pending[0])
+
+
+def interruption(signum: int) -> BaseException:
+    """The exception a stop signal turns into: KeyboardInterrupt for SIGINT, else
+    :class:`GuestSignalled`."""
+    return KeyboardInterrupt() if signum == signal.SIGINT else GuestSignalled(signum)
+
+
+class _Console:
+    """Reads the guest's console in a thread: keeps CMD's lines, notes our marks, echoes."""
+
+    def __init__(self, stream: bool, start: float) -> None:
+        self.stream = stream  # progress lines on stderr
+        self.echo = stream  # the guest's lines on stdout
+        self.start = start
+        self.lines: list[str] = []
+        self.marks: list[str] = []
+        self.ready = threading.Event()
+
+    def read(self, pipe: IO[str]) -> None:
+        # readline in a loop (not iteration) so lines are passed on as they arrive
+        for line in iter(pipe.readline, ""):
+            if line.startswith(MARK):
+                mark = line[len(MARK):].strip()
+                self.marks.append(mark)
+                if mark == "ready":
+                    self.ready.set()
+                    self.say(f"rxe: guest ready after {time.monotonic() - self.start:.1f} s")
+                continue
+            self.lines.append(line)
+            if self.echo:
+                try:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                except (OSError, ValueError):  # our stdout is gone: keep draining the guest
+                    self.echo = False
+
+    def say(self, text: str) -> None:
+        if self.stream:
+            try:
+                print(text, file=sys.stderr, flush=True)
+            except (OSError, ValueError):
+                pass
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
 
 
 def run_in_guest(
@@ -167,8 +415,13 @@ def run_in_guest(
     ``stdout`` of the result holds CMD's stdout and stderr interleaved (the guest's
     console merges them); with ``stream`` the lines are also echoed live to our stdout.
     ``rwdirs`` are host directories made writable from the guest (same path), the only
-    way to bring files back. Raises :class:`GuestError` if CMD never ran (boot or rxe
-    setup failed) and :class:`subprocess.TimeoutExpired` after ``timeout`` seconds.
+    way to bring files back.
+
+    Raises :class:`GuestError` if CMD never ran (boot or rxe setup failed; the message is
+    one line saying what the guest showed), :class:`GuestTimeout` (a
+    ``subprocess.TimeoutExpired``) after ``timeout`` seconds, :class:`GuestSignalled` on
+    SIGTERM/SIGHUP and KeyboardInterrupt on SIGINT (when called from the main thread). On
+    every way out the whole guest has been stopped and waited for.
     """
     reason = guest_available()
     if reason is not None:
@@ -182,77 +435,87 @@ def run_in_guest(
     for d in rwdirs:
         argv += ["--rwdir", str(Path(d).resolve())]
     argv += ["--exec", _guest_script(cmd, workdir.resolve())]
+    marker = f"{os.getpid()}-{uuid.uuid4().hex}"
+    env = _host_env()
+    env[GUEST_MARKER_ENV] = marker
 
     start = time.monotonic()
-    proc = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=_host_env(),
-        cwd=workdir,
-        text=True,
-        errors="replace",
-        start_new_session=True,  # so a timeout can kill vng, qemu and all helpers
-    )
-    assert proc.stdout is not None
-    lines: list[str] = []
-    marks: list[str] = []
-    expired = threading.Event()
-
-    def kill_on_timeout() -> None:
-        # A silent hung guest would block readline forever: kill the whole group instead.
-        expired.set()
-        os.killpg(proc.pid, signal.SIGKILL)
-
-    watchdog = threading.Timer(timeout, kill_on_timeout)
-    watchdog.start()
-    try:
-        # readline in a loop (not iteration) so lines are passed on as they arrive
-        for line in iter(proc.stdout.readline, ""):
-            if line.startswith(MARK):
-                mark = line[len(MARK):].strip()
-                marks.append(mark)
-                if mark == "ready" and stream:
-                    print(f"rxe: guest ready after {time.monotonic() - start:.1f} s",
-                          file=sys.stderr, flush=True)
-                continue
-            lines.append(line)
-            if stream:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-        rc = proc.wait()
-    finally:
-        watchdog.cancel()
-        proc.stdout.close()
-        if proc.poll() is None:  # interrupted (e.g. KeyboardInterrupt): leave nothing behind
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    if expired.is_set():
-        raise subprocess.TimeoutExpired(argv, timeout, "".join(lines))
-    if stream:
-        print(f"rxe: guest exited after {time.monotonic() - start:.1f} s (status {rc})",
-              file=sys.stderr, flush=True)
-    output = "".join(lines)
-    if "ready" not in marks:
-        what = "rxe setup failed" if "setup-failed" in marks else "guest did not boot"
-        raise GuestError(f"{what} (vng exit {rc})", output)
-    return subprocess.CompletedProcess(cmd, rc, output, None)
+    console = _Console(stream, start)
+    expired = False
+    proc: subprocess.Popen[str] | None = None
+    reader: threading.Thread | None = None
+    with _Signals() as signals:
+        try:
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=workdir,
+                    text=True,
+                    errors="replace",
+                    start_new_session=True,  # its own session: nothing of it hears our terminal
+                )
+            except OSError as exc:
+                raise GuestError(f"could not start vng: {exc}", "") from exc
+            assert proc.stdout is not None
+            reader = threading.Thread(target=console.read, args=(proc.stdout,),
+                                      name="rxe-console", daemon=True)
+            reader.start()
+            deadline = start + timeout
+            while reader.is_alive():  # until every holder of the console has closed it
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    expired = True
+                    break
+                reader.join(min(left, 0.25))
+            if not expired:
+                try:
+                    proc.wait(timeout=STOP_GRACE)  # the console closes as vng exits
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            signals.deferring = True
+            if expired or sys.exc_info()[0] is not None:
+                console.echo = False  # what a guest prints while it is stopped is noise
+            left_over = stop_guest(proc, marker)
+            if reader is not None:
+                reader.join(5)
+            if proc is not None and proc.stdout is not None:
+                proc.stdout.close()
+            if left_over:
+                console.say("rxe: could not stop guest processes: "
+                            + ", ".join(f"{pid} ({name})" for pid, name in left_over))
+    assert proc is not None
+    if expired:
+        raise GuestTimeout(cmd, timeout, console.output, console.ready.is_set())
+    rc = proc.returncode
+    console.say(f"rxe: guest exited after {time.monotonic() - start:.1f} s (status {rc})")
+    if not console.ready.is_set():
+        raise GuestError(describe_failure(console.output, console.marks, rc), console.output)
+    return subprocess.CompletedProcess(cmd, rc, console.output, None)
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     """The options of ``mignet rxe run`` and ``tools/rxe/run_in_guest.py``."""
     ap.add_argument("--mem", default="2G", help="guest memory (default 2G)")
-    ap.add_argument("--timeout", type=float, default=900, help="seconds (default 900)")
+    ap.add_argument("--timeout", type=float, default=900,
+                    help=f"seconds, boot included (default 900); then exit {EXIT_TIMEOUT}")
     ap.add_argument("--rwdir", action="append", default=[],
-                    help="host directory the guest may write (same path); repeatable")
+                    help="host directory the guest may write (same path, 9p); repeatable")
     ap.add_argument("--check", action="store_true",
                     help="only report whether a guest can boot here")
     ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD...")
 
 
 def run_cli(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
-    """Run the parsed command line: boot, run CMD, return its exit status."""
+    """Run the parsed command line: boot, run CMD, return its exit status.
+
+    Failures end with one line on stderr: the guest's (125), the timeout's (124, naming CMD
+    and the time) or the signal's (128 + N); the guest is stopped in every case.
+    """
     if args.check:
         reason = guest_available()
         print(reason or "ok", file=sys.stderr)
@@ -260,15 +523,21 @@ def run_cli(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         ap.error("no command given (put it after --)")
+    what = shlex.join(cmd)
     try:
         result = run_in_guest(cmd, mem=args.mem, timeout=args.timeout, rwdirs=args.rwdir)
-    except GuestError as err:
-        sys.stdout.write(err.output)
+    except GuestError as err:  # the guest's console was streamed already
         print(f"rxe: {err}", file=sys.stderr)
         return EXIT_GUEST_FAILED
-    except subprocess.TimeoutExpired:
-        print(f"rxe: timed out after {args.timeout:.0f} s", file=sys.stderr)
+    except GuestTimeout as err:
+        print(f"rxe: {err}", file=sys.stderr)
         return EXIT_TIMEOUT
+    except GuestSignalled as err:
+        print(f"rxe: {err}: guest stopped (`{what}`)", file=sys.stderr)
+        return 128 + err.signum
+    except KeyboardInterrupt:
+        print(f"rxe: SIGINT received: guest stopped (`{what}`)", file=sys.stderr)
+        return 128 + signal.SIGINT
     return result.returncode
 
 

@@ -7,13 +7,18 @@ import json
 import subprocess
 from typing import Any
 
+from tests.support.processes import track
+
 
 def start_recv(cmd: list[str], env: dict[str, str], *extra: str, uri: str = "tcp:127.0.0.1:0",
                **popen: Any) -> tuple[subprocess.Popen[str], str]:
-    """``mignet recv --listen URI --json --quiet EXTRA``, once it listens; (process, its URI)."""
-    proc = subprocess.Popen([*cmd, "recv", "--listen", uri, "--json", "--quiet", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            **popen)
+    """``mignet recv --listen URI --json --quiet EXTRA``, once it listens; (process, its URI).
+
+    The receiver is tracked: it is stopped and waited for when the test ends, however it ends.
+    """
+    proc = track(subprocess.Popen([*cmd, "recv", "--listen", uri, "--json", "--quiet", *extra],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                  **popen))
     assert proc.stdout is not None
     first = proc.stdout.readline()
     assert first, proc.communicate(timeout=30)[1]

@@ -44,6 +44,8 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
+from tests.support.processes import track
+
 __all__ = [
     "QEMU_BINARY_NAME",
     "QemuError",
@@ -316,6 +318,7 @@ class QemuVM:
             )
         finally:
             log.close()
+        track(self._proc, group=True)  # stopped when the test ends, even without close()
         self._finalizer = weakref.finalize(self, _kill_process, self._proc)
         self._loop = _LoopThread(self.image_name)
         self._client = QMPClient(self.image_name)

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
+from tests.support.processes import track
+
 FINAL = ("completed", "failed", "cancelled")
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -60,9 +62,9 @@ class Serve:
 async def serve(tmp: Path, name: str, *args: str) -> AsyncIterator[Serve]:
     path = tmp / f"{name}.qmp"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "mignet", "serve",
-                             "--qmp", f"unix:{path}", "--json", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = track(subprocess.Popen([sys.executable, "-m", "mignet", "serve",
+                                   "--qmp", f"unix:{path}", "--json", *args],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
     try:
         assert proc.stdout is not None
         line = await asyncio.to_thread(proc.stdout.readline)
