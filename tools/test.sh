@@ -22,7 +22,8 @@ $py -m ruff check --no-cache mignet tests tools || lint=1
 $py -m mypy --no-incremental || lint=1
 
 echo "== host tests =="
-$py -m pytest -q -m "not rdma" -p no:cacheprovider "$@"
+# Bounded: a hung test fails (pytest-timeout, per test) and a hung run ends (timeout).
+timeout -k 30 3000 $py -m pytest -q -m "not rdma" -p no:cacheprovider "$@"
 host=$?
 check_left "host tests"
 
@@ -34,7 +35,7 @@ if compgen -G "tests/rdma/test_*.py" >/dev/null; then
         rdma=1
     else
         echo "== RDMA tests (inside a soft-RoCE guest) =="
-        $py tools/rxe/run_in_guest.py --timeout 600 -- "$root/.venv/bin/python" -m pytest -q -m rdma \
+        $py tools/rxe/run_in_guest.py --timeout 1200 -- "$root/.venv/bin/python" -m pytest -q -m rdma \
             -p no:cacheprovider tests/rdma
         rdma=$?
         check_left "RDMA guest run"

@@ -51,6 +51,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any
 
+from mignet.errors import MignetError
+
 REPO_ROOT = Path(__file__).resolve().parents[2]  # mignet/harness/rxe_guest.py -> checkout
 VENV = REPO_ROOT / ".venv"
 RXE_KO_GLOB = "kernel/drivers/infiniband/sw/rxe/rdma_rxe.ko*"
@@ -94,7 +96,7 @@ _BOOT_CLUES = ("Kernel panic", "qemu-system-x86_64:", "memlock", "Cannot allocat
                "FATAL", "error:", "Error:", "not found")
 
 
-class GuestError(RuntimeError):
+class GuestError(MignetError):
     """The guest did not boot, or its rxe setup failed, so CMD never ran."""
 
     def __init__(self, message: str, output: str) -> None:
@@ -102,7 +104,7 @@ class GuestError(RuntimeError):
         self.output = output
 
 
-class GuestTimeout(subprocess.TimeoutExpired):
+class GuestTimeout(MignetError, subprocess.TimeoutExpired):
     """CMD (or the boot before it) ran past the timeout; the guest has been stopped.
 
     ``cmd`` is CMD (not vng's command line), ``output`` what the guest printed, ``started``
@@ -122,6 +124,9 @@ class GuestTimeout(subprocess.TimeoutExpired):
 
 class GuestSignalled(SystemExit):
     """The harness got SIGTERM or SIGHUP; the guest has been stopped. ``code`` is 128 + N.
+
+    A SystemExit on purpose (like MigrationCancelled, outside the MignetError root): the
+    process is asked to end, and no ``except Exception`` on the way may stop that.
 
     (SIGINT raises KeyboardInterrupt, as everywhere in Python, after the same clean-up.)
     """

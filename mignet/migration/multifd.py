@@ -79,7 +79,7 @@ class PollableListener(Protocol):
     def close(self) -> None: ...
 
 
-class _Stopped(Exception):
+class _Stopped(MignetError):
     """Internal: the receiver is stopping; a channel thread leaves quietly."""
 
 
