@@ -161,7 +161,7 @@ def test_auto_converge_throttles_until_it_converges() -> None:
 
 
 def test_max_bandwidth_change_takes_effect_while_running() -> None:
-    live = live_migration(32 * MiB, 4 * MiB, PrecopyParams(max_bandwidth=2 * MiB))
+    live = live_migration(64 * MiB, 4 * MiB, PrecopyParams(max_bandwidth=2 * MiB))
     t0 = time.monotonic()
     t, box = run_in_thread(live.precopy)
     slow = sent(wait_until(live.precopy, lambda i: sent(i) >= 6 * MiB))
@@ -172,9 +172,9 @@ def test_max_bandwidth_change_takes_effect_while_running() -> None:
     live.precopy.set_max_bandwidth(0)
     t.join(60)
     assert not t.is_alive()
-    # What is left (26 MiB or more, and the guest keeps dirtying) takes 13 s or more at the
-    # old limit; unlimited it is a local copy.
-    assert time.monotonic() - started < 10.0
+    # What is left (58 MiB or more, and the guest keeps dirtying) takes 29 s or more at the
+    # old limit; unlimited it is a local copy (about a second, even on a loaded machine).
+    assert time.monotonic() - started < 20.0
     assert box["info"]["status"] == "completed"
     assert_identical(live)
 
