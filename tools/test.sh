@@ -35,9 +35,12 @@ if compgen -G "tests/rdma/test_*.py" >/dev/null; then
         rdma=1
     else
         echo "== RDMA tests (inside a soft-RoCE guest) =="
-        $py tools/rxe/run_in_guest.py --timeout 1200 -- "$root/.venv/bin/python" -m pytest -q -m rdma \
+        # A writable 9p share inside the guest, for the test that --out refuses one.
+        share="$(mktemp -d /tmp/mignet-9p.XXXXXX)"
+        $py tools/rxe/run_in_guest.py --timeout 1200 --rwdir "$share" -- "$root/.venv/bin/python" -m pytest -q -m rdma \
             -p no:cacheprovider tests/rdma
         rdma=$?
+        rm -rf "$share"
         check_left "RDMA guest run"
     fi
 fi

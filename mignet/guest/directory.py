@@ -17,6 +17,7 @@ directory that says it is incomplete, and a replay refuses it.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -52,6 +53,29 @@ class Snapshot:
     ram_section_id: int | None
 
 
+def _check_shared_mapping(path: Path) -> None:
+    """RAM blocks are files mapped shared; some file systems cannot (9p and virtiofs shares,
+    such as a soft-RoCE guest's ``--rwdir``). Find out before a byte is read, not with a
+    traceback from numpy after the source connected."""
+    probe = path / ".mignet-mmap-probe"
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        raise SetupError(f"cannot write to output directory {path}: {exc.strerror}") from exc
+    try:
+        os.ftruncate(fd, mmap.PAGESIZE)
+        with mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+            m[0] = 1
+    except OSError as exc:
+        raise SetupError(
+            f"{path} cannot hold guest RAM: its file system cannot map files shared "
+            f"({exc.strerror}; 9p and virtiofs shares cannot); use a local folder such as "
+            "/dev/shm/NAME") from exc
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
 class GuestDir:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -61,6 +85,7 @@ class GuestDir:
             raise SetupError(f"cannot create output directory {path}: {exc.strerror}") from exc
         if any(path.glob("*.ram")):
             raise SetupError(f"{path} already holds RAM files: choose an empty directory")
+        _check_shared_mapping(path)
         try:
             _write_atomic(path / MANIFEST, json.dumps(
                 {"format": FORMAT, "complete": False, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")},

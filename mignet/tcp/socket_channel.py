@@ -59,8 +59,14 @@ class SocketChannel(Channel):
         if self._low_water > 1 and self._blocking and not self._ready.poll(BULK_PATIENCE_MS):
             # The low-water mark would hold this read until that many bytes came, but a
             # peer may have paused for good (QEMU waits on its return path for our SHUT
-            # before it sends or closes anything more): take what is there instead.
+            # before it sends or closes anything more): this one read takes what is there,
+            # and the mark stays for the next.
+            bulk = self._low_water
             self.hint_bulk_reads(1)
+            try:
+                return self._readv(bufs)
+            finally:
+                self.hint_bulk_reads(bulk)
         try:
             if len(bufs) == 1:
                 return self.sock.recv_into(bufs[0])
