@@ -163,3 +163,5 @@ def test_qemu_that_cannot_load_a_replay_is_reported(mignet_cmd: list[str], subpr
     # QEMU refuses at the block list (a reset mid-stream) or after the load (SHUT 1 / no
     # SHUT): either way one line, never "completed".
     assert any(s in r.stderr for s in ("could not load", "without confirming", "connection lost")), r.stderr
+    # ... and names the likely problem: the machine and RAM QEMU must be started with.
+    assert "-machine pc-i440fx" in r.stderr and "m0 64.0 MiB" in r.stderr, r.stderr

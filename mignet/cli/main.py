@@ -21,7 +21,7 @@ from mignet.bench.procstat import peak_rss
 from mignet.bench.receiver import receiver_result, recv_command, start_receiver
 from mignet.channel import ShutdownHow
 from mignet.cli import bench, inspect, relay, rxe, serve
-from mignet.errors import MignetError, MigrationCancelled, SetupError
+from mignet.errors import ConnectionLostError, MignetError, MigrationCancelled, PeerFailedError, SetupError
 from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir, open_snapshot
 from mignet.guest.ram import GuestRam, RamBlock
@@ -201,7 +201,15 @@ def cmd_send(args: argparse.Namespace) -> int:
         sender = Sender(channel, ram, devices, max_bandwidth=parse_rate(args.max_bandwidth),
                         rdma_pin_all=args.rdma_pin_all, pages_to=multifd,
                         return_path=return_path, **kwargs)
-        stats = _run_send(sender, quiet=args.quiet)
+        try:
+            stats = _run_send(sender, quiet=args.quiet)
+        except (ConnectionLostError, PeerFailedError) as exc:
+            if not args.snapshot:
+                raise
+            # QEMU says why only in its own log; the usual reason is a guest it cannot hold.
+            raise type(exc)(f"{exc} — QEMU refuses a snapshot whose machine type or RAM differ "
+                            f"from its own: start it with -machine {snap.machine_type} and "
+                            f"{human_bytes(ram.total)} of RAM blocks as {_block_list(ram)}") from None
         if multifd is not None:
             multifd.finish()
     finally:
@@ -284,6 +292,11 @@ def _run_send(sender: Sender, quiet: bool) -> SendStats:
         s = sender.stats
         return s.ram_done, s.ram_total, f"{s.zero_pages} zero pages"
     return run_with_progress(sender.run, label="sending", poll=poll, cancel=sender.cancel, quiet=quiet)
+
+
+def _block_list(ram: GuestRam) -> str:
+    blocks = [f"{b.name} {human_bytes(b.size)}" for b in ram]
+    return ", ".join(blocks[:3]) + (f" (+{len(blocks) - 3} more)" if len(blocks) > 3 else "")
 
 
 def _print_send_table(s: SendStats, digest: str) -> None:
