@@ -168,10 +168,11 @@ def test_relay_nonzero_fill_leaves_as_a_page() -> None:
 # --- processes -----------------------------------------------------------------------
 @contextmanager
 def relay_process(cmd: list[str], env: dict[str, str], to: str,
-                  listen: str = "tcp:127.0.0.1:0") -> Iterator[tuple[subprocess.Popen[str], str]]:
+                  listen: str = "tcp:127.0.0.1:0", extra: tuple[str, ...] = (),
+                  ) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """``mignet relay --listen LISTEN --to TO --json`` once it listens: (process, its URI).
     Stopped when the block ends, however it ends."""
-    proc = subprocess.Popen([*cmd, "relay", "--listen", listen, "--to", to, "--json"],
+    proc = subprocess.Popen([*cmd, "relay", "--listen", listen, "--to", to, "--json", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
     try:
@@ -198,10 +199,12 @@ def finish(proc: subprocess.Popen[str], timeout: float = 120) -> list[dict[str, 
 
 @contextmanager
 def two_relays(cmd: list[str], env: dict[str, str], to: str, link: str = "tcp:127.0.0.1:0",
+               first_extra: tuple[str, ...] = (),
                ) -> Iterator[tuple[subprocess.Popen[str], subprocess.Popen[str], str]]:
-    """first relay -> (``link``) -> second relay -> ``to``: (first, second, the first's URI)."""
+    """first relay -> (``link``) -> second relay -> ``to``: (first, second, the first's URI).
+    ``first_extra``: more arguments for the first relay (``--channels N``: a multifd link)."""
     with relay_process(cmd, env, to, listen=link) as (second, second_uri), \
-            relay_process(cmd, env, second_uri) as (first, first_uri):
+            relay_process(cmd, env, second_uri, extra=first_extra) as (first, first_uri):
         yield first, second, first_uri
 
 
@@ -224,6 +227,34 @@ def test_send_through_two_relays_into_recv_digest_matches(mignet_cmd: list[str],
         assert c["bytes_in"] == c["bytes_out"] == sent["transferred"] == got["stats"]["stream_bytes"]
         assert c["pages"] == got["stats"]["normal_pages"] and c["zero_pages"] == got["stats"]["zero_pages"]
         assert c["device_sections"] == 4 and c["ram_section_id"] not in (None, 0)
+
+
+def test_send_through_a_multifd_relay_link_into_recv_digest_matches(
+        mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    """mignet send -> relay --channels 2 -> (multifd over tcp) -> relay -> recv."""
+    recv, recv_uri = start_recv(mignet_cmd, subprocess_env)
+    try:
+        with two_relays(mignet_cmd, subprocess_env, recv_uri, first_extra=("--channels", "2")) as (
+                first, second, uri):
+            sent, got = send_into(mignet_cmd, subprocess_env, recv, uri,
+                                  "--size", "64M", "--fill", "mixed", "--seed", "5")
+            done = [finish(first)[-1], finish(second)[-1]]
+    finally:
+        if recv.poll() is None:
+            recv.kill()
+            recv.communicate()
+    assert got["ram_sha256"] == sent["ram_sha256"] == GuestRam.generate(64 << 20, "mixed", seed=5).digest()
+    out, into = done[0]["multifd_out"], done[1]["multifd_in"]
+    assert out["channels"] == into["channels"] == 2
+    # Both channels carried pages, every data page crossed the link in a channel packet,
+    # and the rounds were kept (a SYNC per RAM EOS: setup, parts, end).
+    assert all(n > 0 for n in out["pages"].values())
+    assert sum(out["pages"].values()) == sum(into["pages"].values()) == done[0]["pages"] \
+        == done[1]["pages"] == got["stats"]["normal_pages"] > 0
+    assert out["syncs"] == into["syncs"] == done[0]["ram_sections"] == done[1]["ram_sections"] >= 3
+    assert done[0]["zero_pages"] == done[1]["zero_pages"] == got["stats"]["zero_pages"]
+    assert done[1]["bytes_out"] == got["stats"]["stream_bytes"]
+    assert done[0]["bytes_out"] < done[0]["bytes_in"]  # the pages left on the channels
 
 
 def test_relay_forwards_pages_while_its_input_still_arrives(mignet_cmd: list[str], subprocess_env: dict[str, str],
@@ -310,6 +341,35 @@ def test_paused_qemu_through_two_relays_into_qemu_byte_identical(
         assert c["device_sections"] > 20
         assert c["bytes_in"] == c["bytes_out"]
     assert done[0]["pages"] == done[1]["pages"] > 0
+
+
+@pytest.mark.qemu
+@needs_qemu
+@pytest.mark.xfail(reason="open: QEMU 7.2 refuses the second relay's output after a multifd link "
+                          "('Illegal RAM offset' at the end of the last RAM section) although "
+                          "mignet recv loads the same bytes", strict=False)
+def test_paused_qemu_through_a_multifd_relay_link_into_qemu_byte_identical(
+        mignet_cmd: list[str], subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    """QEMU 7.2 -> relay --channels 2 -> (multifd over tcp) -> relay -> QEMU 7.2."""
+    with QemuDestination(tmp_path, mem_mib=128) as dst:
+        dst.migrate_incoming("tcp:127.0.0.1:0")
+        dst_uri = dst.listen_uri()
+        assert dst_uri is not None
+        with two_relays(mignet_cmd, subprocess_env, dst_uri, first_extra=("--channels", "2")) as (
+                first, second, uri):
+            with QemuSource(tmp_path, mem_mib=128, fill="random", seed=13) as src:
+                src.migrate(uri)
+                source = np.fromfile(src.image_path, np.uint8)
+            done = [finish(first)[-1], finish(second)[-1]]
+        info = dst.wait_migration(timeout=120)
+        assert info["status"] == "completed"
+        assert dst.status() == "prelaunch"
+        assert np.array_equal(np.fromfile(dst.image_path, np.uint8), source)
+    out, into = done[0]["multifd_out"], done[1]["multifd_in"]
+    assert out["channels"] == into["channels"] == 2
+    assert sum(out["pages"].values()) == sum(into["pages"].values()) == done[0]["pages"] > 0
+    assert out["syncs"] == into["syncs"] == done[0]["ram_sections"]
+    assert done[1]["device_sections"] > 20
 
 
 @pytest.mark.qemu

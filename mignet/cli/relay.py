@@ -4,6 +4,9 @@ mignet) and, page by page as they arrive, the source of the same stream towards 
 
     qemu (migrate tcp:B:4444) -> relay --listen tcp:0.0.0.0:4444 --to rdma:C:4445
                               -> relay --listen rdma:0.0.0.0:4445 --to tcp:D:4446 -> qemu -incoming
+
+``--channels N`` makes the outbound link QEMU 7.2's multifd (tcp:/unix:); a relay listening
+on tcp:/unix: accepts a multifd inbound as ``mignet recv`` does.
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ import os
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 from mignet.errors import MigrationCancelled, SetupError
+from mignet.migration.multifd import MultifdReceiver, PollableListener
 from mignet.migration.relay import Relay, RelayStats
 from mignet.transport import connect, listen
 from mignet.ui.terminal import console
 from mignet.units import human_bytes, parse_size, rate
 from mignet.uri import parse_uri
+from mignet.wire.multifd import MAX_CHANNELS
 
 
 def add_parser(sub: Any) -> None:
@@ -31,6 +36,9 @@ def add_parser(sub: Any) -> None:
                    help="where the stream goes on: qemu -incoming, mignet recv or another relay")
     p.add_argument("--max-ram", default=str(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
                    metavar="SIZE", help="refuse sources with more RAM (default: physical memory)")
+    p.add_argument("--channels", type=int, default=1, metavar="N",
+                   help="QEMU 7.2's multifd towards --to: page data over N extra connections "
+                        "(N >= 2; tcp: or unix:)")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the source")
     p.add_argument("--progress", type=float, default=0.25, metavar="SECONDS",
                    help="with --json: a progress event this often")
@@ -44,6 +52,14 @@ def _emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+def _refused(args: argparse.Namespace, why: str) -> None:
+    """A stray connection (not the migration's) was turned away; the relay goes on."""
+    if args.json:
+        _emit({"event": "refused", "reason": why})
+    elif not args.quiet:
+        console.print(f"mignet relay: {why}", soft_wrap=True, markup=False)
+
+
 def _progress(relay: Relay) -> dict[str, Any]:
     s = relay.stats
     return {"event": "progress", "t": time.monotonic(), "bytes_in": relay.loader.decoder.offset,
@@ -52,19 +68,34 @@ def _progress(relay: Relay) -> dict[str, Any]:
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
-    parse_uri(args.to)  # a bad destination is refused before anything listens
+    to = parse_uri(args.to)  # a bad destination is refused before anything listens
+    if args.channels < 1 or args.channels > MAX_CHANNELS:
+        raise SetupError(f"--channels takes 1 to {MAX_CHANNELS}")
+    if args.channels > 1 and to.scheme not in ("tcp", "unix"):
+        raise SetupError("--channels (multifd) needs a tcp: or unix: --to")
     listener = listen(args.listen)
     if args.json:
         _emit({"event": "listening", "uri": str(listener.address)})
     elif not args.quiet:
         console.print(f"mignet relay: listening on {listener.address}, forwarding to {args.to}")
+    multifd: MultifdReceiver | None = None
     try:
-        inbound = listener.accept(timeout=args.timeout)
+        if listener.address.scheme in ("tcp", "unix"):
+            # Keeps listening: a multifd source (QEMU's or a relay's) adds channels.
+            multifd = MultifdReceiver(cast(PollableListener, listener),
+                                      on_refused=lambda why: _refused(args, why))
+            inbound = multifd.accept_main(timeout=args.timeout)
+        else:
+            inbound = listener.accept(timeout=args.timeout)
     except TimeoutError as exc:
+        if multifd is not None:
+            multifd.close()
         raise SetupError(str(exc)) from None
     finally:
-        listener.close()
-    relay = Relay(inbound, lambda: connect(args.to), max_ram_bytes=parse_size(args.max_ram))
+        if multifd is None:
+            listener.close()
+    relay = Relay(inbound, lambda: connect(args.to), max_ram_bytes=parse_size(args.max_ram),
+                  channels=args.channels if args.channels > 1 else 0, multifd_in=multifd)
     box: dict[str, Any] = {}
 
     def main() -> None:

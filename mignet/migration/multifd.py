@@ -104,6 +104,9 @@ class MultifdReceiver:
                  settle_timeout: float = SETTLE_TIMEOUT) -> None:
         self.listener = listener
         self.on_refused = on_refused
+        # Called from a channel thread once a packet's pages are in place (the relay
+        # forwards them); ``offsets`` are the packet's byte offsets, in packet order.
+        self.on_pages: Callable[[RamBlock, np.ndarray], None] | None = None
         self.classify_timeout = classify_timeout
         self.settle_timeout = settle_timeout
         self.refused: list[str] = []
@@ -328,6 +331,8 @@ class MultifdReceiver:
                             f"the channel closed before packet {pkt.packet_num}'s "
                             f"{pkt.normal_pages} pages")
                     state.pages += pkt.normal_pages
+                    if self.on_pages is not None:
+                        self.on_pages(block, offs)
                 if pkt.sync:
                     self._sync_channel(state)
         except _Stopped:
@@ -550,6 +555,10 @@ class MultifdSender:
                 return
             except queue.Full:
                 continue
+
+    def flush(self) -> int:
+        """Send the pending partial packet now (a relay: its input has paused)."""
+        return self._flush()
 
     def sync(self) -> int:
         """``multifd_send_sync_main``: pending pages out, one SYNC packet per channel, and

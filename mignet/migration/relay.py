@@ -20,10 +20,20 @@ RAM blocks (the encoder's staging buffer) and written with one call, and whateve
 is written before any read that would block, so a slow or paused source never holds pages
 back. Page data always travels in the byte stream, also over rdma: (a relay on an RDMA link
 does not place pages remotely: its peer could not tell which pages changed).
+
+Multifd (QEMU 7.2's ``multifd`` capability) on either side: with ``channels`` > 0 the relay
+is a multifd source (a :class:`MultifdSender`: data pages in channel packets as they arrive,
+ZERO records and device state on the main stream, one SYNC per channel before every RAM
+EOS); given a :class:`MultifdReceiver` it is a multifd destination — each channel's packets
+are forwarded by the channel's thread as soon as they are in place. Rounds stay rounds: at
+an inbound RAM EOS the receiver's barrier (every channel's SYNC) runs before the relay ends
+the section, and pages of the next round that arrive meanwhile wait until that section has
+left (a ZERO record of round k and the page's data of round k+1 must never share a round).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +46,7 @@ from mignet.errors import ConnectionLostError, ProtocolError
 from mignet.guest.devices import KNOWN_DEVICES, DeviceSet
 from mignet.guest.ram import GuestRam, RamBlock
 from mignet.migration.loadvm import MAX_RUN, Loader
+from mignet.migration.multifd import MultifdReceiver, MultifdSender
 from mignet.wire import (
     PAGE_SIZE,
     DeviceState,
@@ -48,6 +59,7 @@ from mignet.wire import (
 )
 from mignet.wire.constants import PAGE_RECORD_SIZE
 from mignet.wire.decoder import _NeedData
+from mignet.wire.decoder_states import RECORD_STATES, DecoderState
 
 BATCH_PAGES = 512  # pages per outbound write (about 2 MiB of records)
 CLOSE_TIMEOUT = 120.0  # seconds to wait for the outbound peer to close after the stream
@@ -70,6 +82,8 @@ class RelayStats:
     first_page_out_at: float | None = None  # CLOCK_MONOTONIC of the first page written
     input_done_at: float | None = None  # the inbound stream was complete
     finished: float | None = None
+    multifd_in: dict[str, Any] | None = None  # the inbound channels (MultifdReceiver.describe)
+    multifd_out: dict[str, Any] | None = None  # the outbound channels (MultifdSender.describe)
 
     @property
     def elapsed(self) -> float:
@@ -81,20 +95,24 @@ class RelayStats:
                 "device_sections": self.device_sections, "writes": self.writes,
                 "machine_type": self.machine_type, "ram_section_id": self.ram_section_id,
                 "seconds": round(self.elapsed, 4), "first_page_out_at": self.first_page_out_at,
-                "input_done_at": self.input_done_at}
+                "input_done_at": self.input_done_at, "multifd_in": self.multifd_in,
+                "multifd_out": self.multifd_out}
 
 
 class _TappedDecoder(StreamDecoder):
     """The loader's decoder, telling the relay about the end of each RAM section (the loader
     itself only counts them). Every page before it has been placed by then."""
 
-    def __init__(self, on_section_end: Callable[[RamEndOfSection], None], **kwargs: Any) -> None:
+    def __init__(self, on_section_end: Callable[[RamEndOfSection], None],
+                 before_section_end: Callable[[], None], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._on_section_end = on_section_end
+        self._before_section_end = before_section_end
 
     def next_event(self) -> Event | _NeedData:
         event = super().next_event()
         if type(event) is RamEndOfSection:
+            self._before_section_end()
             self._on_section_end(event)
         return event
 
@@ -152,14 +170,23 @@ class _RelayLoader(Loader):
         super().__init__(channel, devices=DeviceSet.empty(), max_ram_bytes=max_ram_bytes,
                          block_factory=RamBlock.anonymous)
         self.relay = relay
-        self.decoder = _TappedDecoder(relay._section_end, devices=KNOWN_DEVICES,
-                                      max_ram_bytes=max_ram_bytes)
+        self.decoder = _TappedDecoder(relay._section_end, self._eos_hook_first,
+                                      devices=KNOWN_DEVICES, max_ram_bytes=max_ram_bytes)
+
+    def _eos_hook_first(self) -> None:
+        # The multifd barrier (every inbound channel's SYNC) before the relay ends the
+        # section: the round's channel pages must leave inside it.
+        if self.on_ram_eos is not None and not self._eos_hooked:
+            self._eos_hooked = True
+            self.on_ram_eos()
 
     def _setup_blocks(self, event: RamBlocks) -> None:
         # No RDMA registration: pages reach a relay in the byte stream (see module doc).
         self.ram = GuestRam([self.block_factory(name, size) for name, size in event.blocks])
         self.stats.ram_total = event.total
         self.relay._blocks(self.ram, event)
+        if self.on_blocks is not None:
+            self.on_blocks(self.ram)
 
     def _zero_page(self, event: RamZero) -> None:
         super()._zero_page(event)
@@ -185,7 +212,8 @@ class Relay:
 
     def __init__(self, inbound: Channel, connect_out: Callable[[], Channel], *,
                  max_ram_bytes: int = 1 << 40, batch_pages: int = BATCH_PAGES,
-                 close_timeout: float = CLOSE_TIMEOUT) -> None:
+                 close_timeout: float = CLOSE_TIMEOUT, channels: int = 0,
+                 multifd_in: MultifdReceiver | None = None) -> None:
         self.inbound = inbound
         self.connect_out = connect_out
         self.outbound: Channel | None = None
@@ -203,11 +231,31 @@ class Relay:
         self._staging = np.empty((batch_pages + MAX_RUN + 1) * PAGE_RECORD_SIZE, dtype=np.uint8)
         self._section_open = False
         self._ram: GuestRam | None = None
+        # Multifd: the channels' threads add pages too, so records are added under a lock.
+        self._lock = threading.RLock()
+        self.channels = channels
+        self.multifd_out: MultifdSender | None = None
+        self.multifd_in = multifd_in
+        self._gate_closed = False  # between an inbound RAM EOS and the section's end
+        self._deferred: list[tuple[RamBlock, np.ndarray]] = []
+        if multifd_in is not None:
+            multifd_in.attach(self.loader)
+            multifd_in.on_pages = self._channel_pages
+            self._sync_in = self.loader.on_ram_eos
+            self.loader.on_ram_eos = self._inbound_eos
 
     # --- the run ---------------------------------------------------------------------
     def run(self) -> RelayStats:
         """Relay until the stream is complete and the outbound peer has closed."""
-        result = self.loader.run()
+        try:
+            result = self.loader.run()
+        except Exception:
+            if self.multifd_in is not None:
+                self.multifd_in.raise_error()  # a failed channel is the cause
+            raise
+        if self.multifd_in is not None:
+            self.multifd_in.finish(result.stats)
+            self.stats.multifd_in = self.multifd_in.describe()
         self.stats.input_done_at = time.monotonic()
         self.stats.bytes_in = result.stats.bytes_received
         if self.outbound is None:
@@ -216,6 +264,9 @@ class Relay:
             self._out.append(self.encoder.vmdescription(result.description))
         self.flush()
         out = self.outbound
+        if self.multifd_out is not None:
+            self.multifd_out.finish()
+            self.stats.multifd_out = self.multifd_out.describe()
         try:
             out.shutdown(ShutdownHow.WRITE)
         except ConnectionLostError:
@@ -225,12 +276,20 @@ class Relay:
         return self.stats
 
     def close(self) -> None:
+        if self.multifd_in is not None:
+            self.multifd_in.close()
+        if self.multifd_out is not None:
+            self.multifd_out.close()
         if self.outbound is not None:
             self.outbound.close()
 
     def cancel(self) -> None:
         """Stop from any thread: both channels are shut down."""
         self.loader.cancel()
+        if self.multifd_in is not None:
+            self.multifd_in.close()
+        if self.multifd_out is not None:
+            self.multifd_out.abort()
         if self.outbound is not None:
             self.outbound.shutdown()
 
@@ -256,25 +315,88 @@ class Relay:
         self._ram = ram
         self.stats.machine_type = self.loader.stats.machine_type
         self.outbound = self.connect_out()
+        if self.channels:
+            # QEMU 7.2's destination takes its first connection as the main stream.
+            self.multifd_out = MultifdSender([self.connect_out() for _ in range(self.channels)])
+            self.multifd_out.start()
         self._out.append(self.encoder.header())
         if self.stats.machine_type:
             self._out.append(self.encoder.configuration(self.stats.machine_type))
 
     def _pages(self, block: RamBlock, offset: int, count: int) -> None:
-        self._ops.append(("P", block, offset, count))
-        self._pending_pages += count
-        if self._pending_pages >= self.batch_pages:
-            self.flush()
+        with self._lock:
+            if self.multifd_out is not None:
+                self._queue_out(block, np.arange(offset, offset + count * PAGE_SIZE, PAGE_SIZE,
+                                                 dtype=np.uint64))
+                return
+            self._ops.append(("P", block, offset, count))
+            self._pending_pages += count
+            if self._pending_pages >= self.batch_pages:
+                self.flush()
 
     def _zero(self, event: RamZero) -> None:
         assert self._ram is not None
         block = self._ram[event.block]
-        self._ops.append(("Z" if event.fill == 0 else "P", block, event.offset, 1))
-        self._pending_pages += 1
+        with self._lock:
+            if event.fill != 0 and self.multifd_out is not None:
+                self._queue_out(block, np.array([event.offset], dtype=np.uint64))
+                return
+            self._ops.append(("Z" if event.fill == 0 else "P", block, event.offset, 1))
+            self._pending_pages += 1
+            if self._pending_pages >= self.batch_pages:
+                self.flush()
+
+    def _queue_out(self, block: RamBlock, offsets: np.ndarray) -> None:
+        assert self.multifd_out is not None
+        self.multifd_out.queue_pages(block, offsets)
+        self.stats.pages_out += len(offsets)
+        if self.stats.first_page_out_at is None:
+            self.stats.first_page_out_at = time.monotonic()
+
+    # --- multifd in: a channel thread's pages --------------------------------------------
+    def _channel_pages(self, block: RamBlock, offsets: np.ndarray) -> None:
+        with self._lock:
+            if self._gate_closed:
+                self._deferred.append((block, offsets.copy()))
+            else:
+                self._forward_pages(block, offsets)
+
+    def _forward_pages(self, block: RamBlock, offsets: np.ndarray) -> None:
+        if self.multifd_out is not None:
+            self._queue_out(block, offsets.astype(np.uint64))
+            return
+        offs = offsets.astype(np.int64)
+        breaks = np.flatnonzero(np.diff(offs) != PAGE_SIZE) + 1
+        starts = np.concatenate(([0], breaks)).tolist()
+        ends = np.concatenate((breaks, [offs.size])).tolist()
+        for a, b in zip(starts, ends, strict=True):
+            self._ops.append(("P", block, int(offs[a]), b - a))
+        self._pending_pages += offs.size
         if self._pending_pages >= self.batch_pages:
             self.flush()
 
+    def _inbound_eos(self) -> None:
+        """At an inbound RAM EOS: later channel pages wait until this section has left,
+        then the receiver's barrier (every channel's SYNC of this round)."""
+        with self._lock:
+            self._gate_closed = True
+        if self._sync_in is not None:
+            self._sync_in()
+
+    def _open_gate(self) -> None:
+        if not self._gate_closed:
+            return
+        self._gate_closed = False
+        deferred, self._deferred = self._deferred, []
+        for block, offsets in deferred:
+            self._forward_pages(block, offsets)
+
     def _section_end(self, event: RamEndOfSection) -> None:
+        with self._lock:
+            self._section_end_locked(event)
+            self._open_gate()
+
+    def _section_end_locked(self, event: RamEndOfSection) -> None:
         enc = self.encoder
         if event.kind == "start":
             if self._ops:
@@ -283,9 +405,13 @@ class Relay:
                 raise ProtocolError("'ram' section with id 0 (QEMU would load it as 'timer')")
             assert self._ram is not None
             self.stats.ram_section_id = event.section_id
+            if self.multifd_out is not None:
+                self.multifd_out.sync()  # QEMU: sync, then the setup section's EOS
             self._out.append(enc.ram_start(self._ram.layout(), event.section_id))
         else:
-            self._encode_ops(event.kind == "end")
+            self._encode_ops(event.kind == "end", force=True)
+            if self.multifd_out is not None:
+                self.multifd_out.sync()  # every channel's SYNC before the EOS
             if not self._section_open:
                 self._out.append(enc.ram_section(final=event.kind == "end"))
             self._out.append(enc.ram_section_close())
@@ -295,21 +421,29 @@ class Relay:
         self.flush()
 
     def _device(self, event: DeviceState) -> None:
-        self._encode_ops(False)
-        self._out.append(self.encoder.device_section(
-            event.idstr, event.instance_id, event.version_id, event.raw, event.section_id))
-        self.stats.device_sections += 1
+        with self._lock:
+            self._encode_ops(False, force=True)
+            self._out.append(self.encoder.device_section(
+                event.idstr, event.instance_id, event.version_id, event.raw, event.section_id))
+            self.stats.device_sections += 1
 
     def _eof(self) -> None:
-        self._encode_ops(False)
-        self._out.append(self.encoder.eof())
+        with self._lock:
+            self._encode_ops(False, force=True)
+            self._out.append(self.encoder.eof())
 
     # --- output ----------------------------------------------------------------------
     def _has_pending(self) -> bool:
-        return bool(self._ops or self._out)
+        return bool(self._ops or self._out or self.multifd_out is not None)
 
     def flush(self) -> None:
         """Write every pending record and byte with one vectored write."""
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self.multifd_out is not None:
+            self.multifd_out.flush()  # the partial packet: the input has paused
         self._encode_ops(self._current_kind_is_end())
         if not self._out:
             return
@@ -327,13 +461,23 @@ class Relay:
         # header has been read; the relay writes its own header before the first record).
         return getattr(self.loader.decoder, "_section_kind", "part") == "end"
 
-    def _encode_ops(self, final: bool) -> None:
+    def _in_section(self) -> bool:
+        # The input is inside a PART/END section (not between sections: channel pages
+        # may arrive before the main stream's next section header).
+        dec = self.loader.decoder
+        return (dec.state in RECORD_STATES or dec.state is DecoderState.PAGE_PAYLOAD) \
+            and getattr(dec, "_section_kind", "part") != "start"
+
+    def _encode_ops(self, final: bool, force: bool = False) -> None:
         """Turn pending records into buffers: runs of page records packed from the RAM
         blocks into the staging buffer, zero records as one buffer per run."""
         ops = self._ops
         if not ops:
             return
         enc = self.encoder
+        if not self._section_open and not force and self.multifd_in is not None \
+                and not self._in_section():
+            return  # channel pages between sections wait for the next section header
         if not self._section_open:
             if getattr(self.loader.decoder, "_section_kind", "part") == "start":
                 raise ProtocolError("page records in the RAM setup section: the relay cannot forward them")
