@@ -345,9 +345,6 @@ def test_paused_qemu_through_two_relays_into_qemu_byte_identical(
 
 @pytest.mark.qemu
 @needs_qemu
-@pytest.mark.xfail(reason="open: QEMU 7.2 refuses the second relay's output after a multifd link "
-                          "('Illegal RAM offset' at the end of the last RAM section) although "
-                          "mignet recv loads the same bytes", strict=False)
 def test_paused_qemu_through_a_multifd_relay_link_into_qemu_byte_identical(
         mignet_cmd: list[str], subprocess_env: dict[str, str], tmp_path: Path) -> None:
     """QEMU 7.2 -> relay --channels 2 -> (multifd over tcp) -> relay -> QEMU 7.2."""

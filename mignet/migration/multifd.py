@@ -107,6 +107,9 @@ class MultifdReceiver:
         # Called from a channel thread once a packet's pages are in place (the relay
         # forwards them); ``offsets`` are the packet's byte offsets, in packet order.
         self.on_pages: Callable[[RamBlock, np.ndarray], None] | None = None
+        # Called at each RAM EOS once every channel has synced, before any is let go (all
+        # of the round's pages are in; none of the next round's yet).
+        self.on_round: Callable[[], None] | None = None
         self.classify_timeout = classify_timeout
         self.settle_timeout = settle_timeout
         self.refused: list[str] = []
@@ -293,6 +296,8 @@ class MultifdReceiver:
                 self._cond.wait(0.2)
             for s in states:
                 s.synced = False
+            if self.on_round is not None:
+                self.on_round()
             self._generation += 1
             self._cond.notify_all()
 

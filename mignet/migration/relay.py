@@ -27,8 +27,8 @@ ZERO records and device state on the main stream, one SYNC per channel before ev
 EOS); given a :class:`MultifdReceiver` it is a multifd destination — each channel's packets
 are forwarded by the channel's thread as soon as they are in place. Rounds stay rounds: at
 an inbound RAM EOS the receiver's barrier (every channel's SYNC) runs before the relay ends
-the section, and pages of the next round that arrive meanwhile wait until that section has
-left (a ZERO record of round k and the page's data of round k+1 must never share a round).
+the section, and pages of the next round (released by that barrier) wait until the section
+has left (a ZERO record of round k and the page's data of round k+1 must never share a round).
 """
 
 from __future__ import annotations
@@ -241,8 +241,7 @@ class Relay:
         if multifd_in is not None:
             multifd_in.attach(self.loader)
             multifd_in.on_pages = self._channel_pages
-            self._sync_in = self.loader.on_ram_eos
-            self.loader.on_ram_eos = self._inbound_eos
+            multifd_in.on_round = self._close_gate
 
     # --- the run ---------------------------------------------------------------------
     def run(self) -> RelayStats:
@@ -375,13 +374,10 @@ class Relay:
         if self._pending_pages >= self.batch_pages:
             self.flush()
 
-    def _inbound_eos(self) -> None:
-        """At an inbound RAM EOS: later channel pages wait until this section has left,
-        then the receiver's barrier (every channel's SYNC of this round)."""
-        with self._lock:
-            self._gate_closed = True
-        if self._sync_in is not None:
-            self._sync_in()
+    def _close_gate(self) -> None:
+        """The receiver's barrier passed (every channel synced, all waiting: none is adding
+        pages): the next round's pages wait until this section has left."""
+        self._gate_closed = True
 
     def _open_gate(self) -> None:
         if not self._gate_closed:
