@@ -370,6 +370,29 @@ def test_paused_qemu_through_a_multifd_relay_link_into_qemu_byte_identical(
 
 
 @pytest.mark.qemu
+@needs_qemu
+def test_qemu_multifd_source_into_a_relay_through_a_multifd_link_byte_identical(
+        mignet_cmd: list[str], subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    """QEMU 7.2 with the multifd capability (3 channels) -> relay --channels 2 -> relay -> QEMU."""
+    with QemuDestination(tmp_path, mem_mib=128) as dst:
+        dst.migrate_incoming("tcp:127.0.0.1:0")
+        dst_uri = dst.listen_uri()
+        assert dst_uri is not None
+        with two_relays(mignet_cmd, subprocess_env, dst_uri, first_extra=("--channels", "2")) as (
+                first, second, uri):
+            with QemuSource(tmp_path, mem_mib=128, fill="random", seed=17) as src:
+                src.migrate(uri, capabilities={"multifd": True}, parameters={"multifd_channels": 3})
+                source = np.fromfile(src.image_path, np.uint8)
+            done = [finish(first)[-1], finish(second)[-1]]
+        info = dst.wait_migration(timeout=120)
+        assert info["status"] == "completed"
+        assert np.array_equal(np.fromfile(dst.image_path, np.uint8), source)
+    qemu_in, out, into = done[0]["multifd_in"], done[0]["multifd_out"], done[1]["multifd_in"]
+    assert qemu_in["channels"] == 3 and out["channels"] == into["channels"] == 2
+    assert sum(qemu_in["pages"].values()) == sum(out["pages"].values()) == sum(into["pages"].values()) > 0
+
+
+@pytest.mark.qemu
 @pytest.mark.slow
 @pytest.mark.skipif(counting_guest_skip_reason() is not None, reason=counting_guest_skip_reason() or "")
 def test_running_guest_live_through_two_relays_keeps_counting(
