@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from rich.markup import escape
 
@@ -26,7 +26,7 @@ from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir, open_snapshot
 from mignet.guest.ram import GuestRam, RamBlock
 from mignet.migration.loadvm import Loader, LoadResult, LoadStats, start_load_thread
-from mignet.migration.multifd import MultifdReceiver, MultifdSender, PollableListener
+from mignet.migration.multifd import MultifdReceiver, MultifdSender, accept_incoming
 from mignet.migration.savevm import Sender, SendStats
 from mignet.transport import connect, listen
 from mignet.ui.terminal import console, run_with_progress, stats_table, transfer_progress
@@ -48,22 +48,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
         console.print(f"mignet: listening on {listener.address}")
     if args.json:
         _emit_json({"event": "listening", "uri": str(listener.address)})
-    multifd: MultifdReceiver | None = None
-    try:
-        if listener.address.scheme in ("tcp", "unix"):
-            # Keeps listening: a multifd source (QEMU's multifd capability) adds channels.
-            multifd = MultifdReceiver(cast(PollableListener, listener),
-                                      on_refused=lambda why: _refused(args, why))
-            channel = multifd.accept_main(timeout=args.timeout)
-        else:
-            channel = listener.accept(timeout=args.timeout)
-    except TimeoutError as exc:
-        if multifd is not None:
-            multifd.close()
-        raise SetupError(str(exc)) from None
-    finally:
-        if multifd is None:
-            listener.close()
+    channel, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why))
     loader = Loader(channel, devices=DeviceSet.empty(), max_ram_bytes=parse_size(args.max_ram),
                     block_factory=out.block_factory if out else RamBlock.anonymous)
     try:

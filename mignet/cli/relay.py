@@ -17,10 +17,10 @@ import os
 import sys
 import threading
 import time
-from typing import Any, cast
+from typing import Any
 
 from mignet.errors import MigrationCancelled, SetupError
-from mignet.migration.multifd import MultifdReceiver, PollableListener
+from mignet.migration.multifd import accept_incoming
 from mignet.migration.relay import Relay, RelayStats
 from mignet.transport import connect, listen
 from mignet.ui.terminal import console
@@ -78,22 +78,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
         _emit({"event": "listening", "uri": str(listener.address)})
     elif not args.quiet:
         console.print(f"mignet relay: listening on {listener.address}, forwarding to {args.to}")
-    multifd: MultifdReceiver | None = None
-    try:
-        if listener.address.scheme in ("tcp", "unix"):
-            # Keeps listening: a multifd source (QEMU's or a relay's) adds channels.
-            multifd = MultifdReceiver(cast(PollableListener, listener),
-                                      on_refused=lambda why: _refused(args, why))
-            inbound = multifd.accept_main(timeout=args.timeout)
-        else:
-            inbound = listener.accept(timeout=args.timeout)
-    except TimeoutError as exc:
-        if multifd is not None:
-            multifd.close()
-        raise SetupError(str(exc)) from None
-    finally:
-        if multifd is None:
-            listener.close()
+    inbound, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why))
     relay = Relay(inbound, lambda: connect(args.to), max_ram_bytes=parse_size(args.max_ram),
                   channels=args.channels if args.channels > 1 else 0, multifd_in=multifd)
     box: dict[str, Any] = {}

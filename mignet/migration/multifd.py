@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mignet.channel import Channel, IOCondition, ShutdownHow
-from mignet.errors import ConnectionLostError, MignetError, ProtocolError
+from mignet.errors import ConnectionLostError, MignetError, ProtocolError, SetupError
 from mignet.guest.ram import GuestRam, RamBlock
 from mignet.migration.loadvm import Loader, LoadStats
 from mignet.runtime.threads import start_thread
@@ -648,3 +648,24 @@ class MultifdSender:
                 self._error = _channel_error(cid, exc)
             self._stopping = True
             self._barrier.abort()
+
+
+def accept_incoming(listener: Any, timeout: float | None,
+                    on_refused: Callable[[str], None]) -> tuple[Channel, MultifdReceiver | None]:
+    """Accept a migration's main connection, as ``recv`` and ``relay`` do: on tcp:/unix:
+    keep listening, so a multifd source (QEMU's capability, a relay's link) can add its
+    channels; elsewhere take the one connection. The listener is closed unless the returned
+    receiver now owns it. A source that never comes is one line (SetupError)."""
+    multifd: MultifdReceiver | None = None
+    try:
+        if listener.address.scheme in ("tcp", "unix"):
+            multifd = MultifdReceiver(listener, on_refused=on_refused)
+            return multifd.accept_main(timeout=timeout), multifd
+        return listener.accept(timeout=timeout), None
+    except TimeoutError as exc:
+        if multifd is not None:
+            multifd.close()
+        raise SetupError(str(exc)) from None
+    finally:
+        if multifd is None:
+            listener.close()
