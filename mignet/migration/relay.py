@@ -58,7 +58,7 @@ from mignet.wire import (
     StreamEncoder,
 )
 from mignet.wire.constants import PAGE_RECORD_SIZE
-from mignet.wire.decoder import _NeedData
+from mignet.wire.decoder import NeedData
 from mignet.wire.decoder_states import RECORD_STATES, DecoderState
 
 BATCH_PAGES = 512  # pages per outbound write (about 2 MiB of records)
@@ -109,7 +109,7 @@ class _TappedDecoder(StreamDecoder):
         self._on_section_end = on_section_end
         self._before_section_end = before_section_end
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         event = super().next_event()
         if type(event) is RamEndOfSection:
             self._before_section_end()

@@ -69,6 +69,8 @@ class _NeedData:
 
 
 NEED_DATA: Final = _NeedData()
+#: The sentinel's type, for annotations outside the codec (``Event | NeedData``).
+NeedData = _NeedData
 
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
