@@ -232,6 +232,18 @@ def parse_ticks(text: bytes) -> list[int]:
     return [int(m.group(1)) for m in _TICK_RE.finditer(text)]
 
 
+
+def assert_resumed(last: int, dst_log: bytes) -> list[int]:
+    """The oracle for "the whole machine moved": the destination's serial counter goes on
+    from the source's ``last`` tick (+2 when the switchover cut a line in half), never
+    from 1, and without gaps. Returns the destination's ticks."""
+    dst_ticks = parse_ticks(dst_log)
+    assert dst_ticks, "the destination printed no tick"
+    assert 1 not in dst_ticks, "the destination restarted the guest instead of resuming it"
+    assert dst_ticks[0] in (last + 1, last + 2), (last, dst_ticks[:5])
+    assert dst_ticks == list(range(dst_ticks[0], dst_ticks[-1] + 1)), "a tick went missing"
+    return dst_ticks
+
 # --- the guest ---------------------------------------------------------------------------
 class CountingGuest(QemuVM):
     """QEMU 7.2 running the counting guest under TCG, with file-backed RAM and QMP.
