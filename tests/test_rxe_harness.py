@@ -278,9 +278,28 @@ def test_a_hanging_command_is_stopped_at_the_timeout(harnesses: Harnesses) -> No
 @needs_guest
 @pytest.mark.slow
 def test_normal_end_passes_the_status_and_leaves_nothing(harnesses: Harnesses) -> None:
-    h = harnesses.start("--", "sh", "-c", "echo hello from the guest; exit 3")
+    """A long command (paths of a deep checkout, many arguments) runs too: the guest's script
+    must not ride on the kernel command line, whose 2048 bytes it once overflowed (the guest
+    then never started its command, and CI waited 1200 s)."""
+    long_word = "x" * 3000
+    h = harnesses.start("--", "sh", "-c", "echo hello from the guest ${#1}; exit 3", "sh", long_word)
     session = h.guest_session()
     rc, _ = h.ended(session, BOOT_TIMEOUT)
-    assert rc == 3
-    assert "hello from the guest" in h.out.read_text(errors="replace")
+    assert rc == 3, h.stderr()
+    assert "hello from the guest 3000" in h.out.read_text(errors="replace")
     assert h.last_line().startswith("rxe: guest exited after ")
+
+
+@needs_guest
+@pytest.mark.slow
+def test_a_guest_that_never_starts_its_script_is_stopped_early(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hung boot ends at BOOT_WAIT with one line, not at the (long) command timeout; no
+    process of the guest is left. Here the wait is cut to 2 s, before any guest can boot."""
+    monkeypatch.setattr(rxe_guest, "BOOT_WAIT", 2.0)
+    scripts_before = set(Path(rxe_guest.SCRIPT_DIR).glob("mignet-rxe-*"))
+    start = time.monotonic()
+    with pytest.raises(rxe_guest.GuestError, match=r"did not start its script within 2 s .*guest stopped$"):
+        rxe_guest.run_in_guest(["true"], mem="1G", timeout=600, stream=False)
+    assert time.monotonic() - start < 2 + STOPPED_WITHIN
+    assert set(Path(rxe_guest.SCRIPT_DIR).glob("mignet-rxe-*")) <= scripts_before, "its script was left"
+

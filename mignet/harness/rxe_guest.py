@@ -43,6 +43,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -72,6 +73,14 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
 
 #: Seconds the guest's processes get to exit on SIGTERM before what is left is SIGKILLed.
 STOP_GRACE = 3.0
+
+#: Seconds until the guest's init must have started our script (20-25 s when idle under TCG,
+#: over a minute beside another guest). A guest silent for longer is stuck, not slow.
+BOOT_WAIT = 300.0
+
+#: Where the guest's script is written: the host's /tmp is the lower layer of the guest's /tmp
+#: overlay, so the guest reads it at the same path (a tmpfs such as /dev/shm would not be).
+SCRIPT_DIR = "/tmp"
 
 #: Environment variable set (to a fresh value) for each guest: it finds every process of that
 #: guest, even one that left the guest's session.
@@ -417,6 +426,10 @@ def run_in_guest(
 ) -> subprocess.CompletedProcess[str]:
     """Boot one soft-RoCE guest, run ``cmd`` in it, return its exit code and output.
 
+    The guest's script (rxe setup, then ``cmd``) goes into a file the guest reads, never onto
+    the kernel command line: that line holds 2048 bytes, and a deep checkout's paths once
+    overflowed it, so the guest's init silently never ran the command.
+
     ``stdout`` of the result holds CMD's stdout and stderr interleaved (the guest's
     console merges them); with ``stream`` the lines are also echoed live to our stdout.
     ``rwdirs`` are host directories made writable from the guest (same path), the only
@@ -439,7 +452,10 @@ def run_in_guest(
     ]
     for d in rwdirs:
         argv += ["--rwdir", str(Path(d).resolve())]
-    argv += ["--exec", _guest_script(cmd, workdir.resolve())]
+    script_dir = Path(tempfile.mkdtemp(prefix="mignet-rxe-", dir=SCRIPT_DIR))
+    script = script_dir / "guest.sh"
+    script.write_text(_guest_script(cmd, workdir.resolve()) + "\n")
+    argv += ["--exec", f"sh {shlex.quote(str(script))}"]
     marker = f"{os.getpid()}-{uuid.uuid4().hex}"
     env = _host_env()
     env[GUEST_MARKER_ENV] = marker
@@ -447,6 +463,7 @@ def run_in_guest(
     start = time.monotonic()
     console = _Console(stream, start)
     expired = False
+    silent = False  # no sign of the guest's init by BOOT_WAIT
     proc: subprocess.Popen[str] | None = None
     reader: threading.Thread | None = None
     with _Signals() as signals:
@@ -471,9 +488,13 @@ def run_in_guest(
             reader.start()
             deadline = start + timeout
             while reader.is_alive():  # until every holder of the console has closed it
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                left = deadline - now
                 if left <= 0:
                     expired = True
+                    break
+                if now - start > BOOT_WAIT and not console.marks:
+                    silent = True
                     break
                 reader.join(min(left, 0.25))
             if not expired:
@@ -483,17 +504,21 @@ def run_in_guest(
                     pass
         finally:
             signals.deferring = True
-            if expired or sys.exc_info()[0] is not None:
+            if expired or silent or sys.exc_info()[0] is not None:
                 console.echo = False  # what a guest prints while it is stopped is noise
             left_over = stop_guest(proc, marker)
             if reader is not None:
                 reader.join(5)
             if proc is not None and proc.stdout is not None:
                 proc.stdout.close()
+            shutil.rmtree(script_dir, ignore_errors=True)
             if left_over:
                 console.say("rxe: could not stop guest processes: "
                             + ", ".join(f"{pid} ({name})" for pid, name in left_over))
     assert proc is not None
+    if silent:
+        raise GuestError(f"the guest did not start its script within {BOOT_WAIT:g} s (a hung boot: "
+                         "vng --verbose shows the kernel's messages); guest stopped", console.output)
     if expired:
         raise GuestTimeout(cmd, timeout, console.output, console.ready.is_set())
     rc = proc.returncode
