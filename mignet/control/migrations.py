@@ -18,7 +18,7 @@ import asyncio
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from mignet.channel import Channel
 from mignet.control.options import OptionSet
@@ -28,6 +28,7 @@ from mignet.guest.directory import GuestDir
 from mignet.guest.ram import GuestRam, RamBlock
 from mignet.guest.workload import Workload
 from mignet.migration.loadvm import Loader, LoadThread, load_in_coroutine, start_load_thread
+from mignet.migration.multifd import MultifdReceiver, MultifdSender, PollableListener
 from mignet.migration.precopy import Precopy, PrecopyParams, RoundStats
 from mignet.migration.savevm import Sender
 from mignet.migration.status import DirectionState, MigrationState, Phase, RamCounters
@@ -72,6 +73,7 @@ class Migrations:
         self._sender: Sender | None = None
         self._loader: Loader | None = None
         self._listener: Listener | None = None
+        self._multifd_in: MultifdReceiver | None = None
         self._threads: list[threading.Thread] = []
         self._incoming_used = False
         self._mutex = threading.Lock()  # sender/loader/listener hand-over vs cancel
@@ -89,25 +91,36 @@ class Migrations:
             raise RequestRefused("this process holds no guest RAM to migrate")
         parse_uri(uri)  # a malformed URI is the caller's error, answered now (as QEMU does)
         snapshot = self.options.begin("outgoing", config)
+        try:
+            channels = _multifd_channels(uri, snapshot.capabilities, snapshot.parameters)
+        except BaseException:
+            self.options.end("outgoing")
+            raise
         self.state.outgoing.to(Phase.CONNECTING)
         events = bool(snapshot.capabilities["events"])
-        t = threading.Thread(target=self._outgoing_main, args=(uri, events),
+        t = threading.Thread(target=self._outgoing_main, args=(uri, events, channels),
                              name=OUTGOING_THREAD, daemon=True)
         self._threads.append(t)
         t.start()
 
     @bottom_half
-    def _outgoing_main(self, uri: str, events: bool) -> None:
+    def _outgoing_main(self, uri: str, events: bool, channels: int) -> None:
         out = self.state.outgoing
         channel: Channel | None = None
+        multifd: MultifdSender | None = None
         remove_observer: Callable[[], None] = lambda: None  # noqa: E731
         old_runstate = self.state.runstate
         try:
             channel = connect(uri)
+            if channels:
+                # as QEMU: the main stream connects first, then one connection per channel
+                multifd = MultifdSender([connect(uri) for _ in range(channels)])
+                multifd.start()
             assert self.guest.ram is not None
             sender = Sender(channel, self.guest.ram, self.guest.devices,
                             max_bandwidth=self.options.parameter("max-bandwidth"),
-                            rdma_pin_all=bool(self.options.capability("rdma-pin-all")))
+                            rdma_pin_all=bool(self.options.capability("rdma-pin-all")),
+                            pages_to=multifd)
             # Only a running guest has vCPUs to stop (after a completed migration it stays
             # stopped: a second migrate sends it paused, as QEMU from postmigrate).
             workload = self.guest.workload if self.guest.workload and self.guest.workload.running else None
@@ -135,6 +148,8 @@ class Migrations:
             with self._mutex:
                 self._sender = sender
             precopy.run()  # rounds while the vCPUs run, then stop and copy (phases of ``out``)
+            if multifd is not None:
+                multifd.finish()
             self.state.runstate = "postmigrate"
             self._end(out, "outgoing", Phase.DONE)
         except MigrationCancelled:
@@ -150,6 +165,8 @@ class Migrations:
             remove_observer()
             with self._mutex:
                 self._sender = None
+            if multifd is not None:
+                multifd.close()
             if channel is not None:
                 channel.close()
 
@@ -174,8 +191,9 @@ class Migrations:
             raise RequestRefused("'-incoming' was not specified on the command line")
         if self._incoming_used:
             raise RequestRefused("The incoming migration has already been started")
-        self.options.begin("incoming", config)
+        snapshot = self.options.begin("incoming", config)
         try:
+            multifd = bool(_multifd_channels(uri, snapshot.capabilities, snapshot.parameters))
             listener = listen(uri)
         except BaseException:
             self.options.end("incoming")
@@ -195,23 +213,35 @@ class Migrations:
         else:
             inc.socket_address = [{"type": "inet" if addr.scheme == "tcp" else addr.scheme,
                                    "host": str(addr.host), "port": str(addr.port)}]
-        t = threading.Thread(target=self._incoming_main, args=(listener,), name=ACCEPT_THREAD,
+        t = threading.Thread(target=self._incoming_main, args=(listener, multifd), name=ACCEPT_THREAD,
                              daemon=True)
         self._threads.append(t)
         t.start()
         return inc.socket_address
 
     @bottom_half
-    def _incoming_main(self, listener: Listener) -> None:
+    def _incoming_main(self, listener: Listener, multifd_on: bool) -> None:
         inc = self.state.incoming
         channel: Channel | None = None
+        multifd: MultifdReceiver | None = None
         try:
             try:
-                channel = listener.accept()
+                if multifd_on:  # keep listening: the source adds one connection per channel
+                    # multifd is only on tcp:/unix:, whose listeners are pollable (fileno)
+                    multifd = MultifdReceiver(cast(PollableListener, listener), on_refused=self._refused)
+                    with self._mutex:
+                        self._multifd_in, self._listener = multifd, None  # a cancel closes it
+                    if inc.phase is Phase.CANCELLING:
+                        multifd.close()
+                    channel = multifd.accept_main()
+                else:
+                    channel = listener.accept()
             finally:
-                listener.close()
+                if multifd is None:
+                    listener.close()
                 with self._mutex:
                     self._listener = None
+                    self._multifd_in = multifd
             block_factory = self.guest.out.block_factory if self.guest.out else RamBlock.anonymous
 
             def switchover() -> None:  # loader thread, big lock held
@@ -220,9 +250,11 @@ class Migrations:
             loader = Loader(channel, ram=self.guest.ram, devices=self.guest.devices,
                             max_ram_bytes=self.guest.max_ram, block_factory=block_factory,
                             on_switchover=switchover)
+            if multifd is not None:
+                multifd.attach(loader)
             with self._mutex:
                 self._loader = loader
-            inc.counters = lambda: _load_counters(loader)
+            inc.counters = lambda: _load_counters(loader, multifd)
             if not inc.move(frozenset({Phase.LISTENING}), Phase.RAM):
                 raise MigrationCancelled("incoming migration cancelled")
             if self.guest.recv_model == "coroutine":
@@ -232,6 +264,8 @@ class Migrations:
             else:
                 thread: LoadThread = start_load_thread(loader)
                 result = thread.join()
+            if multifd is not None:
+                multifd.finish()  # its pages stay out of result.stats: _load_counters adds them
             self.guest.ram, self.guest.devices = result.ram, result.devices
             self.guest.description = result.description
             if self.guest.out is not None:
@@ -244,6 +278,8 @@ class Migrations:
         except MigrationCancelled:
             self._end(inc, "incoming", Phase.CANCELLED)
         except MignetError as exc:
+            if multifd is not None and multifd.error is not None and multifd.error is not exc:
+                exc = multifd.error if isinstance(multifd.error, MignetError) else exc  # the cause
             self._end(inc, "incoming", _failed_or_cancelled(inc), str(exc))
         except BaseException as exc:  # noqa: BLE001
             self._end(inc, "incoming", _failed_or_cancelled(inc), f"internal error: {exc!r}")
@@ -251,8 +287,15 @@ class Migrations:
         finally:
             with self._mutex:
                 self._loader = None
+                self._multifd_in = None
+            if multifd is not None:
+                multifd.close()
             if channel is not None:
                 channel.close()
+
+    def _refused(self, why: str) -> None:
+        """A stray connection was turned away from a multifd listener; the migration goes on."""
+        self.emit("MIGNET_CONNECTION_REFUSED", {"reason": why})
 
     # --- both ------------------------------------------------------------------------
     def _end(self, side: DirectionState, holder: str, phase: Phase, error: str | None = None) -> None:
@@ -278,6 +321,8 @@ class Migrations:
                     self._listener.close()  # wakes accept()
                 if self._loader is not None:
                     self._loader.cancel()
+                if self._multifd_in is not None:
+                    self._multifd_in.close()  # wakes accept_main() and the channels
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Cancel what runs and wait for the threads (at quit). Never call with the big
@@ -291,15 +336,33 @@ def _failed_or_cancelled(side: DirectionState) -> Phase:
     return Phase.CANCELLED if side.phase is Phase.CANCELLING else Phase.FAILED
 
 
-def _load_counters(loader: Loader) -> RamCounters:
+def _multifd_channels(uri: str, caps: Mapping[str, bool], params: Mapping[str, Any]) -> int:
+    """How many multifd channels a migration uses (0: none), or why it cannot use them."""
+    if not caps.get("multifd"):
+        return 0
+    scheme = parse_uri(uri).scheme
+    if scheme not in ("tcp", "unix"):
+        raise RequestRefused(f"multifd is not supported on {scheme}: URIs (as in QEMU): "
+                             "use tcp: or unix:, or turn the multifd capability off")
+    if params.get("multifd-compression", "none") != "none":
+        raise RequestRefused(f"multifd-compression '{params['multifd-compression']}' is not "
+                             "supported by mignet: set it to none")
+    return int(params.get("multifd-channels", 2))
+
+
+def _load_counters(loader: Loader, multifd: MultifdReceiver | None = None) -> RamCounters:
     s = loader.stats
     done = s.ram_done
     # decoder.offset moves with every read; stats.bytes_received only at section ends.
     # Pages RDMA wrote into our RAM never pass the stream: count them as the source reports.
-    return RamCounters(transferred=max(s.bytes_received, loader.decoder.offset) + s.placed_bytes,
-                       remaining=max(0, s.ram_total - done), total=s.ram_total,
-                       duplicate=s.zero_pages, normal=s.normal_pages + s.placed_bytes // PAGE_SIZE,
-                       dirty_sync_count=s.sections, precopy_bytes=s.bytes_received)
+    mf_bytes = multifd.bytes_received if multifd is not None else 0
+    mf_pages = multifd.pages if multifd is not None else 0
+    return RamCounters(transferred=max(s.bytes_received, loader.decoder.offset) + s.placed_bytes + mf_bytes,
+                       remaining=max(0, s.ram_total - done - mf_pages * PAGE_SIZE), total=s.ram_total,
+                       duplicate=s.zero_pages,
+                       normal=s.normal_pages + s.placed_bytes // PAGE_SIZE + mf_pages,
+                       dirty_sync_count=s.sections, precopy_bytes=s.bytes_received,
+                       multifd_bytes=mf_bytes)
 
 
 __all__ = ["Guest", "Migrations", "OUTGOING_THREAD", "ACCEPT_THREAD", "PAGE_SIZE"]

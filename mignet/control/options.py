@@ -41,7 +41,9 @@ CAPABILITIES: tuple[str, ...] = (
 # return path; accepting them and then migrating without them would silently lie.
 # auto-converge throttles the source's vCPUs (mignet.live); rdma-pin-all, on the source,
 # picks the RDMA registration mode, which the destination follows (as in QEMU).
-SUPPORTED_CAPABILITIES = frozenset({"events", "late-block-activate", "auto-converge", "rdma-pin-all"})
+# multifd: N connections besides the main stream on tcp:/unix: (QEMU 7.2's framing).
+SUPPORTED_CAPABILITIES = frozenset({"events", "late-block-activate", "auto-converge", "rdma-pin-all",
+                                    "multifd"})
 
 
 @dataclass(frozen=True)

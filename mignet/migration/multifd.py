@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mignet.channel import Channel, IOCondition, ShutdownHow
-from mignet.errors import ConnectionLostError, MignetError, ProtocolError, SetupError
+from mignet.errors import ClosedChannelError, ConnectionLostError, MignetError, ProtocolError, SetupError
 from mignet.guest.ram import GuestRam, RamBlock
 from mignet.migration.loadvm import Loader, LoadStats
 from mignet.runtime.threads import start_thread
@@ -136,6 +136,9 @@ class MultifdReceiver:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._main is None:
+                if self._stopping:  # closed meanwhile (a cancel)
+                    raise ClosedChannelError(f"stopped listening on {self.listener.address} before "
+                                             "the migration's connection came")
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"no connection on {self.listener.address} within {timeout} s")
@@ -268,6 +271,12 @@ class MultifdReceiver:
     def pages(self) -> int:
         """Pages placed by the channels so far (progress; read without the lock)."""
         return sum(s.pages for s in list(self._channels.values()))
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes read on the channels so far: init records, packet headers, pages."""
+        return sum(INIT_SIZE + s.packets * PACKET_LEN + s.pages * PAGE_SIZE
+                   for s in list(self._channels.values()))
 
     def _blocks_ready(self, ram: GuestRam) -> None:
         with self._cond:

@@ -319,7 +319,8 @@ class Precopy:
             expected_downtime_ms=(int(c.expected_downtime * 1000)
                                   if active and c.expected_downtime is not None else None),
             mbps=c.bandwidth * 8 / 1e6, pages_per_second=int(c.pages_per_second),
-            cpu_throttle_percentage=self.workload.throttle if self.workload is not None else 0)
+            cpu_throttle_percentage=self.workload.throttle if self.workload is not None else 0,
+            multifd_bytes=s.multifd_bytes)
 
     def query_migrate(self) -> dict[str, Any]:
         """``query-migrate`` of this migration: the one builder QMP uses, plus mignet's own

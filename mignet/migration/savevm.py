@@ -53,6 +53,7 @@ class SendStats:
     started: float = field(default_factory=time.monotonic)
     ram_total: int = 0
     transferred: int = 0  # stream bytes written
+    multifd_bytes: int = 0  # of those, written on multifd channels (headers, pages, SYNCs)
     normal_pages: int = 0
     zero_pages: int = 0
     pages_scanned: int = 0
@@ -123,11 +124,15 @@ class Sender:
         if self.rate_limited:
             self.limiter.consume(n, self._cancel.flag)
 
+    def _account_multifd(self, n: int) -> None:
+        self.stats.multifd_bytes += n
+        self._account(n)
+
     def _sync_pages(self) -> None:
         """Multifd: every channel's SYNC is out before the main stream's RAM EOS."""
         if self.pages_to is not None:
             self._cancel.check()
-            self._account(self.pages_to.sync())
+            self._account_multifd(self.pages_to.sync())
 
     # --- I/O helpers -----------------------------------------------------------------
     def _write(self, bufs: list[object]) -> None:
@@ -205,7 +210,7 @@ class Sender:
                 self._write([zero_records])
             if len(data):
                 self._cancel.check()
-                self._account(self.pages_to.queue_pages(block, data))
+                self._account_multifd(self.pages_to.queue_pages(block, data))
         else:
             bufs: list[object] = [zero_records] if send_zero else []
             bufs += enc.page_records(block.name, block.data, data, self._staging)

@@ -121,6 +121,7 @@ class RamCounters:
     mbps: float | None = None  # None: the direction's own rate meter
     pages_per_second: int | None = None
     cpu_throttle_percentage: int = 0
+    multifd_bytes: int = 0  # of ``transferred``, on multifd channels
 
     def to_qapi(self, mbps: float, pages_per_second: float) -> dict[str, Any]:
         """query-migrate's ``ram`` member, QEMU 7.2's field names."""
@@ -129,7 +130,8 @@ class RamCounters:
             "duplicate": self.duplicate, "skipped": 0, "normal": self.normal,
             "normal-bytes": self.normal * PAGE_SIZE, "dirty-pages-rate": self.dirty_pages_rate,
             "mbps": round(mbps, 3), "dirty-sync-count": self.dirty_sync_count,
-            "postcopy-requests": 0, "page-size": PAGE_SIZE, "multifd-bytes": 0,
+            "postcopy-requests": 0, "page-size": PAGE_SIZE,
+            "multifd-bytes": self.multifd_bytes,
             "pages-per-second": int(pages_per_second), "precopy-bytes": self.precopy_bytes,
             "downtime-bytes": self.downtime_bytes, "postcopy-bytes": 0,
             "dirty-sync-missed-zero-copy": 0,
