@@ -42,7 +42,8 @@ def _emit_json(obj: dict[str, Any]) -> None:
 
 # --- recv ----------------------------------------------------------------------------
 def cmd_recv(args: argparse.Namespace) -> int:
-    out = GuestDir(Path(args.out)) if args.out else None
+    _cancel_on_sigterm()
+    out = GuestDir(Path(args.out), force=args.force) if args.out else None
     listener = listen(args.listen)
     if not args.quiet:
         console.print(f"mignet: listening on {listener.address}")
@@ -88,6 +89,18 @@ def _refused(args: argparse.Namespace, why: str) -> None:
         console.print(f"mignet: {escape(why)}", soft_wrap=True)
 
 
+def _cancel_on_sigterm() -> None:
+    """SIGTERM (kill, a supervisor) cancels a receive as Ctrl-C does, with one line and the
+    cancelled status, instead of ending it at once with no message; --out's manifest keeps
+    saying "complete": false either way."""
+    def terminated(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("cancelled by SIGTERM")
+    try:
+        signal.signal(signal.SIGTERM, terminated)
+    except ValueError:
+        pass  # not the main thread (main() called by a program): its own handlers stay
+
+
 def _run_load(loader: Loader, quiet: bool, extra_pages: MultifdReceiver | None = None) -> LoadResult:
     thread = start_load_thread(loader)
 
@@ -99,10 +112,10 @@ def _run_load(loader: Loader, quiet: bool, extra_pages: MultifdReceiver | None =
         with transfer_progress("receiving", poll, enabled=not quiet):
             while thread.thread.is_alive():
                 thread.thread.join(0.2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (_cancel_on_sigterm)
         loader.cancel()
         thread.thread.join(5)
-        raise MigrationCancelled("cancelled by Ctrl-C") from None
+        raise MigrationCancelled(str(exc) or "cancelled by Ctrl-C") from None
     return thread.join()
 
 
@@ -347,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("recv", help="receive a migration stream (from mignet or QEMU)")
     r.add_argument("--listen", required=True, metavar="URI", help="tcp:HOST:PORT, unix:PATH or rdma:HOST:PORT")
     r.add_argument("--out", metavar="DIR", help="write each RAM block and the device state to DIR")
+    r.add_argument("--force", action="store_true",
+                   help="reuse an --out DIR that holds an earlier (finished or failed) receive, "
+                        "replacing its files")
     r.add_argument("--max-ram", default=str(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
                    metavar="SIZE", help="refuse sources with more RAM (default: physical memory)")
     r.add_argument("--timeout", type=float, default=None, help="seconds to wait for the source")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
+import re
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ class RamBlock:
     name: str
     data: np.ndarray
     pristine: np.ndarray | None = field(default=None, repr=False)
+    #: The shared file mapping behind ``data`` (see :meth:`mapped`), flushed by :meth:`flush`.
+    mapping: mmap.mmap | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.data.dtype != np.uint8 or self.data.ndim != 1:
@@ -77,11 +80,25 @@ class RamBlock:
         if self.data.size % PAGE_SIZE:
             raise MisuseError(f"RAM block {self.name!r} is not a whole number of pages")
 
-    @classmethod
-    def anonymous(cls, name: str, size: int) -> RamBlock:
+    @staticmethod
+    def check_size(name: str, size: int) -> None:
         if size <= 0 or size % PAGE_SIZE:
             raise SetupError(f"RAM block {name!r}: size {size} is not a positive multiple of 4 KiB")
+
+    @classmethod
+    def anonymous(cls, name: str, size: int) -> RamBlock:
+        cls.check_size(name, size)
         return cls(name, allocate_guest_memory(size), np.ones(size // PAGE_SIZE, dtype=bool))
+
+    @classmethod
+    def mapped(cls, name: str, fd: int, size: int) -> RamBlock:
+        """Map a new, all-zero file of ``size`` bytes that the caller opened (read-write) and
+        sized: the caller decides how it is created (``recv --out``: relative to its folder,
+        exclusively, space reserved); the mapping keeps the file, ``fd`` may be closed."""
+        cls.check_size(name, size)
+        mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        return cls(name, np.frombuffer(mapping, dtype=np.uint8), np.ones(size // PAGE_SIZE, dtype=bool),
+                   mapping)
 
     @classmethod
     def from_file(cls, name: str, path: Path, *, writable: bool, size: int | None = None) -> RamBlock:
@@ -140,7 +157,9 @@ class RamBlock:
         return hashlib.sha256(self.data.data).hexdigest()
 
     def flush(self) -> None:
-        if isinstance(self.data, np.memmap):
+        if self.mapping is not None:
+            self.mapping.flush()
+        elif isinstance(self.data, np.memmap):
             self.data.flush()
 
 
@@ -221,6 +240,19 @@ def fill_random(data: np.ndarray, seed: int, chunk: int = 64 << 20) -> None:
                                endpoint=True)
 
 
+#: Longest file name (bytes) on Linux file systems.
+NAME_MAX = 255
+
+
 def block_filename(name: str) -> str:
-    """A file name for a block name such as '/rom@etc/acpi/tables' (reversible quoting)."""
-    return urllib.parse.quote(name, safe="@.-_") + ".ram"
+    """A file name for a block name such as '/rom@etc/acpi/tables' (reversible quoting).
+
+    QEMU allows block names up to 255 bytes, and quoting makes them up to 12 times longer
+    ('/' is 3 bytes, 'é' 6), past NAME_MAX. Such a name gets its quoted head, a ',' (which
+    quoting never produces, so it cannot equal a short name's file) and 128 bits of its
+    sha256: short and unique; the manifest maps it back to the name."""
+    quoted = urllib.parse.quote(name, safe="@.-_")
+    if len(quoted) + len(".ram") <= NAME_MAX:
+        return quoted + ".ram"
+    head = re.sub(r"%[0-9A-F]?$", "", quoted[:64])  # no escape cut in half
+    return f"{head},{hashlib.sha256(name.encode()).hexdigest()[:32]}.ram"
