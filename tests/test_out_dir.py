@@ -245,3 +245,43 @@ def test_an_interrupted_receive_is_marked_incomplete_and_reused_with_force(
     assert got["ram_sha256"] == sent["ram_sha256"]
     assert manifest(out)["complete"] is True
     assert (out / block_filename("pc.ram")).stat().st_size == 4 << 20
+
+
+def test_a_folder_replaced_after_opening_still_receives_into_the_one_checked(tmp_path: Path) -> None:
+    """DIR is opened once: renamed away and replaced by a link, writes still go to it."""
+    from mignet.guest.devices import DeviceSet
+    from mignet.guest.directory import GuestDir
+    from mignet.guest.ram import GuestRam
+
+    out, moved, elsewhere = tmp_path / "guest", tmp_path / "moved", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    guest = GuestDir(out)
+    out.rename(moved)
+    os.symlink(elsewhere, out)
+    block = guest.block_factory("pc.ram", 1 << 20)
+    block.data[:] = 7
+    guest.write(GuestRam([block]), DeviceSet.empty(), None, {"machine_type": "pc"})
+    guest.close()
+    assert list(elsewhere.iterdir()) == []
+    assert open_snapshot(moved).ram["pc.ram"].data.min() == 7
+
+
+def test_reuse_rules(tmp_path: Path) -> None:
+    """A lone incomplete manifest (a receive stopped before its first block) is reused; a
+    finished receive needs --force, which removes mignet's files only."""
+    from mignet.errors import SetupError
+    from mignet.guest.devices import DeviceSet
+    from mignet.guest.directory import GuestDir
+    from mignet.guest.ram import GuestRam
+
+    GuestDir(tmp_path / "g").close()
+    guest = GuestDir(tmp_path / "g")  # only its "complete": false manifest there
+    block = guest.block_factory("pc.ram", 1 << 16)
+    guest.write(GuestRam([block]), DeviceSet.empty(), None, {"machine_type": "pc"})
+    guest.close()
+    (tmp_path / "g" / "notes.txt").write_text("mine")
+    with pytest.raises(SetupError, match="holds a received guest.*--force"):
+        GuestDir(tmp_path / "g")
+    GuestDir(tmp_path / "g", force=True).close()
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["manifest.json", "notes.txt"]
+    assert manifest(tmp_path / "g")["complete"] is False
