@@ -39,6 +39,7 @@ from mignet.uri import parse_uri
 
 OUTGOING_THREAD = "mig/src/main"
 ACCEPT_THREAD = "mig/dst/accept"
+CHANNEL_REPORT_WAIT = 0.5  # s: a failed main stream waits this long for a channel's cause
 
 EventSink = Callable[[str, dict[str, Any]], None]
 _CANCELLABLE = frozenset({Phase.CONNECTING, Phase.LISTENING, Phase.RAM, Phase.DEVICES})
@@ -278,9 +279,13 @@ class Migrations:
         except MigrationCancelled:
             self._end(inc, "incoming", Phase.CANCELLED)
         except MignetError as exc:
-            if multifd is not None and multifd.error is not None and multifd.error is not exc:
-                exc = multifd.error if isinstance(multifd.error, MignetError) else exc  # the cause
-            self._end(inc, "incoming", _failed_or_cancelled(inc), str(exc))
+            why = str(exc)
+            if multifd is not None:
+                try:
+                    multifd.raise_error(wait=CHANNEL_REPORT_WAIT)
+                except MignetError as cause:  # a channel's failure is the cause worth naming
+                    why = str(cause)
+            self._end(inc, "incoming", _failed_or_cancelled(inc), why)
         except BaseException as exc:  # noqa: BLE001
             self._end(inc, "incoming", _failed_or_cancelled(inc), f"internal error: {exc!r}")
             raise

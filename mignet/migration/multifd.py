@@ -400,10 +400,39 @@ class MultifdReceiver:
     def error(self) -> BaseException | None:
         return self._error
 
-    def raise_error(self) -> None:
-        """Re-raise a channel's failure, if one failed (the cause of the main's error)."""
+    def raise_error(self, wait: float = 0.0) -> None:
+        """Re-raise a channel's failure, if one failed (the cause of the main's error).
+
+        ``wait``: when the main stream failed first, how long to give the channels to report.
+        A source whose channel broke ends its main stream at the same moment, so the main's
+        EOF and the channel's reset race; the reset is the cause worth naming. A channel
+        waiting at a SYNC reads nothing and would never see its reset, so its socket is
+        looked at meanwhile."""
+        deadline = time.monotonic() + wait
+        while wait > 0:
+            with self._cond:
+                if self._error is not None or self._stopping:
+                    break
+                live = [s for s in self._channels.values() if s.thread is not None and not s.done]
+            left = deadline - time.monotonic()
+            if not live or left <= 0:
+                break
+            self._probe(live)
+            with self._cond:
+                if self._error is None:
+                    self._cond.wait(min(left, 0.05))
         if self._error is not None:
             raise self._error
+
+    def _probe(self, states: list[_ChannelState]) -> None:
+        """Fail the first of ``states`` whose connection was reset (read nothing)."""
+        for state in states:
+            try:
+                if state.channel.wait_cond(IOCondition.IN, 0):
+                    state.channel.peek(1)
+            except MignetError as exc:  # lost: reset by the peer or the network
+                self._fail(state, exc)
+                return
 
     def finish(self, stats: LoadStats | None = None) -> None:
         """The main stream is loaded (its last EOS synced every channel): stop the
