@@ -21,17 +21,36 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECAS
 _FACTORS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1 << 40}
 
 
+#: A bit rate, as a network people would word one: '10Mbit/s', '1Gbps', '100Mb/s'.
+_BIT_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKMGT]?)(?:i?bit|bps|i?b)\s*(?:/s)?\s*$")
+_DECIMAL = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
 def parse_size(text: str) -> int:
     """'2G', '512M', '256MiB', '4096' -> bytes (binary units, as QEMU's -m)."""
     m = _SIZE_RE.match(text)
     if not m:
-        raise SetupError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix")
+        raise SetupError(f"bad size {text!r}: use a number with an optional K, M, G or T "
+                         "suffix (binary: 1M = 1 MiB)")
     return int(float(m.group(1)) * _FACTORS[m.group(2).upper()])
 
 
 def parse_rate(text: str) -> int:
-    """'128MiB/s', '1G', '0' -> bytes per second (0 = unlimited)."""
-    return parse_size(text.removesuffix("/s"))
+    """'128MiB/s', '1G', '0' -> bytes per second (0 = unlimited).
+
+    A bit rate ('10Mbit/s') is refused, never read as bytes: the same figure means 8 times
+    less, and silently taking it for MiB/s would run the link 8.4 times faster than asked.
+    The refusal says the rate in bytes, so the user can copy it."""
+    bits = _BIT_RATE_RE.match(text)
+    if bits:
+        per_s = float(bits.group(1)) * _DECIMAL[bits.group(2).upper()] / 8
+        raise SetupError(f"bad rate {text!r}: rates are bytes per second in binary units, bit "
+                         f"rates are not accepted ({text.strip()} is {human_bytes(per_s).replace(' ', '')}/s)")
+    try:
+        return parse_size(text.removesuffix("/s"))
+    except SetupError:
+        raise SetupError(f"bad rate {text!r}: use bytes per second in binary units, e.g. "
+                         "128MiB/s or 1G (0 = unlimited)") from None
 
 
 def human_bytes(n: float) -> str:

@@ -178,6 +178,11 @@ def bench_recv_model(size: str, blobs: int, out_dir: Path | None, repeat: int = 
                      listen: str = "tcp:127.0.0.1:0") -> dict[str, Any]:
     shapes = [Shape("ram", size, 0), Shape("devices", "64M", blobs)]
     runs: list[ModelRun] = []
+    console.print(f"mignet bench recv-model: {repeat * len(shapes) * 2} loads into fresh destinations "
+                  f"({', '.join(s.describe() for s in shapes)}), each polled over QMP; with the "
+                  "defaults this takes a few minutes")
+    if out_dir is not None:  # said now, so the user knows before the run what it will write
+        console.print(f"plots will go to {out_dir}/ (--plots DIR chooses)")
     with tempfile.TemporaryDirectory(prefix="mignet-bench-") as tmp:
         for i in range(repeat):
             for shape in shapes:

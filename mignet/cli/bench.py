@@ -6,54 +6,84 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
-from mignet.units import parse_rate, parse_size
+from mignet.cli import options
 
 
 def add_parser(sub: Any) -> None:
     """Add ``bench`` with its subcommands tcp, recv-model, live and rdma."""
-    b = sub.add_parser("bench", help="benchmarks (figures side by side in one run)")
+    b = sub.add_parser("bench", help="benchmarks (figures side by side in one run)",
+                       description=f"Benchmarks; each says up front what it runs. {options.SIZES}.")
     bsub = b.add_subparsers(dest="bench", required=True)
     t = bsub.add_parser("tcp", help="mignet migration vs a raw socket loop over loopback")
-    t.add_argument("--size", default="2G")
-    t.add_argument("--repeat", type=int, default=3)
+    t.add_argument("--size", default="2G", type=options.size, metavar="SIZE",
+                   help="guest RAM per run (binary: 2G = 2 GiB)")
+    t.add_argument("--repeat", type=options.count1, default=3, metavar="N",
+                   help="runs of each kind; the figures are medians")
     t.add_argument("--json-out", metavar="FILE", help="also write the figures as JSON")
     t.set_defaults(func=cmd_bench_tcp)
 
     r = bsub.add_parser("recv-model", help="threaded vs coroutine loader: throughput, QMP latency, "
                                            "big-lock holds, main-loop stalls")
-    r.add_argument("--size", default="2G", help="RAM of the RAM-heavy stream")
-    r.add_argument("--blobs", type=int, default=1000, help="64 KiB device sections in the device-heavy stream")
-    r.add_argument("--repeat", type=int, default=1)
-    r.add_argument("--plots", default="docs", metavar="DIR", help="where the PNG plots go")
-    r.add_argument("--listen", default="tcp:127.0.0.1:0", metavar="URI",
+    r.add_argument("--size", default="2G", type=_size_text, metavar="SIZE",
+                   help="RAM of the RAM-heavy stream (binary)")
+    r.add_argument("--blobs", type=options.count0, default=1000, metavar="N",
+                   help="64 KiB device sections in the device-heavy stream")
+    r.add_argument("--repeat", type=options.count1, default=1, metavar="N",
+                   help="runs of each model and stream")
+    r.add_argument("--plots", metavar="DIR",
+                   help="where the PNG plots go (default: a new folder ./recv-model-plots-TIME, "
+                        "named when the run starts)")
+    r.add_argument("--listen", default="tcp:127.0.0.1:0", metavar="URI", type=options.uri,
                    help="where destinations listen, e.g. rdma:10.9.0.1:7480 inside the soft-RoCE guest")
-    r.add_argument("--json-out", metavar="FILE")
+    r.add_argument("--json-out", metavar="FILE", help="also write the figures as JSON")
     r.set_defaults(func=cmd_bench_recv_model)
 
     v = bsub.add_parser(
         "live", help="live precopy over dirty rates: rounds, downtime vs limit, tracking cost")
-    v.add_argument("--size", default="512M", help="guest RAM (default 512M)")
-    v.add_argument("--max-bandwidth", default="256MiB/s", metavar="RATE", help="the link (default 256MiB/s)")
-    v.add_argument("--rates", default="0,32M,64M,128M,256M,512M", metavar="LIST",
-                   help="vCPU write rates per second, comma separated")
-    v.add_argument("--downtime-limit", type=int, default=300, metavar="MS")
-    v.add_argument("--give-up", type=float, default=20.0, metavar="S",
+    v.add_argument("--size", default="512M", type=options.size, metavar="SIZE", help="guest RAM (binary)")
+    v.add_argument("--max-bandwidth", default="256MiB/s", metavar="RATE", type=_link_rate,
+                   help="the link, bytes per second")
+    v.add_argument("--rates", default="0,32M,64M,128M,256M,512M", metavar="LIST", type=_rates,
+                   help="vCPU write rates, bytes per second, comma separated")
+    v.add_argument("--downtime-limit", type=options.count0, default=300, metavar="MS",
+                   help="milliseconds, as QEMU's downtime-limit")
+    v.add_argument("--give-up", type=options.seconds, default=20.0, metavar="S",
                    help="force the switchover of a run that has not converged after S seconds")
-    v.add_argument("--track-size", default="2G", help="guest size for the tracking-cost figure")
+    v.add_argument("--track-size", default="2G", type=options.size, metavar="SIZE",
+                   help="guest size for the tracking-cost figure")
     v.add_argument("--json-out", metavar="FILE", help="also write the figures as JSON")
     v.set_defaults(func=cmd_bench_live)
 
     d = bsub.add_parser(
         "rdma", help="mignet RDMA vs ib_write_bw vs mignet TCP (run inside the soft-RoCE guest)")
-    d.add_argument("--size", default="64M", help="guest RAM per migration (default 64M)")
-    d.add_argument("--repeat", type=int, default=3)
+    d.add_argument("--size", default="64M", type=options.size, metavar="SIZE",
+                   help="guest RAM per migration (binary)")
+    d.add_argument("--repeat", type=options.count1, default=3, metavar="N",
+                   help="runs of each kind; the figures are medians of the runs that succeeded")
     d.add_argument("--addr", default=None, help="RDMA netdev address (default $MIGNET_RDMA_ADDR "
                                                  "or 10.9.0.1)")
     d.add_argument("--json-out", metavar="FILE", help="also write the figures as JSON")
     d.set_defaults(func=cmd_bench_rdma)
+
+
+def _size_text(text: str) -> str:
+    options.size(text)  # checked now; the benchmark passes the text on to mignet send
+    return text
+
+
+def _link_rate(text: str) -> int:
+    n = int(options.rate(text))
+    if n <= 0:
+        raise argparse.ArgumentTypeError("the benchmark needs a link rate, not 0 (unlimited)")
+    return n
+
+
+def _rates(text: str) -> list[int]:
+    return [int(options.rate(r)) for r in text.split(",")]
 
 
 def _write_json(path: str | None, result: dict[str, Any]) -> None:
@@ -65,24 +95,23 @@ def _write_json(path: str | None, result: dict[str, Any]) -> None:
 def cmd_bench_tcp(args: argparse.Namespace) -> int:
     from mignet.bench.tcp import bench_tcp
 
-    _write_json(args.json_out, bench_tcp(parse_size(args.size), args.repeat))
+    _write_json(args.json_out, bench_tcp(args.size, args.repeat))
     return 0
 
 
 def cmd_bench_recv_model(args: argparse.Namespace) -> int:
     from mignet.bench.recv_model import bench_recv_model
 
-    _write_json(args.json_out, bench_recv_model(args.size, args.blobs, Path(args.plots), args.repeat,
-                                                args.listen))
+    plots = Path(args.plots) if args.plots else Path(time.strftime("recv-model-plots-%Y%m%d-%H%M%S"))
+    _write_json(args.json_out, bench_recv_model(args.size, args.blobs, plots, args.repeat, args.listen))
     return 0
 
 
 def cmd_bench_live(args: argparse.Namespace) -> int:
     from mignet.bench.live import bench_live
 
-    result = bench_live(parse_size(args.size), parse_rate(args.max_bandwidth),
-                        [parse_rate(r) for r in args.rates.split(",")], args.downtime_limit,
-                        args.give_up, parse_size(args.track_size))
+    result = bench_live(args.size, args.max_bandwidth, args.rates, args.downtime_limit,
+                        args.give_up, args.track_size)
     _write_json(args.json_out, result)
     return 0
 
@@ -91,5 +120,5 @@ def cmd_bench_rdma(args: argparse.Namespace) -> int:
     from mignet.bench.rdma import bench_rdma
 
     addr = args.addr or os.environ.get("MIGNET_RDMA_ADDR", "10.9.0.1")
-    _write_json(args.json_out, bench_rdma(parse_size(args.size), args.repeat, addr))
+    _write_json(args.json_out, bench_rdma(args.size, args.repeat, addr))
     return 0

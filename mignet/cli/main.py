@@ -7,10 +7,10 @@ QEMU, a truncated stream) ends as one line on stderr and a non-zero exit, never 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,9 @@ from mignet import __version__
 from mignet.bench.procstat import peak_rss
 from mignet.bench.receiver import receiver_result, recv_command, start_receiver
 from mignet.channel import ShutdownHow
-from mignet.cli import bench, inspect, relay, rxe, serve
+from mignet.cli import bench, inspect, options, relay, rxe, serve
+from mignet.cli.exits import UsageError, emit_json, report
+from mignet.cli.options import refuse_unless
 from mignet.errors import ConnectionLostError, MignetError, MigrationCancelled, PeerFailedError, SetupError
 from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir, open_snapshot
@@ -30,14 +32,13 @@ from mignet.migration.multifd import MultifdReceiver, MultifdSender, accept_inco
 from mignet.migration.savevm import Sender, SendStats
 from mignet.transport import connect, listen
 from mignet.ui.terminal import console, run_with_progress, stats_table, transfer_progress
-from mignet.units import PAGE_SIZE, human_bytes, parse_rate, parse_size, rate
+from mignet.units import PAGE_SIZE, human_bytes, rate
 from mignet.uri import parse_uri
 from mignet.wire.multifd import MAX_CHANNELS
 
 
 def _emit_json(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+    emit_json(obj)
 
 
 # --- recv ----------------------------------------------------------------------------
@@ -50,7 +51,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"event": "listening", "uri": str(listener.address)})
     channel, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why))
-    loader = Loader(channel, devices=DeviceSet.empty(), max_ram_bytes=parse_size(args.max_ram),
+    loader = Loader(channel, devices=DeviceSet.empty(), max_ram_bytes=args.max_ram,
                     block_factory=out.block_factory if out else RamBlock.anonymous)
     try:
         if multifd is not None:
@@ -59,7 +60,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
             result = _run_load(loader, quiet=args.quiet, extra_pages=multifd)
         except Exception:
             if multifd is not None:
-                multifd.raise_error()  # a failed channel is the cause of the main's error
+                multifd.raise_error(wait=0.5)  # a failed channel is the cause of the main's error
             raise
         if multifd is not None:
             multifd.finish(result.stats)
@@ -155,27 +156,47 @@ def _print_load_table(result: LoadResult, digest: str, out: GuestDir | None) -> 
 def _source_ram(args: argparse.Namespace) -> GuestRam:
     if args.image:
         return GuestRam.from_image(Path(args.image), name=args.block_name)
-    return GuestRam.generate(parse_size(args.size), args.fill, seed=args.seed)
+    return GuestRam.generate(args.size, args.fill, seed=args.seed)
+
+
+def check_send(args: argparse.Namespace) -> None:
+    """Refuse, before connecting, what cannot work or would be silently ignored."""
+    prog = options.prog(args)
+    if not args.image and not args.size and not args.snapshot and not args.stream:
+        raise UsageError("say what to send: --snapshot DIR, --stream FILE, --image FILE or "
+                         "--size SIZE [--fill random|zero|mixed]", prog)
+    if args.channels > MAX_CHANNELS:
+        raise UsageError(f"--channels takes 1 to {MAX_CHANNELS}", prog)
+    if args.channels > 1:
+        if args.stream:
+            raise UsageError("--channels re-encodes the guest; a --stream file is replayed as "
+                             "it was written", prog)
+        if args.live:
+            raise UsageError("--live with --channels is not implemented yet: live precopy "
+                             "uses one stream", prog)
+        if parse_uri(args.uri).scheme not in ("tcp", "unix"):
+            raise UsageError("--channels (multifd) needs a tcp: or unix: URI", prog)
+    if args.live and not args.size:
+        raise UsageError("--live migrates a running synthetic guest: give --size (a snapshot, "
+                         "an image or a stream file is not running)", prog)
+    refuse_unless(args, bool(args.live), ["dirty_rate", "auto_converge", "downtime_limit"],
+                  "without --live")
+    refuse_unless(args, not args.live, ["return_path"], "with --live (live precopy has no return path)")
+    refuse_unless(args, bool(args.size), ["fill"], "without --size")
+    refuse_unless(args, bool(args.image), ["block_name"], "without --image")
+    refuse_unless(args, bool(args.size or args.image), ["seed", "no_devices"],
+                  "with --snapshot or --stream (they carry their own devices)")
+    refuse_unless(args, not args.stream,
+                  ["max_bandwidth", "return_path", "rdma_pin_all", "channels"],
+                  "with --stream (the file is replayed byte for byte)")
+    refuse_unless(args, parse_uri(args.uri).scheme == "rdma", ["rdma_pin_all"],
+                  "without an rdma: URI")
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    if not args.image and not args.size and not args.snapshot and not args.stream:
-        raise SetupError("say what to send: --snapshot DIR, --stream FILE, --image FILE or "
-                         "--size SIZE [--fill random|zero|mixed]")
-    if args.channels < 1 or args.channels > MAX_CHANNELS:
-        raise SetupError(f"--channels takes 1 to {MAX_CHANNELS}")
-    if args.channels > 1:
-        if args.stream:
-            raise SetupError("--channels re-encodes the guest; a --stream file is replayed as it was written")
-        if args.live:
-            raise SetupError("--live with --channels is not implemented yet: live precopy uses one stream")
-        if parse_uri(args.uri).scheme not in ("tcp", "unix"):
-            raise SetupError("--channels (multifd) needs a tcp: or unix: URI")
     if args.stream:
         return _send_stream(args)
     if args.live:
-        if args.snapshot:
-            raise SetupError("--live migrates a running synthetic guest; a snapshot is not running")
         return _send_live(args)
     kwargs: dict[str, Any] = {}
     if args.snapshot:
@@ -196,7 +217,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             multifd.start()
         # A replay goes to real QEMU: by default ask it to confirm the load (return path).
         return_path = bool(args.snapshot) if args.return_path is None else args.return_path
-        sender = Sender(channel, ram, devices, max_bandwidth=parse_rate(args.max_bandwidth),
+        sender = Sender(channel, ram, devices, max_bandwidth=args.max_bandwidth,
                         rdma_pin_all=args.rdma_pin_all, pages_to=multifd,
                         return_path=return_path, **kwargs)
         try:
@@ -218,25 +239,30 @@ def cmd_send(args: argparse.Namespace) -> int:
     if not args.quiet:
         _print_send_table(stats, digest)
     if args.json:
-        done: dict[str, Any] = {"event": "completed", "ram_sha256": digest,
-                                "transferred": stats.transferred, "seconds": round(stats.elapsed, 4),
-                                "confirmed": stats.confirmed}
-        if multifd is not None:
-            done["multifd"] = multifd.describe()
-        _emit_json(done)
+        _emit_json(_send_completed(digest, stats.transferred, stats.elapsed, confirmed=stats.confirmed,
+                                   multifd=multifd.describe() if multifd is not None else None))
     return 0
+
+
+def _send_completed(digest: str | None, transferred: int, seconds: float, *,
+                    confirmed: bool | None = None, migration: dict[str, Any] | None = None,
+                    multifd: dict[str, Any] | None = None, stream: str | None = None) -> dict[str, Any]:
+    """``send --json``'s last line: one shape whatever was sent (docs/cli.md), so a
+    script reads the same keys with and without --live; what does not apply is null."""
+    return {"event": "completed", "ram_sha256": digest, "transferred": transferred,
+            "seconds": round(seconds, 4), "confirmed": confirmed, "live": migration is not None,
+            "migration": migration, "multifd": multifd, "stream": stream}
 
 
 def _send_stream(args: argparse.Namespace) -> int:
     """Replay a captured stream file byte for byte (no decoding: what QEMU wrote is sent)."""
-    if args.live:
-        raise SetupError("--live migrates a running synthetic guest; a stream file is not running")
     path = Path(args.stream)
     try:
         f = open(path, "rb")  # closed by the with below
     except OSError as exc:
         raise SetupError(f"cannot read stream file {path}: {exc.strerror}") from None
     sent = 0
+    t0 = time.monotonic()
     with f:
         channel = connect(args.uri)
         try:
@@ -248,14 +274,14 @@ def _send_stream(args: argparse.Namespace) -> int:
     if not args.quiet:
         console.print(f"mignet: sent {path} ({human_bytes(sent)}) to {args.uri}")
     if args.json:
-        _emit_json({"event": "completed", "transferred": sent, "stream": str(path)})
+        _emit_json(_send_completed(None, sent, time.monotonic() - t0, stream=str(path)))
     return 0
 
 
 def _live_params(args: argparse.Namespace) -> Any:
     from mignet.migration.precopy import PrecopyParams
 
-    return PrecopyParams(downtime_limit_ms=args.downtime_limit, max_bandwidth=parse_rate(args.max_bandwidth),
+    return PrecopyParams(downtime_limit_ms=args.downtime_limit, max_bandwidth=args.max_bandwidth,
                          auto_converge=args.auto_converge)
 
 
@@ -264,13 +290,10 @@ def _send_live(args: argparse.Namespace) -> int:
     from mignet.migration.dirty import page_aligned
     from mignet.ui.live import print_live_table, run_live
 
-    if args.image:
-        raise SetupError("--live migrates a running synthetic guest: use --size, not --image "
-                         "(its vCPUs would write into the image)")
     ram = page_aligned(_source_ram(args))
     devices = DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed)
     channel = connect(args.uri)
-    precopy, workload = run_live(channel, ram, devices, dirty_rate=parse_rate(args.dirty_rate),
+    precopy, workload = run_live(channel, ram, devices, dirty_rate=args.dirty_rate,
                                  params=_live_params(args), quiet=args.quiet, seed=args.seed,
                                  rdma_pin_all=args.rdma_pin_all)
     channel.close()
@@ -280,8 +303,8 @@ def _send_live(args: argparse.Namespace) -> int:
         console.print(f"source RAM sha256 at stop-and-copy: {digest[:16]}…")
     if args.json:
         info = precopy.query_migrate()
-        _emit_json({"event": "completed", "ram_sha256": digest, "transferred": info["ram"]["transferred"],
-                    "seconds": info["total-time"] / 1000, "migration": info})
+        _emit_json(_send_completed(digest, info["ram"]["transferred"], info["total-time"] / 1000,
+                                   migration=info))
     return 0
 
 
@@ -317,9 +340,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mignet.migration.dirty import page_aligned
     from mignet.ui.live import print_live_table, run_live
 
-    size = parse_size(args.size)
-    dirty_rate = parse_rate(args.dirty_rate)
-    console.print(f"mignet demo: live-migrating a {human_bytes(size)} {args.fill} guest, its vCPUs "
+    size, dirty_rate, quiet = args.size, args.dirty_rate, args.quiet
+    if not quiet:
+        console.print(f"mignet demo: live-migrating a {human_bytes(size)} {args.fill} guest, its vCPUs "
                   f"writing {human_bytes(dirty_rate)}/s, over loopback TCP to a separate receiver process")
     receiver, uri = start_receiver(recv_command(max_ram=size + (64 << 20)))
     done: dict[str, Any] = {}
@@ -333,48 +356,65 @@ def cmd_demo(args: argparse.Namespace) -> int:
         devices = DeviceSet.example(args.seed)
         channel = connect(uri)
         precopy, workload = run_live(channel, ram, devices, dirty_rate=dirty_rate, params=_live_params(args),
-                                     destination_loaded=destination_loaded, seed=args.seed)
+                                     destination_loaded=destination_loaded, seed=args.seed, quiet=quiet)
         channel.close()
         source_digest = ram.digest()  # the vCPUs are stopped: RAM as frozen at stop-and-copy
     finally:
         if receiver.poll() is None:
             receiver.send_signal(signal.SIGINT)
             receiver.wait(10)
-    print_live_table(precopy, workload, "demo result")
-    stats_table("digests", [("source sha256 (frozen at stop-and-copy)", source_digest[:16] + "…"),
-                            ("received sha256", done["ram_sha256"][:16] + "…")])
-    if done["ram_sha256"] == source_digest:
-        console.print("[bold green]OK[/]: the received RAM is identical to the source (sha256 match)")
+    identical = done["ram_sha256"] == source_digest
+    if not quiet:
+        print_live_table(precopy, workload, "demo result")
+        stats_table("digests", [("source sha256 (frozen at stop-and-copy)", source_digest[:16] + "…"),
+                                ("received sha256", done["ram_sha256"][:16] + "…")])
+    if identical:
+        if not quiet:
+            console.print("[bold green]OK[/]: the received RAM is identical to the source (sha256 match)")
+        if args.json:  # else the error line (main) is the last one
+            info = precopy.query_migrate()
+            _emit_json({"event": "completed", "ram_sha256": source_digest,
+                        "received_sha256": done["ram_sha256"], "identical": True,
+                        "transferred": info["ram"]["transferred"],
+                        "seconds": info["total-time"] / 1000, "migration": info})
         return 0
-    console.print("[bold red]FAILED[/]: the received RAM differs from the source")
-    return 1
+    raise DemoFailed("the received RAM differs from the source (sha256 mismatch): a mignet bug, "
+                     "please report it with this command line")
+
+
+class DemoFailed(MignetError):
+    """The demo's own check failed: the guest did not arrive intact (exit 1, FAILED)."""
 
 
 # --- entry point ---------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mignet", description="Migrate guest memory over TCP or RDMA in QEMU's stream format.")
+    p = options.Parser(
+        prog="mignet", description="Migrate guest memory over TCP or RDMA in QEMU's stream format. "
+                                   f"Sizes and rates are binary ({options.SIZES}; {options.RATES}). "
+                                   "Exit statuses: docs/cli.md.")
     p.add_argument("--version", action="version", version=f"mignet {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("recv", help="receive a migration stream (from mignet or QEMU)")
-    r.add_argument("--listen", required=True, metavar="URI", help="tcp:HOST:PORT, unix:PATH or rdma:HOST:PORT")
+    r.add_argument("--listen", required=True, metavar="URI", type=options.uri,
+                   help="tcp:HOST:PORT, unix:PATH or rdma:HOST:PORT")
     r.add_argument("--out", metavar="DIR", help="write each RAM block and the device state to DIR")
     r.add_argument("--force", action="store_true",
                    help="reuse an --out DIR that holds an earlier (finished or failed) receive, "
                         "replacing its files")
-    r.add_argument("--max-ram", default=str(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
-                   metavar="SIZE", help="refuse sources with more RAM (default: physical memory)")
-    r.add_argument("--timeout", type=float, default=None, help="seconds to wait for the source")
-    r.add_argument("--json", action="store_true", help="machine-readable events on stdout")
-    r.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    _add_max_ram(r)
+    r.add_argument("--timeout", type=options.seconds, metavar="SECONDS",
+                   help="seconds to wait for the source (default: no limit)")
+    _add_output_options(r)
     r.set_defaults(func=cmd_recv)
 
     s = sub.add_parser("send", help="send guest RAM and device state")
-    s.add_argument("uri", metavar="URI")
+    s.add_argument("uri", metavar="URI", type=options.uri,
+                   help="the destination: tcp:HOST:PORT, unix:PATH or rdma:HOST:PORT")
     src = s.add_mutually_exclusive_group()
     src.add_argument("--image", metavar="FILE", help="a RAM image, e.g. QEMU's memory-backend-file")
-    src.add_argument("--size", metavar="SIZE", help="a synthetic guest of SIZE (e.g. 2G)")
+    src.add_argument("--size", metavar="SIZE", type=options.size,
+                     help="a synthetic guest of SIZE (binary: 2G = 2 GiB)")
     src.add_argument("--snapshot", metavar="DIR",
                      help="a guest received with recv --out DIR (e.g. from real QEMU): its "
                           "machine type, RAM blocks and device state, sent so that "
@@ -382,10 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--stream", metavar="FILE",
                      help="a captured stream file (e.g. QEMU's migrate \"exec:cat > FILE\"), "
                           "replayed byte for byte")
-    s.add_argument("--fill", choices=["random", "zero", "mixed"], default="random")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--fill", choices=["random", "zero", "mixed"], default="random",
+                   help="with --size: the synthetic guest's contents")
+    s.add_argument("--seed", type=int, default=0, help="with --size or --image: seed of the "
+                                                        "guest's contents and device state")
     s.add_argument("--block-name", default="pc.ram", help="RAM block name for --image")
-    s.add_argument("--max-bandwidth", default="0", metavar="RATE", help="e.g. 128MiB/s; 0 = unlimited")
+    s.add_argument("--max-bandwidth", default="0", metavar="RATE", type=options.rate,
+                   help="bytes per second, e.g. 128MiB/s; 0 = unlimited")
     s.add_argument("--no-devices", action="store_true", help="send no device-state sections")
     s.add_argument("--return-path", action=argparse.BooleanOptionalAction, default=None,
                    help="open QEMU's return path and report completed only once the destination "
@@ -393,24 +436,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rdma-pin-all", action="store_true", default=None,
                    help="rdma: URIs: the destination registers all its RAM before the first page "
                         "(QEMU's rdma-pin-all) instead of 1 MiB chunks on demand")
-    s.add_argument("--channels", type=int, default=1, metavar="N",
+    s.add_argument("--channels", type=options.count1, default=1, metavar="N",
                    help="QEMU 7.2's multifd: page data over N extra connections (N >= 2; "
                         "the destination needs the multifd capability and multifd-channels N)")
     s.add_argument("--live", action="store_true",
                    help="live precopy: the guest keeps running (vCPUs writing at --dirty-rate)")
-    s.add_argument("--dirty-rate", default="200MiB/s", metavar="RATE", help="with --live: guest write rate")
-    _add_live_options(s)
-    s.add_argument("--json", action="store_true")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(func=cmd_send)
+    s.add_argument("--dirty-rate", default="200MiB/s", metavar="RATE", type=options.rate,
+                   help="with --live: the vCPUs' write rate, bytes per second")
+    _add_live_options(s, "with --live: ")
+    _add_output_options(s)
+    s.set_defaults(func=cmd_send, check=check_send)
 
     d = sub.add_parser("demo", help="migrate a guest over loopback and check it arrived intact")
-    d.add_argument("--size", default="1G")
-    d.add_argument("--fill", choices=["random", "zero", "mixed"], default="mixed")
-    d.add_argument("--seed", type=int, default=7)
-    d.add_argument("--dirty-rate", default="100MiB/s", metavar="RATE", help="guest write rate (0 = idle)")
-    d.add_argument("--max-bandwidth", default="0", metavar="RATE", help="e.g. 128MiB/s; 0 = unlimited")
+    d.add_argument("--size", default="1G", type=options.size, metavar="SIZE",
+                   help="guest RAM (binary: 1G = 1 GiB)")
+    d.add_argument("--fill", choices=["random", "zero", "mixed"], default="mixed",
+                   help="the guest's contents")
+    d.add_argument("--seed", type=int, default=7, help="seed of the guest's contents and writes")
+    d.add_argument("--dirty-rate", default="100MiB/s", metavar="RATE", type=options.rate,
+                   help="the vCPUs' write rate, bytes per second (0 = idle)")
+    d.add_argument("--max-bandwidth", default="0", metavar="RATE", type=options.rate,
+                   help="bytes per second, e.g. 128MiB/s; 0 = unlimited")
     _add_live_options(d)
+    _add_output_options(d, "a completed event with both digests")
     d.set_defaults(func=cmd_demo)
 
     for module in (bench, inspect, relay, rxe, serve):
@@ -418,26 +466,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_live_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--downtime-limit", type=int, default=300, metavar="MS",
-                   help="switch over once the rest fits in MS at the measured bandwidth (QEMU: 300)")
+def _add_live_options(p: argparse.ArgumentParser, only: str = "") -> None:
+    p.add_argument("--downtime-limit", type=options.count0, default=300, metavar="MS",
+                   help=f"{only}switch over once the rest fits in MS milliseconds at the measured "
+                        "bandwidth, as QEMU")
     p.add_argument("--auto-converge", action="store_true",
-                   help="throttle the vCPUs progressively while the dirty rate outruns the link")
+                   help=f"{only}throttle the vCPUs progressively while the dirty rate outruns the link")
+
+
+def _add_max_ram(p: argparse.ArgumentParser) -> None:
+    phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    p.add_argument("--max-ram", default=str(phys), metavar="SIZE", type=options.size,
+                   help=f"refuse sources with more RAM (default: this host's memory, {human_bytes(phys)})")
+
+
+def _add_output_options(p: argparse.ArgumentParser, what: str = "events") -> None:
+    p.add_argument("--json", action="store_true",
+                   help=f"one JSON object per line on stdout: {what}; a failure is an "
+                        "\"error\" object (docs/cli.md)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or table, only errors")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; every failure becomes one line (and with --json one JSON object)
+    and the exit status of its kind (mignet/cli/exits.py)."""
+    argv = sys.argv[1:] if argv is None else argv
+    words = argv[:argv.index("--")] if "--" in argv else argv
+    json_out = "--json" in words  # until the options are parsed, in case they do not parse
     try:
+        args = build_parser().parse_args(argv)
+        json_out = bool(getattr(args, "json", False))
+        check = getattr(args, "check", None)
+        if check is not None:
+            check(args)
         return int(args.func(args))
-    except MigrationCancelled as exc:
-        console.print(f"mignet: {exc}")
-        return 130
-    except MignetError as exc:
-        console.print(f"[red]mignet: error:[/] {escape(str(exc))}", soft_wrap=True)
-        return 1
-    except KeyboardInterrupt:
-        console.print("mignet: interrupted")
-        return 130
+    except (MignetError, MigrationCancelled, KeyboardInterrupt) as exc:
+        return report(exc, json_out=json_out)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,32 +19,48 @@ import threading
 import time
 from typing import Any
 
-from mignet.errors import MigrationCancelled, SetupError
+from mignet.cli import options
+from mignet.cli.exits import UsageError
+from mignet.cli.options import refuse_unless
+from mignet.errors import MigrationCancelled
 from mignet.migration.multifd import accept_incoming
 from mignet.migration.relay import Relay, RelayStats
 from mignet.transport import connect, listen
 from mignet.ui.terminal import console
-from mignet.units import human_bytes, parse_size, rate
+from mignet.units import human_bytes, rate
 from mignet.uri import parse_uri
 from mignet.wire.multifd import MAX_CHANNELS
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("relay", help="receive a migration stream and forward it, page by page, to URI")
-    p.add_argument("--listen", required=True, metavar="URI", help="tcp:HOST:PORT, unix:PATH or rdma:HOST:PORT")
-    p.add_argument("--to", required=True, metavar="URI",
+    p.add_argument("--listen", required=True, metavar="URI", type=options.uri,
+                   help="tcp:HOST:PORT, unix:PATH or rdma:HOST:PORT")
+    p.add_argument("--to", required=True, metavar="URI", type=options.uri,
                    help="where the stream goes on: qemu -incoming, mignet recv or another relay")
-    p.add_argument("--max-ram", default=str(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
-                   metavar="SIZE", help="refuse sources with more RAM (default: physical memory)")
-    p.add_argument("--channels", type=int, default=1, metavar="N",
+    phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    p.add_argument("--max-ram", default=str(phys), metavar="SIZE", type=options.size,
+                   help=f"refuse sources with more RAM (default: this host's memory, {human_bytes(phys)})")
+    p.add_argument("--channels", type=options.count1, default=1, metavar="N",
                    help="QEMU 7.2's multifd towards --to: page data over N extra connections "
                         "(N >= 2; tcp: or unix:)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for the source")
-    p.add_argument("--progress", type=float, default=0.25, metavar="SECONDS",
+    p.add_argument("--timeout", type=options.seconds, metavar="SECONDS",
+                   help="seconds to wait for the source (default: no limit)")
+    p.add_argument("--progress", type=options.seconds, default=0.25, metavar="SECONDS",
                    help="with --json: a progress event this often")
-    p.add_argument("--json", action="store_true", help="machine-readable events on stdout")
-    p.add_argument("--quiet", action="store_true", help="no summary line")
-    p.set_defaults(func=cmd_relay)
+    p.add_argument("--json", action="store_true", help="one JSON object per line on stdout: "
+                                                        "events; a failure is an \"error\" object")
+    p.add_argument("--quiet", action="store_true", help="no summary line, only errors")
+    p.set_defaults(func=cmd_relay, check=check_relay)
+
+
+def check_relay(args: argparse.Namespace) -> None:
+    """Refused before anything listens: what cannot work, or would be ignored."""
+    if args.channels > MAX_CHANNELS:
+        raise UsageError(f"--channels takes 1 to {MAX_CHANNELS}", options.prog(args))
+    if args.channels > 1 and parse_uri(args.to).scheme not in ("tcp", "unix"):
+        raise UsageError("--channels (multifd) needs a tcp: or unix: --to", options.prog(args))
+    refuse_unless(args, args.json, ["progress"], "without --json")
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -68,18 +84,13 @@ def _progress(relay: Relay) -> dict[str, Any]:
 
 
 def cmd_relay(args: argparse.Namespace) -> int:
-    to = parse_uri(args.to)  # a bad destination is refused before anything listens
-    if args.channels < 1 or args.channels > MAX_CHANNELS:
-        raise SetupError(f"--channels takes 1 to {MAX_CHANNELS}")
-    if args.channels > 1 and to.scheme not in ("tcp", "unix"):
-        raise SetupError("--channels (multifd) needs a tcp: or unix: --to")
     listener = listen(args.listen)
     if args.json:
         _emit({"event": "listening", "uri": str(listener.address)})
     elif not args.quiet:
         console.print(f"mignet relay: listening on {listener.address}, forwarding to {args.to}")
     inbound, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why))
-    relay = Relay(inbound, lambda: connect(args.to), max_ram_bytes=parse_size(args.max_ram),
+    relay = Relay(inbound, lambda: connect(args.to), max_ram_bytes=args.max_ram,
                   channels=args.channels if args.channels > 1 else 0, multifd_in=multifd)
     box: dict[str, Any] = {}
 

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mignet.channel import Channel, IOCondition, ShutdownHow
-from mignet.errors import ClosedChannelError, ConnectionLostError, MignetError, ProtocolError, SetupError
+from mignet.errors import ClosedChannelError, ConnectionLostError, MignetError, ProtocolError, TimedOut
 from mignet.guest.ram import GuestRam, RamBlock
 from mignet.migration.loadvm import Loader, LoadStats
 from mignet.runtime.threads import start_thread
@@ -693,7 +693,7 @@ def accept_incoming(listener: Any, timeout: float | None,
     """Accept a migration's main connection, as ``recv`` and ``relay`` do: on tcp:/unix:
     keep listening, so a multifd source (QEMU's capability, a relay's link) can add its
     channels; elsewhere take the one connection. The listener is closed unless the returned
-    receiver now owns it. A source that never comes is one line (SetupError)."""
+    receiver now owns it. A source that never comes is one line (TimedOut)."""
     multifd: MultifdReceiver | None = None
     try:
         if listener.address.scheme in ("tcp", "unix"):
@@ -703,7 +703,7 @@ def accept_incoming(listener: Any, timeout: float | None,
     except TimeoutError as exc:
         if multifd is not None:
             multifd.close()
-        raise SetupError(str(exc)) from None
+        raise TimedOut(str(exc)) from None  # its own exit status: the source never came
     finally:
         if multifd is None:
             listener.close()
