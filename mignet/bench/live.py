@@ -98,7 +98,7 @@ def tracking_cost(size: int = 2 << 30, shares: tuple[float, ...] = (0.0, 0.01, 0
                 log.sync()
                 times.append(log.last.seconds)
             out["kernel"][share] = statistics.median(times)
-    with DirtyLog(ram, force_fallback=True) as hashed:
+    with DirtyLog(ram, force_fallback=True, announce=False) as hashed:  # the figure says what it is
         hashed.start()
         words[rng.choice(block.pages, block.pages // 100, replace=False), 1] += np.uint64(1)
         hashed.sync()
@@ -108,6 +108,11 @@ def tracking_cost(size: int = 2 << 30, shares: tuple[float, ...] = (0.0, 0.01, 0
 
 def bench_live(size: int, bandwidth: int, rates: list[int], limit_ms: int, give_up: float,
                track_size: int) -> dict[str, Any]:
+    runs = sum(2 if rate >= bandwidth else 1 for rate in rates)
+    longest = give_up + size / bandwidth + 5  # forced switchover, its stop-and-copy, set-up
+    console.print(f"mignet bench live: {runs} live migrations of a {human_bytes(size)} guest over a "
+                  f"{human_bytes(bandwidth)}/s link, each up to about {longest:.0f} s, and the tracking "
+                  f"cost on {human_bytes(track_size)}: up to about {runs * longest / 60:.0f} min")
     console.print(f"measuring the tracking cost on {human_bytes(track_size)} …")
     cost = tracking_cost(track_size)
     console.print(f"generating a {human_bytes(size)} random guest …")

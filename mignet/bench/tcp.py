@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from mignet.bench.receiver import receiver_result, recv_command, start_receiver
+from mignet.errors import MisuseError
 from mignet.guest.devices import DeviceSet
 from mignet.guest.ram import GuestRam, allocate_guest_memory
 from mignet.migration.savevm import Sender
@@ -82,6 +83,11 @@ def run_raw(ram: GuestRam) -> Run:
 
 
 def bench_tcp(size: int, repeat: int) -> dict[str, Any]:
+    if repeat < 1:  # a median of nothing
+        raise MisuseError(f"bench_tcp needs at least one run, not {repeat}")
+    console.print(f"mignet bench tcp: {2 * repeat} loads of a {human_bytes(size)} guest, each into a "
+                  "fresh receiver process"
+                  + ("; with the defaults this takes a few minutes" if size >= 1 << 30 else ""))
     console.print(f"generating a {human_bytes(size)} random guest …")
     ram = GuestRam.generate(size, "random", seed=11)
     devices = DeviceSet.example(11)

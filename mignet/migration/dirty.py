@@ -321,10 +321,12 @@ class DirtyLog:
     ``sync()`` returns each block's pages written since the previous sync.
 
     ``force_fallback`` selects page hashing even where the kernel could track (tests, and
-    the benchmark's comparison)."""
+    the benchmark's comparison); ``announce=False`` keeps that choice off stderr, for a
+    caller that labels the figure itself."""
 
     ram: GuestRam
     force_fallback: bool = False
+    announce: bool = True
     trackers: list[BlockTracker] = field(default_factory=list)
     last: SyncCost = field(default_factory=SyncCost)
     _uffd: _Uffd | None = None
@@ -332,7 +334,8 @@ class DirtyLog:
     def __post_init__(self) -> None:
         problem = None if self.force_fallback else kernel_tracking_error()
         if self.force_fallback:
-            announce_once("dirty tracking by per-page hashing, as asked (a full read of RAM per round)")
+            if self.announce:
+                announce_once("dirty tracking by per-page hashing, as asked (a full read of RAM per round)")
         elif problem is None:
             self._uffd = _Uffd()
         else:

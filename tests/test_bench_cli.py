@@ -1,0 +1,69 @@
+"""The benchmarks as a user runs them (issue 14, item 6): they write only where told, say
+up front what a long run does, refuse a run count of 0, never count a failed run as 0, and
+print no notice about a choice the user did not make."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mignet.bench.rdma import RunFailed, ib_write_bw_result, median_of_ok
+from mignet.cli import exits
+from tests.support.cli import one_line
+
+# ib_write_bw's result table (perftest 4.5), as it prints it after a good and a failed run.
+_HEADER = " #bytes     #iterations    BW peak[MB/sec]    BW average[MB/sec]   MsgRate[Mpps]\n"
+GOOD = _HEADER + " 1048576    64               22.20              22.17                0.000022\n"
+ZERO = _HEADER + " 1048576    64               0.00               0.00                 0.000000\n"
+
+
+def test_bench_tcp_refuses_zero_runs(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    r = subprocess.run([*mignet_cmd, "bench", "tcp", "--repeat", "0"], capture_output=True, text=True,
+                       env=subprocess_env, timeout=60)
+    assert r.returncode == exits.USAGE
+    one_line(r.stderr, "argument --repeat: must be at least 1, not 0")
+
+
+@pytest.mark.slow
+def test_bench_recv_model_writes_plots_into_a_new_folder_it_names(
+        mignet_cmd: list[str], subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    r = subprocess.run([*mignet_cmd, "bench", "recv-model", "--size", "8M", "--blobs", "4"],
+                       capture_output=True, text=True, env=subprocess_env, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / "docs").exists()
+    [folder] = [p for p in tmp_path.iterdir() if p.name.startswith("recv-model-plots-")]
+    assert f"plots will go to {folder.name}/" in r.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["recv-model-bql.png", "recv-model-latency.png"]
+    first = r.stderr.splitlines()[0]
+    assert first.startswith("mignet bench recv-model: 4 loads")
+
+
+def test_bench_live_says_what_it_runs_and_nothing_it_was_not_asked(
+        mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    r = subprocess.run([*mignet_cmd, "bench", "live", "--size", "8M", "--rates", "0",
+                        "--max-bandwidth", "64MiB/s", "--track-size", "8M", "--give-up", "5"],
+                       capture_output=True, text=True, env=subprocess_env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith("mignet bench live: 1 live migrations of a 8.0 MiB guest")
+    assert "as asked" not in r.stderr
+    assert "page-hash fallback" in r.stderr  # the figure still says what it compares
+
+
+def test_bench_rdma_without_ib_write_bw_says_so_before_starting(
+        mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    r = subprocess.run([*mignet_cmd, "bench", "rdma", "--size", "4M"], capture_output=True, text=True,
+                       env={**subprocess_env, "PATH": "/nonexistent"}, timeout=60)
+    assert r.returncode == exits.SETUP
+    one_line(r.stderr, "ib_write_bw missing")
+
+
+def test_a_failed_ib_write_bw_run_is_failed_not_zero() -> None:
+    assert ib_write_bw_result(GOOD) == 22.17
+    with pytest.raises(RunFailed, match="reported 0.0 MiB/s"):
+        ib_write_bw_result(ZERO)
+    with pytest.raises(RunFailed, match="printed no result"):
+        ib_write_bw_result("Couldn't connect to 10.9.0.1:19504\n")
+    assert median_of_ok([None, 22.2, 21.1]) == pytest.approx(21.65)  # seen: [0.0, 22.2, 21.1]
+    assert median_of_ok([None, None]) is None
