@@ -137,3 +137,12 @@ def test_help_shows_defaults_whole_at_80_columns(mignet_cmd: list[str], subproce
     text = "".join(r.stdout.split())  # argparse wraps lines, also at hyphens
     for words in expected:
         assert "".join(words.split()) in text, (words, r.stdout)
+
+
+def test_max_ram_refusal_in_human_units(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    recv, uri = start_recv(mignet_cmd, subprocess_env, "--max-ram", "4M")
+    subprocess.run([*mignet_cmd, "send", uri, "--size", "8M", "--quiet"], capture_output=True, text=True,
+                   env=subprocess_env, timeout=60)
+    _, stderr = recv.communicate(timeout=60)
+    assert recv.returncode == exits.PEER
+    one_line(stderr, "source announces 8.0 MiB of RAM, more than the 4.0 MiB this destination accepts")

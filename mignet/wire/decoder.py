@@ -20,6 +20,7 @@ from typing import Any, Final
 import numpy as np
 
 from mignet.errors import MisuseError, ProtocolError, StreamTruncatedError
+from mignet.units import human_bytes
 from mignet.wire.constants import (
     CONTINUE_PAGE_FLAGS,
     FLAGS_MASK,
@@ -465,8 +466,8 @@ class StreamDecoder:
             raise self._error("MEM_SIZE outside the RAM section's start, or sent twice")
         if total > self.max_ram_bytes:
             raise self._error(
-                f"source announces {total} bytes of RAM, more than the {self.max_ram_bytes} "
-                "this destination accepts (raise --max-ram)")
+                f"source announces {human_bytes(total)} of RAM, more than the "
+                f"{human_bytes(self.max_ram_bytes)} this destination accepts (raise --max-ram)")
         # Parse the whole block list at once; it is small.
         pos = self._pos + 8
         blocks: list[tuple[str, int]] = []
