@@ -390,7 +390,7 @@ class DemoFailed(MignetError):
 def build_parser() -> argparse.ArgumentParser:
     p = options.Parser(
         prog="mignet", description="Migrate guest memory over TCP or RDMA in QEMU's stream format. "
-                                   f"Sizes and rates are binary ({options.SIZES}; {options.RATES}). "
+                                   f"{options.SIZES[0].upper()}{options.SIZES[1:]}; {options.RATES}. "
                                    "Exit statuses: docs/cli.md.")
     p.add_argument("--version", action="version", version=f"mignet {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
