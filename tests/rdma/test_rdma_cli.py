@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
+from mignet.cli import exits
 from mignet.guest.ram import GuestRam
 from tests.support.cli import one_line, send_into, start_recv
 
@@ -55,7 +56,7 @@ def test_killed_source_gives_receiver_one_line_error(mignet_cmd: list[str],
     send.wait(10)
     t0 = time.monotonic()
     _, stderr = recv.communicate(timeout=60)
-    assert recv.returncode == 1
+    assert recv.returncode == exits.CONNECTION_LOST
     assert time.monotonic() - t0 < 30
     one_line(stderr, "disconnected")
 
@@ -73,5 +74,5 @@ def test_memlock_too_low_one_line_error(mignet_cmd: list[str], subprocess_env: d
     send = subprocess.run([*mignet_cmd, "send", rdma_uri, "--size", "32M"], capture_output=True,
                           text=True, env=subprocess_env, timeout=120,
                           preexec_fn=_low_memlock(256 << 10))
-    assert send.returncode == 1
+    assert send.returncode == exits.SETUP
     one_line(send.stderr, "RLIMIT_MEMLOCK is 262144: raise it with ulimit -l unlimited")

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from mignet.cli import exits
+
 from .conftest import rdma_unavailable
 
 
@@ -28,7 +30,7 @@ def test_no_device_is_one_line_naming_the_fix(mignet_cmd: list[str], subprocess_
                                               args: list[str]) -> None:
     r = subprocess.run([*mignet_cmd, *args], capture_output=True, text=True, env=subprocess_env,
                        timeout=60)
-    assert r.returncode == 1
+    assert r.returncode == exits.SETUP
     assert "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, r.stderr
