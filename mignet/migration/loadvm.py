@@ -31,13 +31,14 @@ from typing import Any
 import numpy as np
 
 from mignet.channel import Channel
-from mignet.errors import ProtocolError
+from mignet.errors import MignetError, ProtocolError, SetupError
 from mignet.guest.devices import KNOWN_DEVICES, DeviceSet
 from mignet.guest.ram import GuestRam, RamBlock
 from mignet.runtime.bql import assert_bql_not_held, bql_held
 from mignet.runtime.cancel import Cancel
 from mignet.runtime.coroutine import run_coroutine
 from mignet.runtime.threads import start_thread
+from mignet.units import human_bytes
 from mignet.wire import (
     NEED_DATA,
     PAGE_SIZE,
@@ -211,7 +212,9 @@ class Loader:
             self.channel.write_all(rp_shut(0))
             rp["shut"] = 0
         self.stats.finished = time.monotonic()
-        assert self.ram is not None
+        if self.ram is None:
+            raise ProtocolError("the stream ended without a RAM section: there is no guest to "
+                                "load (is the source a migration of a guest with RAM?)")
         return LoadResult(self.stats, self.ram, self.devices, self.description)
 
     def _bulk(self, on: bool) -> None:
@@ -251,7 +254,19 @@ class Loader:
     # --- RAM -------------------------------------------------------------------------
     def _setup_blocks(self, event: RamBlocks) -> None:
         if self.ram is None:
-            self.ram = GuestRam([self.block_factory(name, size) for name, size in event.blocks])
+            blocks: list[RamBlock] = []
+            try:
+                for name, size in event.blocks:
+                    blocks.append(self.block_factory(name, size))
+            except (MemoryError, OSError) as exc:
+                if isinstance(exc, MignetError):
+                    raise
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+                raise SetupError(
+                    f"cannot allocate the source's {human_bytes(event.total)} of guest RAM here "
+                    f"({why}): lower --max-ram so such a source is refused up front, or free memory"
+                ) from None
+            self.ram = GuestRam(blocks)
         else:
             for name, size in event.blocks:
                 block = self.ram.get(name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
@@ -76,6 +77,16 @@ NeedData = _NeedData
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 _SECTION_HEAD = struct.Struct(">BIB")  # type, section id, idstr length
+@dataclass
+class _BlockListProgress:
+    """How far a MEM_SIZE block list has been parsed (bytes after its 8-byte head)."""
+
+    offset: int = 0
+    seen: int = 0
+    blocks: list[tuple[str, int]] = field(default_factory=list)
+    names: set[str] = field(default_factory=set)
+
+
 _KNOWN_RAM_FLAGS = int(RamFlag.ZERO | RamFlag.MEM_SIZE | RamFlag.PAGE | RamFlag.EOS | RamFlag.CONTINUE)
 _TAIL_CHUNK = 1 << 16
 # A VM description larger than this is not a VM description.
@@ -126,6 +137,7 @@ class StreamDecoder:
         self._need = 8  # bytes needed beyond what is buffered to make progress
         self._eof = False
         self.blocks: dict[str, int] = {}  # name -> used_length, from MEM_SIZE
+        self._mem_progress: _BlockListProgress | None = None  # a block list read in part
         self._sections: dict[int, str] = {}  # section id -> idstr
         self._section_id = 0
         self._section_kind: SectionKind = "start"
@@ -468,11 +480,14 @@ class StreamDecoder:
             raise self._error(
                 f"source announces {human_bytes(total)} of RAM, more than the "
                 f"{human_bytes(self.max_ram_bytes)} this destination accepts (raise --max-ram)")
-        # Parse the whole block list at once; it is small.
-        pos = self._pos + 8
-        blocks: list[tuple[str, int]] = []
-        seen = 0
-        while seen < total:
+        # The block list arrives in pieces: resume where the last piece ended, so a long
+        # list costs one pass (re-parsing from its start on every read was quadratic).
+        progress = self._mem_progress
+        if progress is None:
+            progress = self._mem_progress = _BlockListProgress()
+        pos = self._pos + 8 + progress.offset
+        blocks, names = progress.blocks, progress.names
+        while progress.seen < total:
             if not self._have(pos - self._pos + 1):
                 return NEED_DATA
             idlen = self._buf[pos]
@@ -482,16 +497,19 @@ class StreamDecoder:
             (size,) = _BE64.unpack_from(self._buf, pos + 1 + idlen)
             if not name:
                 raise self._error("RAM block with an empty name")
-            if any(name == b for b, _ in blocks):
+            if name in names:
                 raise self._error(f"RAM block {name!r} announced twice")
             if size % PAGE_SIZE:
                 raise self._error(f"RAM block {name!r} of {size} bytes is not a whole number of pages")
-            if size == 0 or seen + size > total:
+            if size == 0 or progress.seen + size > total:
                 raise self._error(
                     f"RAM block {name!r} of {size} bytes does not fit MEM_SIZE total {total}")
             blocks.append((name, size))
-            seen += size
+            names.add(name)
+            progress.seen += size
             pos += 1 + idlen + 8
+            progress.offset = pos - self._pos - 8
+        self._mem_progress = None
         self._pos = pos
         self.blocks = dict(blocks)
         self._need = 8
@@ -554,6 +572,10 @@ class StreamDecoder:
             description: dict[str, Any] = json.loads(text)
         except ValueError as exc:
             raise self._error(f"VM description is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise self._error("VM description is nested too deeply to be a real one") from None
+        if not isinstance(description, dict):
+            raise self._error(f"VM description is a JSON {type(description).__name__}, not an object")
         self._pos += 5 + length
         self._goto(DecoderState.DONE)
         self._need = 0

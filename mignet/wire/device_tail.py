@@ -39,7 +39,10 @@ def split_device_tail(tail: bytes, base: int) -> tuple[list[TailSection], dict[s
     """Split ``tail`` (from a SECTION_FULL byte to the end of input; ``base`` is its stream
     offset, for error messages) into device sections and the VM description."""
     end, description = _find_vmdescription(tail, base)
-    devices: list[dict[str, Any]] = list(description.get("devices", [])) if description else []
+    # The description is the peer's word: only well-formed entries guide the split; anything
+    # else falls back to scanning for the section's footer.
+    listed = description.get("devices") if description else None
+    devices = [d if isinstance(d, dict) else None for d in listed] if isinstance(listed, list) else []
     sections: list[TailSection] = []
     pos = 0
     index = 0
@@ -87,6 +90,9 @@ def _find_vmdescription(tail: bytes, base: int) -> tuple[int, dict[str, Any] | N
                 description = json.loads(tail[p + 6:])
             except ValueError:
                 description = None
+            except RecursionError:
+                raise ProtocolError("VM description is nested too deeply to be a real one",
+                                    offset=base + p + 1) from None
             if isinstance(description, dict):
                 return p + 1, description
         search_from = p + 1 if p + 1 < search_from else p
@@ -103,8 +109,8 @@ def _body_end_from_description(tail: bytes, head: int, end: int, sid: int,
     try:
         after_fields = head + _fields_size(desc)
         pos = _skip_subsections(tail, after_fields, end, desc)
-    except (KeyError, TypeError, ValueError):
-        return None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RecursionError):
+        return None  # the description does not fit these bytes: scan for the footer instead
     if pos is None or not _footer_at(tail, pos, end, sid):
         return None
     return pos
