@@ -131,7 +131,7 @@ def test_a_failing_channel_fails_the_migration_in_one_line(mignet_cmd: list[str]
 @pytest.mark.parametrize(("extra", "message"), [
     (["--size", "4M", "--live"], "--live with --channels is not implemented"),
     (["--stream", "/dev/null"], "--stream file is replayed"),
-    (["--size", "4M", "--channels", "0"], "--channels takes 1 to 255"),
+    (["--size", "4M", "--channels", "0"], "--channels: takes 1 to 255, not 0"),
 ])
 def test_refusals(mignet_cmd: list[str], subprocess_env: dict[str, str], extra: list[str], message: str) -> None:
     args = extra if "--channels" in extra else [*extra, "--channels", "2"]

@@ -165,8 +165,6 @@ def check_send(args: argparse.Namespace) -> None:
     if not args.image and not args.size and not args.snapshot and not args.stream:
         raise UsageError("say what to send: --snapshot DIR, --stream FILE, --image FILE or "
                          "--size SIZE [--fill random|zero|mixed]", prog)
-    if args.channels > MAX_CHANNELS:
-        raise UsageError(f"--channels takes 1 to {MAX_CHANNELS}", prog)
     if args.channels > 1:
         if args.stream:
             raise UsageError("--channels re-encodes the guest; a --stream file is replayed as "
@@ -436,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rdma-pin-all", action="store_true", default=None,
                    help="rdma: URIs: the destination registers all its RAM before the first page "
                         "(QEMU's rdma-pin-all) instead of 1 MiB chunks on demand")
-    s.add_argument("--channels", type=options.count1, default=1, metavar="N",
+    s.add_argument("--channels", type=options.count_range(1, MAX_CHANNELS), default=1, metavar="N",
                    help="QEMU 7.2's multifd: page data over N extra connections (N >= 2; "
                         "the destination needs the multifd capability and multifd-channels N)")
     s.add_argument("--live", action="store_true",

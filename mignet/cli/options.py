@@ -124,17 +124,24 @@ def _positive_size(text: str) -> int:
     return n
 
 
-def _count(low: int) -> Callable[[str], int]:
+def _count(low: int, high: int | None = None) -> Callable[[str], int]:
     def convert(text: str) -> int:
         try:
             n = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if high is not None and not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"takes {low} to {high}, not {n}")
         if n < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, not {n}")
         return n
     convert.__name__ = "count"
     return convert
+
+
+def count_range(low: int, high: int) -> Callable[[str], int]:
+    """``type=`` for a whole number from ``low`` to ``high``."""
+    return _count(low, high)
 
 
 def _seconds(text: str) -> float:

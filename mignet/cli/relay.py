@@ -41,7 +41,7 @@ def add_parser(sub: Any) -> None:
     phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     p.add_argument("--max-ram", default=str(phys), metavar="SIZE", type=options.size,
                    help=f"refuse sources with more RAM (default: this host's memory, {human_bytes(phys)})")
-    p.add_argument("--channels", type=options.count1, default=1, metavar="N",
+    p.add_argument("--channels", type=options.count_range(1, MAX_CHANNELS), default=1, metavar="N",
                    help="QEMU 7.2's multifd towards --to: page data over N extra connections "
                         "(N >= 2; tcp: or unix:)")
     p.add_argument("--timeout", type=options.seconds, metavar="SECONDS",
@@ -56,8 +56,6 @@ def add_parser(sub: Any) -> None:
 
 def check_relay(args: argparse.Namespace) -> None:
     """Refused before anything listens: what cannot work, or would be ignored."""
-    if args.channels > MAX_CHANNELS:
-        raise UsageError(f"--channels takes 1 to {MAX_CHANNELS}", options.prog(args))
     if args.channels > 1 and parse_uri(args.to).scheme not in ("tcp", "unix"):
         raise UsageError("--channels (multifd) needs a tcp: or unix: --to", options.prog(args))
     refuse_unless(args, args.json, ["progress"], "without --json")
