@@ -146,3 +146,11 @@ def test_max_ram_refusal_in_human_units(mignet_cmd: list[str], subprocess_env: d
     _, stderr = recv.communicate(timeout=60)
     assert recv.returncode == exits.PEER
     one_line(stderr, "source announces 8.0 MiB of RAM, more than the 4.0 MiB this destination accepts")
+
+
+def test_a_subcommands_own_check_option_is_not_the_option_check(mignet_cmd: list[str],
+                                                                 subprocess_env: dict[str, str]) -> None:
+    """``rxe run --check`` (dest "check") lives beside the per-command option checks."""
+    r = _run(mignet_cmd, subprocess_env, "rxe", "run", "--check")
+    assert "Traceback" not in r.stderr
+    assert r.returncode in (0, 1), r.stderr

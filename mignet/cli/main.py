@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --live: the vCPUs' write rate, bytes per second")
     _add_live_options(s, "with --live: ")
     _add_output_options(s)
-    s.set_defaults(func=cmd_send, check=check_send)
+    s.set_defaults(func=cmd_send, _check=check_send)
 
     d = sub.add_parser("demo", help="migrate a guest over loopback and check it arrived intact")
     d.add_argument("--size", default="1G", type=options.size, metavar="SIZE",
@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         json_out = bool(getattr(args, "json", False))
-        check = getattr(args, "check", None)
+        check = getattr(args, "_check", None)  # "check" is rxe run's --check
         if check is not None:
             check(args)
         return int(args.func(args))

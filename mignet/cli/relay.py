@@ -51,7 +51,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per line on stdout: "
                                                         "events; a failure is an \"error\" object")
     p.add_argument("--quiet", action="store_true", help="no summary line, only errors")
-    p.set_defaults(func=cmd_relay, check=check_relay)
+    p.set_defaults(func=cmd_relay, _check=check_relay)
 
 
 def check_relay(args: argparse.Namespace) -> None:

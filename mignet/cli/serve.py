@@ -67,7 +67,7 @@ def add_parser(sub: Any) -> None:
                         "of the main loop holding the big lock (QEMU's old model)")
     s.add_argument("--json", action="store_true", help="print the QMP addresses as one JSON "
                                                         "line; a failure as an \"error\" object")
-    s.set_defaults(func=cmd_serve, check=check_serve)
+    s.set_defaults(func=cmd_serve, _check=check_serve)
 
 
 def _qmp_address(text: str) -> str:
