@@ -182,7 +182,12 @@ class GuestDir:
             os.unlink(_PROBE, dir_fd=self._fd)  # left by a killed receive
         fd = self._create(_PROBE)
         try:
-            self._allocate(fd, mmap.PAGESIZE, _PROBE)
+            try:
+                os.posix_fallocate(fd, 0, mmap.PAGESIZE)  # a full disk: not a SIGBUS below
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise self._no_space(mmap.PAGESIZE) from None
+                os.ftruncate(fd, mmap.PAGESIZE)  # cannot reserve here: the mapping decides
             with mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
                 m[0] = 1
         except OSError as exc:
@@ -266,7 +271,8 @@ class GuestDir:
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
-            os.fsync(self._fd)
+            with contextlib.suppress(OSError):  # some file systems cannot sync a folder
+                os.fsync(self._fd)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=self._fd)
