@@ -17,11 +17,12 @@ from __future__ import annotations
 import enum
 import select
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from mignet.errors import ClosedChannelError, ConnectionLostError
+from mignet.errors import ClosedChannelError, ConnectionLostError, TimedOut
 from mignet.runtime.coroutine import in_coroutine, wait_fds, yield_until
 
 Buffer = bytes | bytearray | memoryview
@@ -91,6 +92,8 @@ class Channel(ABC):
         self._blocking = True
         self._closed = False
         self._lock = threading.Lock()  # guards close/shutdown against concurrent callers
+        self._idle_read: float | None = None  # s without a byte read: TimedOut (None: wait)
+        self._idle_write: float | None = None  # s without a byte taken by the peer
 
     # --- primitives a transport provides ---------------------------------------------
     @abstractmethod
@@ -122,6 +125,11 @@ class Channel(ABC):
     @abstractmethod
     def _set_blocking(self, blocking: bool) -> None: ...
 
+    def _set_idle_timeout(self, read: float | None, write: float | None) -> None:  # noqa: B027
+        """Make a blocking read/write give up (return None) after that long without
+        progress; transports whose reads block in the kernel implement it. Default: no-op
+        (reads that never block are bounded by ``wait_cond``'s timeout)."""
+
     @abstractmethod
     def _shutdown(self, how: ShutdownHow) -> None: ...
 
@@ -149,6 +157,31 @@ class Channel(ABC):
         if self._closed:
             raise ClosedChannelError(f"channel {self.name} is closed; open a new one")
 
+    def set_idle_timeout(self, read: float | None = None, write: float | None = None) -> None:
+        """A peer that stalls — sends nothing for ``read`` seconds, or takes nothing for
+        ``write`` seconds — ends the wait with :class:`TimedOut` instead of hanging
+        forever. Any progress restarts the clock. None (the default) waits forever: a
+        side that legitimately idles (a source's return path during the whole migration)
+        keeps that direction unbounded."""
+        self._check_open()
+        self._idle_read, self._idle_write = read, write
+        self._set_idle_timeout(read, write)
+
+    def _wait_progress(self, cond: IOCondition, since: float) -> None:
+        """Wait for ``cond`` after the last progress at ``since``; TimedOut when the idle
+        limit for that direction passes first."""
+        limit = self._idle_read if cond is IOCondition.IN else self._idle_write
+        if limit is None:
+            self.wait_cond(cond)
+            return
+        left = since + limit - time.monotonic()
+        if left > 0 and self.wait_cond(cond, left):
+            return
+        if time.monotonic() - since >= limit:
+            what = "sent nothing" if cond is IOCondition.IN else "took nothing we sent"
+            raise TimedOut(f"{self.name}: the peer {what} for {limit:g} s; giving up (a stalled "
+                           "peer or network: check the other side)")
+
     # --- waiting ---------------------------------------------------------------------
     def wait_cond(self, cond: IOCondition, timeout: float | None = None) -> bool:
         """Wait until the channel may be ready for ``cond``; False on timeout.
@@ -171,11 +204,12 @@ class Channel(ABC):
     def read_some_into(self, bufs: Sequence[WritableBuffer]) -> int:
         """Read at least one byte (waiting if needed) unless the stream ended (returns 0)."""
         self._check_open()
+        since = time.monotonic()
         while True:
             n = self._readv(bufs)
             if n is not None:
                 return n
-            self.wait_cond(IOCondition.IN)
+            self._wait_progress(IOCondition.IN, since)
             self._check_open()
 
     def readv_into(self, bufs: Sequence[WritableBuffer]) -> int:
@@ -212,11 +246,12 @@ class Channel(ABC):
         """Up to ``size`` bytes that the next read will return, waiting for at least one;
         b"" at end of stream."""
         self._check_open()
+        since = time.monotonic()
         while True:
             data = self._peek(size)
             if data is not None:
                 return data
-            self.wait_cond(IOCondition.IN)
+            self._wait_progress(IOCondition.IN, since)
 
     # --- writes ----------------------------------------------------------------------
     def writev_all(self, bufs: Sequence[Buffer]) -> int:
@@ -225,12 +260,14 @@ class Channel(ABC):
         views = [memoryview(b).cast("B") for b in bufs]
         total = sum(len(v) for v in views)
         done = 0
+        since = time.monotonic()
         while done < total:
             n = self._writev(views)
             if n is None:
-                self.wait_cond(IOCondition.OUT)
+                self._wait_progress(IOCondition.OUT, since)
                 self._check_open()
                 continue
+            since = time.monotonic()
             done += n
             views = _advance(views, n)
         return total

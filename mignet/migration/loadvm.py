@@ -107,6 +107,13 @@ class LoadResult:
     description: dict[str, Any] | None
 
 
+#: Seconds a peer may stall (send nothing we read, take nothing we send) before a migration
+#: gives up with TimedOut. QEMU's sources write at least every 50 ms while they migrate
+#: (each iteration ends its section), mignet's at least every section, so a minute of
+#: silence is a stalled peer or network, not a slow one.
+IDLE_TIMEOUT = 60.0
+
+
 class Loader:
     """Loads one stream from ``channel``.
 
@@ -118,8 +125,9 @@ class Loader:
                  devices: DeviceSet | None = None, max_ram_bytes: int = 1 << 40,
                  on_switchover: Callable[[], None] | None = None,
                  block_factory: Callable[[str, int], RamBlock] = RamBlock.anonymous,
-                 threaded: bool = True) -> None:
+                 threaded: bool = True, idle_timeout: float | None = IDLE_TIMEOUT) -> None:
         self.channel = channel
+        channel.set_idle_timeout(read=idle_timeout)  # a stalled source ends the load
         self.ram = ram
         self.devices = devices if devices is not None else DeviceSet.empty()
         self.decoder = StreamDecoder(devices=KNOWN_DEVICES, max_ram_bytes=max_ram_bytes)

@@ -42,7 +42,7 @@ import numpy as np
 from mignet.channel import Channel, IOCondition, ShutdownHow
 from mignet.errors import ClosedChannelError, ConnectionLostError, MignetError, ProtocolError, TimedOut
 from mignet.guest.ram import GuestRam, RamBlock
-from mignet.migration.loadvm import Loader, LoadStats
+from mignet.migration.loadvm import IDLE_TIMEOUT, Loader, LoadStats
 from mignet.runtime.threads import start_thread
 from mignet.uri import Address
 from mignet.wire import PAGE_SIZE
@@ -112,6 +112,7 @@ class MultifdReceiver:
         self.on_round: Callable[[], None] | None = None
         self.classify_timeout = classify_timeout
         self.settle_timeout = settle_timeout
+        self.idle_timeout: float | None = IDLE_TIMEOUT  # a stalled channel fails the load
         self.refused: list[str] = []
         self._cond = threading.Condition()
         self._accept_lock = threading.Lock()
@@ -226,6 +227,7 @@ class MultifdReceiver:
             if why is None:
                 self._uuid = init.uuid
                 state = _ChannelState(cid, ch)
+                ch.set_idle_timeout(read=self.idle_timeout)
                 self._channels[cid] = state
                 state.thread, _ = start_thread(lambda: self._channel_thread(state),
                                                f"mig/dst/multifd/{cid}")
@@ -533,6 +535,8 @@ class MultifdSender:
         if not channels:
             raise ValueError("multifd needs at least one channel")
         self.channels = channels
+        for ch in channels:  # a destination that stops reading a channel fails the send
+            ch.set_idle_timeout(write=IDLE_TIMEOUT)
         self.uuid = uuid
         self._jobs: queue.Queue[_SendJob] = queue.Queue(queue_depth or 2 * len(channels))
         self._barrier = threading.Barrier(len(channels) + 1)

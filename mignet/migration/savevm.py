@@ -26,6 +26,7 @@ from mignet.channel import Channel, IOCondition, ShutdownHow
 from mignet.errors import ConnectionLostError, PeerFailedError, ProtocolError, TimedOut
 from mignet.guest.devices import DeviceSet
 from mignet.guest.ram import GuestRam, RamBlock, zero_pages
+from mignet.migration.loadvm import IDLE_TIMEOUT
 from mignet.migration.ratelimit import RateLimiter
 from mignet.runtime.cancel import Cancel
 from mignet.runtime.halves import bottom_half, upper_half
@@ -79,8 +80,11 @@ class Sender:
                  ram_section_id: int | None = None,
                  description: dict[str, Any] | None = None,
                  pages_to: PageChannels | None = None, return_path: bool = False,
-                 confirm_timeout: float = 120.0) -> None:
+                 confirm_timeout: float = 120.0, idle_timeout: float | None = IDLE_TIMEOUT) -> None:
         self.channel = channel
+        # A destination that stops reading ends the send; reads stay unbounded: the
+        # return path is silent for the whole migration.
+        channel.set_idle_timeout(write=idle_timeout)
         self.ram = ram
         self.devices = devices
         self.encoder = StreamEncoder()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import select
 import socket
+import struct
 from collections.abc import Sequence
 
 from mignet.channel import Buffer, Channel, IOCondition, ShutdownHow, WritableBuffer
@@ -29,6 +30,7 @@ class SocketChannel(Channel):
         self.sock = sock
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _dead_peer_detection(sock)
         sock.setblocking(True)
         self._low_water = 1
         self._ready = select.poll()
@@ -104,6 +106,15 @@ class SocketChannel(Channel):
     def _set_blocking(self, blocking: bool) -> None:
         self.sock.setblocking(blocking)
 
+    def _set_idle_timeout(self, read: float | None, write: float | None) -> None:
+        """SO_RCVTIMEO/SO_SNDTIMEO: a blocking call returns EAGAIN (None here) after that
+        long without progress, and the base class turns it into TimedOut. Not Python's
+        settimeout, which would make the socket non-blocking underneath."""
+        for opt, value in ((socket.SO_RCVTIMEO, read), (socket.SO_SNDTIMEO, write)):
+            secs = 0.0 if value is None else max(value, 0.001)
+            self.sock.setsockopt(socket.SOL_SOCKET, opt,
+                                 struct.pack("ll", int(secs), int((secs % 1) * 1_000_000)))
+
     def _shutdown(self, how: ShutdownHow) -> None:
         try:
             self.sock.shutdown(_SHUT[how])
@@ -112,6 +123,26 @@ class SocketChannel(Channel):
 
     def _close(self) -> None:
         self.sock.close()
+
+
+#: A peer host that vanishes (power loss, cable, a firewall dropping the flow) sends no
+#: reset: keepalive probes find it idle after KEEPALIVE_IDLE + KEEPALIVE_COUNT * interval
+#: seconds, and TCP_USER_TIMEOUT fails a write that stays unacknowledged that long.
+KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3
+USER_TIMEOUT_MS = 60_000
+
+
+def _dead_peer_detection(sock: socket.socket) -> None:
+    opts = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL),
+            (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT),
+            (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)]
+    for level, opt, value in opts:
+        try:
+            sock.setsockopt(level, opt, value)
+        except OSError:
+            pass  # a kernel without the option: the idle timeouts still bound a stall
 
 
 def _describe(sock: socket.socket) -> str:

@@ -1,0 +1,114 @@
+"""A stalled peer never hangs a migration: a source that stops sending mid-stream, or a
+destination that stops reading, ends the other side with TimedOut once the idle limit
+passes (real sockets, real threads; limits cut to fractions of a second). TCP sockets also
+carry the kernel's dead-peer detection (keepalive, TCP_USER_TIMEOUT)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from mignet.errors import TimedOut
+from mignet.guest.devices import DeviceSet
+from mignet.guest.ram import GuestRam, RamBlock
+from mignet.migration.loadvm import Loader
+from mignet.migration.savevm import Sender
+from mignet.tcp import SocketChannel
+from mignet.transport import connect, listen
+from tests.support.streams import channel_pair, encode_stream
+
+LIMIT = 0.5
+SLACK = 3.0  # on a loaded 2-core machine
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[SocketChannel, SocketChannel]]:
+    a, b = channel_pair()
+    yield a, b
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("blocking", [True, False], ids=["blocking", "non-blocking"])
+def test_a_read_with_no_data_times_out(pair: tuple[SocketChannel, SocketChannel], blocking: bool) -> None:
+    a, b = pair
+    b.set_blocking(blocking)
+    b.set_idle_timeout(read=LIMIT)
+    a.write_all(b"half")
+    t0 = time.monotonic()
+    with pytest.raises(TimedOut, match=r"the peer sent nothing for 0.5 s"):
+        b.read_exactly(8)
+    assert LIMIT * 0.9 <= time.monotonic() - t0 < LIMIT + SLACK
+
+
+def test_progress_restarts_the_clock(pair: tuple[SocketChannel, SocketChannel]) -> None:
+    """A slow peer is not a stalled one: bytes every 0.2 s keep a 0.5 s limit from firing."""
+    a, b = pair
+    b.set_idle_timeout(read=LIMIT)
+
+    def trickle() -> None:
+        for _ in range(8):
+            time.sleep(0.2)
+            a.write_all(b"x")
+    t = threading.Thread(target=trickle)
+    t.start()
+    assert b.read_exactly(8) == b"x" * 8
+    t.join()
+
+
+def test_a_write_the_peer_never_takes_times_out(pair: tuple[SocketChannel, SocketChannel]) -> None:
+    a, _ = pair
+    a.set_idle_timeout(write=LIMIT)
+    t0 = time.monotonic()
+    with pytest.raises(TimedOut, match="took nothing we sent for 0.5 s"):
+        a.write_all(bytes(64 << 20))  # far more than the socket buffers hold
+    assert time.monotonic() - t0 < LIMIT + SLACK
+
+
+def _ram(size: int = 8 << 20) -> GuestRam:
+    block = RamBlock.anonymous("pc.ram", size)
+    block.data[::4096] = 7  # every page a data page
+    return GuestRam([block])
+
+
+def test_a_source_that_stalls_mid_stream_ends_the_load(pair: tuple[SocketChannel, SocketChannel]) -> None:
+    a, b = pair
+    data = encode_stream(_ram())
+    # half the stream, then silence with the connection open
+    threading.Thread(target=a.write_all, args=(data[: len(data) // 2],), daemon=True).start()
+    loader = Loader(b, devices=DeviceSet.empty(), idle_timeout=LIMIT)
+    t0 = time.monotonic()
+    with pytest.raises(TimedOut, match="sent nothing"):
+        loader.run()
+    assert time.monotonic() - t0 < LIMIT + SLACK
+
+
+def test_a_destination_that_stops_reading_ends_the_send(pair: tuple[SocketChannel, SocketChannel]) -> None:
+    a, _ = pair  # nobody reads b
+    sender = Sender(a, _ram(64 << 20), DeviceSet.empty(), idle_timeout=LIMIT)
+    t0 = time.monotonic()
+    with pytest.raises(TimedOut, match="took nothing"):
+        sender.start()
+        sender.send_pages(sender.ram["pc.ram"], [(0, sender.ram["pc.ram"].pages)])
+        sender.finish()
+    assert time.monotonic() - t0 < LIMIT + SLACK
+
+
+def test_tcp_channels_detect_a_vanished_peer_host() -> None:
+    listener = listen("tcp:127.0.0.1:0")
+    try:
+        client = connect(str(listener.address))
+        server = listener.accept(timeout=5)
+        for ch in (client, server):
+            assert isinstance(ch, SocketChannel)
+            s = ch.sock
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+            assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 60_000
+            ch.close()
+    finally:
+        listener.close()
