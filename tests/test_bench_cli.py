@@ -67,3 +67,28 @@ def test_a_failed_ib_write_bw_run_is_failed_not_zero() -> None:
         ib_write_bw_result("Couldn't connect to 10.9.0.1:19504\n")
     assert median_of_ok([None, 22.2, 21.1]) == pytest.approx(21.65)  # seen: [0.0, 22.2, 21.1]
     assert median_of_ok([None, None]) is None
+
+
+def test_bench_channels_runs_both_kinds_and_fits_80_columns(mignet_cmd: list[str],
+                                                            subprocess_env: dict[str, str]) -> None:
+    r = subprocess.run([*mignet_cmd, "bench", "channels", "--size", "16M", "--channels", "1,2",
+                        "--repeat", "1"], capture_output=True, text=True, env=subprocess_env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
+    runs = [line for line in lines if " N=" in line]
+    assert len(runs) == 4 and not any("FAILED" in line for line in runs), r.stdout
+    rows = {line.split()[0]: line for line in lines if line[:1] in "12" and "/" in line}
+    assert set(rows) == {"1", "2"} and all(row.rstrip().endswith("0/0") for row in rows.values())
+
+
+def test_bench_channels_reports_a_failed_run_and_leaves_it_out(tmp_path: Path) -> None:
+    """A run whose sender cannot start is recorded as failed with its reason; the summary
+    counts it and takes no figure from it."""
+    from mignet.bench.channels import Results, run_once, summary
+
+    failed = run_once("mignet", 2, tmp_path / "missing.img", 16 << 20, timeout=60)
+    assert failed.seconds is None and failed.error, failed
+    results = Results(16 << 20, [failed])
+    row = summary(results, [2])[1]
+    assert row.split()[1] == "0" and "n/a" in row and row.rstrip().endswith("1/0")

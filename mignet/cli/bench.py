@@ -14,7 +14,7 @@ from mignet.cli import options
 
 
 def add_parser(sub: Any) -> None:
-    """Add ``bench`` with its subcommands tcp, recv-model, live and rdma."""
+    """Add ``bench`` with its subcommands tcp, recv-model, live, channels and rdma."""
     b = sub.add_parser("bench", help="benchmarks (figures side by side in one run)",
                        description=f"Benchmarks; each says up front what it runs. {options.SIZES}.")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -58,6 +58,17 @@ def add_parser(sub: Any) -> None:
     v.add_argument("--json-out", metavar="FILE", help="also write the figures as JSON")
     v.set_defaults(func=cmd_bench_live)
 
+    c = bsub.add_parser(
+        "channels", help="multifd: mignet send/recv with N channels vs a raw N-connection loop, CPU s/GiB")
+    c.add_argument("--size", default="1G", type=options.size, metavar="SIZE",
+                   help="guest RAM per run (binary), a random image in /dev/shm")
+    c.add_argument("--channels", default="1,2,4", type=_channel_list, metavar="LIST",
+                   help="channel counts to compare, comma separated (1: no multifd)")
+    c.add_argument("--repeat", type=options.count1, default=3, metavar="N",
+                   help="alternations; the figures are medians of the runs that succeeded")
+    c.add_argument("--json-out", metavar="FILE", help="also write every run as JSON")
+    c.set_defaults(func=cmd_bench_channels)
+
     d = bsub.add_parser(
         "rdma", help="mignet RDMA vs ib_write_bw vs mignet TCP (run inside the soft-RoCE guest)")
     d.add_argument("--size", default="64M", type=options.size, metavar="SIZE",
@@ -82,6 +93,16 @@ def _link_rate(text: str) -> int:
     return n
 
 
+def _channel_list(text: str) -> list[int]:
+    try:
+        counts = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected channel counts like 1,2,4, not {text!r}") from None
+    if not counts or any(not 1 <= c <= 255 for c in counts):
+        raise argparse.ArgumentTypeError("every channel count must be 1 to 255")
+    return counts
+
+
 def _rates(text: str) -> list[int]:
     return [int(options.rate(r)) for r in text.split(",")]
 
@@ -90,6 +111,13 @@ def _write_json(path: str | None, result: dict[str, Any]) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(result, f, indent=1, default=str)
+
+
+def cmd_bench_channels(args: argparse.Namespace) -> int:
+    from mignet.bench.channels import bench_channels
+
+    _write_json(args.json_out, bench_channels(args.size, args.channels, args.repeat))
+    return 0
 
 
 def cmd_bench_tcp(args: argparse.Namespace) -> int:
