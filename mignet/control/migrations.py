@@ -190,11 +190,19 @@ class Migrations:
         threads. Returns the listening addresses (QEMU's socket-address)."""
         if not self.guest.incoming_deferred:
             raise RequestRefused("'-incoming' was not specified on the command line")
-        if self._incoming_used:
+        inc = self.state.incoming
+        if inc.running:
             raise RequestRefused("The incoming migration has already been started")
+        # After a failed or cancelled load the destination takes a new migrate-incoming
+        # (QEMU exits instead): nothing of the failed attempt is kept.
+        retry = self._incoming_used
         snapshot = self.options.begin("incoming", config)
         try:
             multifd = bool(_multifd_channels(uri, snapshot.capabilities, snapshot.parameters))
+            if retry and self.guest.out is not None:  # the failed attempt's files go
+                out = self.guest.out
+                self.guest.out = GuestDir(out.path, force=True)
+                out.close()
             listener = listen(uri)
         except BaseException:
             self.options.end("incoming")
@@ -206,7 +214,6 @@ class Migrations:
             self._loop = None  # not on a loop: only the threaded model is possible
         with self._mutex:
             self._listener = listener
-        inc = self.state.incoming
         inc.to(Phase.LISTENING)
         addr = listener.address
         if addr.scheme == "unix":
