@@ -19,8 +19,6 @@ from mignet.migration.savevm import Sender
 from mignet.ui.terminal import run_with_progress, stats_table
 from mignet.units import human_bytes
 
-MiB = 1 << 20
-
 
 def progress_note(info: dict[str, Any]) -> str:
     """'round 3 · dirty 45.1 MiB/s · left 3.2 MiB · throttle 20%' from query-migrate."""
@@ -29,8 +27,11 @@ def progress_note(info: dict[str, Any]) -> str:
     if info.get("x-mignet", {}).get("stop-and-copy"):
         parts = ["stop-and-copy"]
     elif info.get("status") == "completed":
-        parts = [f"completed after {info['x-mignet']['rounds']} rounds"]
-    parts.append(f"dirty {ram.get('dirty-pages-rate', 0) * ram.get('page-size', 4096) / MiB:.1f} MiB/s")
+        rounds = info["x-mignet"]["rounds"]
+        parts = [f"completed after {rounds} round{'s' if rounds != 1 else ''}"]
+    if ram.get("dirty-sync-count", 0) >= 2 or info.get("status") == "completed":
+        # measured between two syncs: before the second there is no figure (not 0)
+        parts.append(f"dirty {human_bytes(ram.get('dirty-pages-rate', 0) * ram.get('page-size', 4096))}/s")
     parts.append(f"left {human_bytes(ram.get('remaining', 0))}")
     if "cpu-throttle-percentage" in info:
         parts.append(f"throttle {info['cpu-throttle-percentage']}%")
@@ -72,6 +73,6 @@ def print_live_table(precopy: Precopy, workload: Workload, title: str = "live mi
         ("sent", f"{human_bytes(ram['transferred'])} = {ram['transferred'] / ram['total']:.2f} × RAM "
                  f"({human_bytes(ram['downtime-bytes'])} while stopped)"),
         ("pages: normal / zero", f"{ram['normal']} / {ram['duplicate']}"),
-        ("bandwidth (last round)", f"{ram['mbps']:.0f} Mbit/s"),
+        ("bandwidth (last round)", f"{human_bytes(int(ram['mbps'] * 1e6 / 8))}/s"),
     ]
     stats_table(title, rows)

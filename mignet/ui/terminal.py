@@ -10,22 +10,46 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.console import Console, RenderableType
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from mignet.runtime.threads import start_thread
+from mignet.units import human_bytes
 
 console = Console(stderr=True, highlight=False)
 T = TypeVar("T")
+
+
+class _Amount(ProgressColumn):
+    """'33.4 MiB/64.0 MiB' (or '33.4 MiB' while the total is unknown): IEC, like every
+    other figure mignet prints."""
+
+    def render(self, task: Task) -> Text:
+        done = human_bytes(int(task.completed))
+        return Text(done if task.total is None else f"{done}/{human_bytes(int(task.total))}",
+                    style="green")
+
+
+class _Rate(ProgressColumn):
+    """Bytes per second over rich's recent window, in MiB/s (not decimal MB/s)."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{human_bytes(int(speed))}/s", style="red")
+
+
+class _NotedProgress(Progress):
+    """One bar row that fits 80 columns, and the note (round, dirty rate, ...) on its own
+    line below, folded at the terminal's width instead of squeezing the bar's columns."""
+
+    note = ""
+
+    def get_renderables(self) -> Iterator[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        if self.note:
+            yield Text(self.note, overflow="fold")
 
 
 @contextmanager
@@ -36,19 +60,22 @@ def transfer_progress(label: str, poll: Callable[[], tuple[int, int | None, str]
     if not enabled:
         yield
         return
-    progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-        TransferSpeedColumn(), TimeRemainingColumn(), TimeElapsedColumn(),
-        TextColumn("{task.fields[note]}"), console=console, transient=False,
+    progress = _NotedProgress(
+        TextColumn("[bold]{task.description}"), BarColumn(bar_width=16), _Amount(), _Rate(),
+        TimeElapsedColumn(), console=console, transient=False,
     )
     stop = threading.Event()
     with progress:
-        task = progress.add_task(label, total=None, note="")
+        task = progress.add_task(label, total=None)
+
+        def update() -> None:
+            done, total, note = poll()
+            progress.note = note
+            progress.update(task, completed=done, total=total)
 
         def refresh() -> None:
             while not stop.wait(interval):
-                done, total, note = poll()
-                progress.update(task, completed=done, total=total, note=note)
+                update()
         t = threading.Thread(target=refresh, name="ui/progress", daemon=True)
         t.start()
         try:
@@ -56,8 +83,7 @@ def transfer_progress(label: str, poll: Callable[[], tuple[int, int | None, str]
         finally:
             stop.set()
             t.join()
-            done, total, note = poll()
-            progress.update(task, completed=done, total=total, note=note)
+            update()
 
 
 def run_with_progress(work: Callable[[], T], *, label: str,
