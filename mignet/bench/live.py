@@ -29,7 +29,7 @@ from mignet.migration.dirty import DirtyLog, page_aligned
 from mignet.migration.precopy import PrecopyParams
 from mignet.transport import connect
 from mignet.ui.live import run_live
-from mignet.ui.terminal import console
+from mignet.ui.terminal import console, stats_table
 from mignet.units import PAGE_SIZE, human_bytes
 
 MiB = 1 << 20
@@ -133,23 +133,25 @@ def bench_live(size: int, bandwidth: int, rates: list[int], limit_ms: int, give_
 
 def _print(size: int, bandwidth: int, limit_ms: int, give_up: float, rows: list[Row],
            cost: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"mignet bench live: {human_bytes(size)} random guest, link = max-bandwidth "
-                        f"{human_bytes(bandwidth)}/s, downtime-limit {limit_ms} ms, loopback TCP",
-                  title_justify="left")
-    for col in ("vCPU writes", "auto-conv.", "converged", "rounds", "total", "downtime (limit)",
-                "sent ÷ RAM", "dirty rate at end", "sync / round", "throttle", "identical", "target"):
-        table.add_column(col, justify="right")
+    # One small table per run, one row per figure: whole at 80 columns, where a table with
+    # a column per figure was cut to "vCPU wri… aut… co…" even at 120.
+    console.print(f"mignet bench live: {human_bytes(size)} random guest, link = max-bandwidth "
+                  f"{human_bytes(bandwidth)}/s, downtime-limit {limit_ms} ms, loopback TCP")
     for r in rows:
-        table.add_row(
-            f"{human_bytes(r.dirty_rate)}/s", "yes" if r.auto_converge else "no",
-            "yes" if r.converged else f"no: forced at {give_up:.0f} s", str(r.rounds),
-            f"{r.total_ms / 1000:.1f} s", f"{r.downtime_ms} ms ({limit_ms})", f"{r.sent_ratio:.2f}",
-            f"{human_bytes(r.measured_dirty_rate)}/s", f"{r.sync_ms:.1f} ms", f"{r.throttle}%",
-            "yes" if r.identical else "NO",
-            "-" if r.meets_target is None else ("met" if r.meets_target else "MISSED"))
-    console.print(table)
+        console.print(f"vCPUs writing {human_bytes(r.dirty_rate)}/s, auto-converge "
+                      f"{'on' if r.auto_converge else 'off'}:", style="italic")
+        stats_table("", [
+            ("converged", "yes" if r.converged else f"no: forced at {give_up:.0f} s"),
+            ("rounds", r.rounds),
+            ("total time", f"{r.total_ms / 1000:.1f} s"),
+            ("downtime (limit)", f"{r.downtime_ms} ms ({limit_ms} ms)"),
+            ("sent ÷ RAM", f"{r.sent_ratio:.2f}"),
+            ("dirty rate at the end", f"{human_bytes(r.measured_dirty_rate)}/s"),
+            ("dirty sync per round", f"{r.sync_ms:.1f} ms"),
+            ("vCPU throttle", f"{r.throttle}%"),
+            ("RAM identical", "yes" if r.identical else "NO"),
+            ("downtime target", "-" if r.meets_target is None else ("met" if r.meets_target else "MISSED")),
+        ])
     k = cost["kernel"]
     console.print(
         f"tracking cost per round, {human_bytes(cost['size'])} ({cost['method']}, collect + re-arm, median): "

@@ -208,12 +208,17 @@ def bench_recv_model(size: str, blobs: int, out_dir: Path | None, repeat: int = 
             holds = summarize([x for r in group for x in r.loop_stats.get("bql-hold-samples", [])])
             stall = max(r.loop_stats.get("main-loop-stalls", {}).get("max-ms", 0.0) for r in group)
             refused = all(r.set_caps_refused for r in group)
-            rows.append((f"{shape.name} / {model}",
-                         f"{gbps:.2f} GB/s {[round(r.gbps, 2) for r in group]} | query-migrate p50 "
-                         f"{lat['p50-ms']:.1f} p99 {lat['p99-ms']:.1f} max {lat['max-ms']:.1f} ms "
-                         f"(n={lat['count']}) | BQL hold p50 {holds['p50-ms']:.2f} p99 {holds['p99-ms']:.1f} "
-                         f"max {holds['max-ms']:.1f} ms | longest stall {stall:.1f} ms | set-caps mid-load "
-                         f"{'refused' if refused else 'NOT refused'}"))
+            mib_s = [f"{r.gbps * 1e9 / (1 << 20):.0f}" for r in group]
+            rows.append((f"{shape.name} stream, {model} model:", ""))
+            rows += [
+                ("  throughput, median (runs)", f"{gbps * 1e9 / (1 << 20):.0f} MiB/s ({', '.join(mib_s)})"),
+                (f"  query-migrate p50 / p99 / max (n={lat['count']})",
+                 f"{lat['p50-ms']:.1f} / {lat['p99-ms']:.1f} / {lat['max-ms']:.1f} ms"),
+                ("  big-lock hold p50 / p99 / max",
+                 f"{holds['p50-ms']:.2f} / {holds['p99-ms']:.1f} / {holds['max-ms']:.1f} ms"),
+                ("  longest main-loop stall", f"{stall:.1f} ms"),
+                ("  set-capabilities mid-load", "refused" if refused else "NOT refused"),
+            ]
             result["summary"].append({"shape": shape.name, "model": model, "gbps_median": round(gbps, 3),
                                       "query_migrate_latency": lat, "bql_holds": holds,
                                       "longest_stall_ms": stall, "set_capabilities_refused": refused})
