@@ -21,13 +21,13 @@ def test_send_to_recv_between_processes_digest_matches(mignet_cmd: list[str], su
     proc, uri = start_recv(mignet_cmd, subprocess_env, "--out", str(out))
     sent, got = send_into(mignet_cmd, subprocess_env, proc, uri,
                           "--size", "48M", "--fill", "mixed", "--seed", "5")
-    assert got["ram_sha256"] == sent["ram_sha256"]
+    assert got["ram_digest"] == sent["ram_digest"]
     expected = GuestRam.generate(48 << 20, "mixed", seed=5)
-    assert got["ram_sha256"] == expected.digest()
+    assert got["ram_digest"] == expected.digest("xxh3")
     ram_file = out / block_filename("pc.ram")
     assert np.array_equal(np.fromfile(ram_file, np.uint8), expected["pc.ram"].data)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["ram_sha256"] == expected.digest()
+    assert manifest["ram_digest"] == expected.digest("xxh3") and manifest["digest"] == "xxh3"
     devices = json.loads((out / "devices.json").read_text())
     assert [d["idstr"] for d in devices["devices"]] == ["mignet-cpu/0", "mignet-cpu/1", "mignet-serial", "mignet-timer"]
 

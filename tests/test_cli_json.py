@@ -120,13 +120,13 @@ def test_send_json_has_one_shape_with_and_without_live(mignet_cmd: list[str],
     for extra in ([], ["--live", "--dirty-rate", "8MiB/s"]):
         proc, uri = start_recv(mignet_cmd, subprocess_env)
         sent, got = send_into(mignet_cmd, subprocess_env, proc, uri, "--size", "8M", *extra)
-        assert sent["ram_sha256"] == got["ram_sha256"]
+        assert sent["ram_digest"] == got["ram_digest"] and sent["digest"] == "xxh3"
         assert sent["live"] is bool(extra)
         assert (sent["migration"] is not None) is bool(extra)
         shapes.append(sorted(sent))
     assert shapes[0] == shapes[1]
-    assert shapes[0] == sorted(["event", "ram_sha256", "transferred", "seconds", "confirmed", "live",
-                                "migration", "multifd", "stream"])
+    assert shapes[0] == sorted(["event", "digest", "ram_digest", "block_digests", "transferred", "seconds",
+                                "confirmed", "live", "migration", "multifd", "stream"])
 
 
 def test_demo_json_and_quiet(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
@@ -137,7 +137,7 @@ def test_demo_json_and_quiet(mignet_cmd: list[str], subprocess_env: dict[str, st
     assert len(lines) == 1
     done = json.loads(lines[0])
     assert done["event"] == "completed" and done["identical"] is True
-    assert done["ram_sha256"] == done["received_sha256"]
+    assert done["ram_digest"] == done["received_digest"] and done["digest"] == "xxh3"
     assert "demo result" not in r.stderr and "live-migrating" not in r.stderr
 
 

@@ -49,7 +49,7 @@ def test_bad_send_options_leave_the_waiting_receiver_alone(mignet_cmd: list[str]
         _usage_error(_run(mignet_cmd, subprocess_env, "send", uri, *args), pattern)
         assert recv.poll() is None, f"{args} reached the receiver: {recv.communicate()[1]}"
     sent, got = send_into(mignet_cmd, subprocess_env, recv, uri, "--size", "8M", "--fill", "mixed")
-    assert got["ram_sha256"] == sent["ram_sha256"]
+    assert got["ram_digest"] == sent["ram_digest"]
 
 
 def test_bit_rates_refused_with_their_byte_rate() -> None:

@@ -87,7 +87,7 @@ def test_send_stream_replays_file_and_inspect_dir(mignet_cmd: list[str], subproc
     proc, uri = start_recv(mignet_cmd, subprocess_env, "--out", str(out))
     sent, got = send_into(mignet_cmd, subprocess_env, proc, uri, "--stream", str(stream_file))
     assert sent["transferred"] == stream_file.stat().st_size
-    assert got["ram_sha256"] == _guest().digest()
+    assert got["ram_digest"] == _guest().digest("xxh3")
     info = _inspect_json(mignet_cmd, subprocess_env, out)
     assert info["kind"] == "directory" and info["complete"] is True
     assert info["machine_type"] == "test"

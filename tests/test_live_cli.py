@@ -14,7 +14,7 @@ def test_send_live_arrives_identical_to_frozen_source(mignet_cmd: list[str], sub
                           "--size", "32M", "--live", "--dirty-rate", "64MiB/s",
                           "--max-bandwidth", "64MiB/s", "--downtime-limit", "200", "--auto-converge",
                           recv_timeout=60)
-    assert got["ram_sha256"] == sent["ram_sha256"]
+    assert got["ram_digest"] == sent["ram_digest"]
     info = sent["migration"]
     assert info["status"] == "completed" and info["ram"]["dirty-sync-count"] >= 2
     assert info["x-mignet"]["downtime-measured-at"] == "source"  # no return path to the source

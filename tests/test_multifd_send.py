@@ -44,7 +44,7 @@ def test_send_channels_into_recv(mignet_cmd: list[str], subprocess_env: dict[str
     assert send.returncode == 0, send.stderr
     assert recv.returncode == 0, stderr
     sent, got = _last_json(send.stdout), _last_json(stdout)
-    assert sent["ram_sha256"] == got["ram_sha256"]
+    assert sent["ram_digest"] == got["ram_digest"]
     stats = got["stats"]
     assert isinstance(stats, dict)
     mf = stats["multifd"]

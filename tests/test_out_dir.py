@@ -140,7 +140,7 @@ def test_a_long_block_name_is_received_and_replayed(mignet_cmd: list[str], subpr
     out = tmp_path / "guest"
     recv, uri = start_recv(mignet_cmd, subprocess_env, "--out", str(out))
     sent, got = send_into(mignet_cmd, subprocess_env, recv, uri, "--image", str(image), "--block-name", name)
-    assert got["ram_sha256"] == sent["ram_sha256"]
+    assert got["ram_digest"] == sent["ram_digest"]
     assert all(len(p.name.encode()) <= NAME_MAX for p in out.iterdir())
     blocks = manifest(out)["blocks"]
     assert isinstance(blocks, list) and [b["name"] for b in blocks] == [name]
@@ -148,7 +148,7 @@ def test_a_long_block_name_is_received_and_replayed(mignet_cmd: list[str], subpr
     assert np.array_equal(snap.ram[name].data, data)
     again, uri2 = start_recv(mignet_cmd, subprocess_env)
     replayed, got2 = send_into(mignet_cmd, subprocess_env, again, uri2, "--snapshot", str(out))
-    assert got2["ram_sha256"] == replayed["ram_sha256"] == sent["ram_sha256"]
+    assert got2["ram_digest"] == replayed["ram_digest"] == sent["ram_digest"]
 
 
 def test_a_manifest_naming_a_file_outside_is_refused(tmp_path: Path) -> None:
@@ -242,7 +242,7 @@ def test_an_interrupted_receive_is_marked_incomplete_and_reused_with_force(
     refused_before_listening(mignet_cmd, subprocess_env, out, "--force")
     again, uri2 = start_recv(mignet_cmd, subprocess_env, "--out", str(out), "--force")
     sent, got = send_into(mignet_cmd, subprocess_env, again, uri2, "--size", "4M")
-    assert got["ram_sha256"] == sent["ram_sha256"]
+    assert got["ram_digest"] == sent["ram_digest"]
     assert manifest(out)["complete"] is True
     assert (out / block_filename("pc.ram")).stat().st_size == 4 << 20
 

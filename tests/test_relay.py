@@ -223,7 +223,7 @@ def test_send_through_two_relays_into_recv_digest_matches(mignet_cmd: list[str],
         if recv.poll() is None:
             recv.kill()
             recv.communicate()
-    assert got["ram_sha256"] == sent["ram_sha256"] == GuestRam.generate(64 << 20, "mixed", seed=3).digest()
+    assert got["ram_digest"] == sent["ram_digest"] == GuestRam.generate(64 << 20, "mixed", seed=3).digest("xxh3")
     for c in done:
         assert c["bytes_in"] == c["bytes_out"] == sent["transferred"] == got["stats"]["stream_bytes"]
         assert c["pages"] == got["stats"]["normal_pages"] and c["zero_pages"] == got["stats"]["zero_pages"]
@@ -244,7 +244,7 @@ def test_send_through_a_multifd_relay_link_into_recv_digest_matches(
         if recv.poll() is None:
             recv.kill()
             recv.communicate()
-    assert got["ram_sha256"] == sent["ram_sha256"] == GuestRam.generate(64 << 20, "mixed", seed=5).digest()
+    assert got["ram_digest"] == sent["ram_digest"] == GuestRam.generate(64 << 20, "mixed", seed=5).digest("xxh3")
     out, into = done[0]["multifd_out"], done[1]["multifd_in"]
     assert out["channels"] == into["channels"] == 2
     # Both channels carried pages, every data page crossed the link in a channel packet,
@@ -272,7 +272,7 @@ def test_relay_forwards_pages_while_its_input_still_arrives(mignet_cmd: list[str
         if recv.poll() is None:
             recv.kill()
             recv.communicate()
-    assert got["ram_sha256"] == sent["ram_sha256"]
+    assert got["ram_digest"] == sent["ram_digest"]
     input_done = first_events[-1]["input_done_at"]
     assert second_events[-1]["first_page_out_at"] < input_done - 1.0, (second_events[-1], input_done)
     # Seen from the outside too: progress events of the second relay with pages out (and

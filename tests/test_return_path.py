@@ -105,7 +105,7 @@ def test_mignet_to_mignet_with_return_path_is_confirmed(mignet_cmd: list[str],
                                                         subprocess_env: dict[str, str]) -> None:
     recv, uri = start_recv(mignet_cmd, subprocess_env)
     sent, got = send_into(mignet_cmd, subprocess_env, recv, uri, "--size", "8M", "--return-path")
-    assert sent["confirmed"] is True and sent["ram_sha256"] == got["ram_sha256"]
+    assert sent["confirmed"] is True and sent["ram_digest"] == got["ram_digest"]
     assert got["stats"]["return_path"] == {"opened": True, "pings": 1, "shut": 0}
 
 

@@ -73,7 +73,7 @@ def run_row(ram: GuestRam, rate: int, bandwidth: int, limit_ms: int, auto: bool,
                int(last.dirty_pages * PAGE_SIZE / last.bandwidth * 1000) if last.bandwidth else None,
                info["ram"]["transferred"] / ram.total, last.dirty_rate * PAGE_SIZE,
                statistics.mean(r.sync_seconds for r in precopy.rounds) * 1000, workload.throttle,
-               done["ram_sha256"] == ram.digest(),
+               done["ram_digest"] == ram.digest(done["digest"]),
                (converged and info["downtime"] <= limit_ms + SLACK_MS) if target else None)
 
 

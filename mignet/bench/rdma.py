@@ -103,7 +103,7 @@ def _mignet_run(uri: str, ram: GuestRam, devices: DeviceSet,
     Sender(channel, ram, devices, rdma_pin_all=pin_all).run()
     channel.close()
     done = receiver_result(proc)
-    if done["ram_sha256"] != ram.digest():
+    if done["ram_digest"] != ram.digest(done["digest"]):
         raise MignetError("benchmark receiver got different RAM")
     return ram.total / MiB / done["stats"]["seconds"], done["stats"]
 

@@ -26,7 +26,7 @@ from mignet.cli.options import refuse_unless
 from mignet.errors import ConnectionLostError, MignetError, MigrationCancelled, PeerFailedError, SetupError
 from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir, open_snapshot
-from mignet.guest.ram import GuestRam, RamBlock
+from mignet.guest.ram import DEFAULT_DIGEST, DIGESTS, GuestRam, RamBlock, RamDigests
 from mignet.migration.loadvm import Loader, LoadResult, LoadStats, start_load_thread
 from mignet.migration.multifd import MultifdReceiver, MultifdSender, accept_incoming
 from mignet.migration.savevm import Sender, SendStats
@@ -44,7 +44,7 @@ def _emit_json(obj: dict[str, Any]) -> None:
 # --- recv ----------------------------------------------------------------------------
 def cmd_recv(args: argparse.Namespace) -> int:
     _cancel_on_sigterm()
-    out = GuestDir(Path(args.out), force=args.force) if args.out else None
+    out = GuestDir(Path(args.out), force=args.force, digest=args.digest) if args.out else None
     listener = listen(args.listen)
     if not args.quiet:
         console.print(f"mignet: listening on {listener.address}")
@@ -71,15 +71,34 @@ def cmd_recv(args: argparse.Namespace) -> int:
     stats = _load_stats_dict(result.stats)
     if multifd is not None and multifd.channel_count:
         stats["multifd"] = multifd.describe()
-    digest = result.ram.digest()
+    # Each block hashed once, after the load (XXH3 by default: a fraction of the transfer);
+    # the RAM digest, the table, the JSON line and the manifest all reuse these.
+    wanted = out is not None or args.json or not args.quiet
+    digests = result.ram.digests(args.digest) if wanted else None
     if out:
-        out.write(result.ram, result.devices, result.description, stats, result.stats.ram_section_id)
+        out.write(result.ram, result.devices, result.description, stats, result.stats.ram_section_id,
+                  digests=digests)
     if not args.quiet:
-        _print_load_table(result, digest, out)
+        _print_load_table(result, digests, out)
     if args.json:
-        _emit_json({"event": "completed", "ram_sha256": digest, "stats": stats,
+        _emit_json({"event": "completed", **digest_keys(digests), "stats": stats,
                     "blocks": result.ram.layout(), "peak_rss": peak_rss()})
     return 0
+
+
+def digest_keys(digests: RamDigests | None) -> dict[str, Any]:
+    """The JSON keys of a guest's digests (docs/cli.md): the algorithm, the RAM digest and
+    each block's, in full; all null with ``--digest none`` or where there is no guest."""
+    return {"digest": digests.algorithm if digests else None,
+            "ram_digest": digests.ram if digests else None,
+            "block_digests": digests.blocks if digests else None}
+
+
+def _digest_row(digests: RamDigests | None) -> tuple[str, str]:
+    """The table's digest row: shortened, and it says so."""
+    if digests is None:
+        return ("RAM digest", "none (--digest none)")
+    return (f"RAM {digests.algorithm}", f"{digests.ram[:16]}… (in full: --json)")
 
 
 def _refused(args: argparse.Namespace, why: str) -> None:
@@ -130,7 +149,7 @@ def _load_stats_dict(s: LoadStats) -> dict[str, Any]:
             "switchover_at": s.switchover_at}  # CLOCK_MONOTONIC: live downtime on one host
 
 
-def _print_load_table(result: LoadResult, digest: str, out: GuestDir | None) -> None:
+def _print_load_table(result: LoadResult, digests: RamDigests | None, out: GuestDir | None) -> None:
     s = result.stats
     rows: list[tuple[str, Any]] = [
         ("source machine", s.machine_type),
@@ -145,7 +164,7 @@ def _print_load_table(result: LoadResult, digest: str, out: GuestDir | None) -> 
     rows += [
         ("time", f"{s.elapsed:.2f} s"),
         ("throughput", rate(s.bytes_received + s.placed_bytes, s.elapsed)),
-        ("RAM sha256", digest[:16] + "…"),
+        _digest_row(digests),
     ]
     if out:
         rows.append(("written to", str(out.path)))
@@ -185,7 +204,7 @@ def check_send(args: argparse.Namespace) -> None:
     refuse_unless(args, bool(args.size or args.image), ["seed", "no_devices"],
                   "with --snapshot or --stream (they carry their own devices)")
     refuse_unless(args, not args.stream,
-                  ["max_bandwidth", "return_path", "rdma_pin_all", "channels"],
+                  ["max_bandwidth", "return_path", "rdma_pin_all", "channels", "digest"],
                   "with --stream (the file is replayed byte for byte)")
     refuse_unless(args, parse_uri(args.uri).scheme == "rdma", ["rdma_pin_all"],
                   "without an rdma: URI")
@@ -233,21 +252,21 @@ def cmd_send(args: argparse.Namespace) -> int:
         if multifd is not None:
             multifd.close()
         channel.close()
-    digest = ram.digest() if args.json or not args.quiet else ""
+    digests = ram.digests(args.digest) if args.json or not args.quiet else None
     if not args.quiet:
-        _print_send_table(stats, digest)
+        _print_send_table(stats, digests)
     if args.json:
-        _emit_json(_send_completed(digest, stats.transferred, stats.elapsed, confirmed=stats.confirmed,
+        _emit_json(_send_completed(digests, stats.transferred, stats.elapsed, confirmed=stats.confirmed,
                                    multifd=multifd.describe() if multifd is not None else None))
     return 0
 
 
-def _send_completed(digest: str | None, transferred: int, seconds: float, *,
+def _send_completed(digests: RamDigests | None, transferred: int, seconds: float, *,
                     confirmed: bool | None = None, migration: dict[str, Any] | None = None,
                     multifd: dict[str, Any] | None = None, stream: str | None = None) -> dict[str, Any]:
     """``send --json``'s last line: one shape whatever was sent (docs/cli.md), so a
     script reads the same keys with and without --live; what does not apply is null."""
-    return {"event": "completed", "ram_sha256": digest, "transferred": transferred,
+    return {"event": "completed", **digest_keys(digests), "transferred": transferred,
             "seconds": round(seconds, 4), "confirmed": confirmed, "live": migration is not None,
             "migration": migration, "multifd": multifd, "stream": stream}
 
@@ -295,13 +314,14 @@ def _send_live(args: argparse.Namespace) -> int:
                                  params=_live_params(args), quiet=args.quiet, seed=args.seed,
                                  rdma_pin_all=args.rdma_pin_all)
     channel.close()
-    digest = ram.digest() if args.json or not args.quiet else ""
+    digests = ram.digests(args.digest) if args.json or not args.quiet else None
     if not args.quiet:
         print_live_table(precopy, workload)
-        console.print(f"source RAM sha256 at stop-and-copy: {digest[:16]}…")
+        row = _digest_row(digests)
+        console.print(f"source {row[0]} at stop-and-copy: {row[1]}")
     if args.json:
         info = precopy.query_migrate()
-        _emit_json(_send_completed(digest, info["ram"]["transferred"], info["total-time"] / 1000,
+        _emit_json(_send_completed(digests, info["ram"]["transferred"], info["total-time"] / 1000,
                                    migration=info))
     return 0
 
@@ -318,14 +338,14 @@ def _block_list(ram: GuestRam) -> str:
     return ", ".join(blocks[:3]) + (f" (+{len(blocks) - 3} more)" if len(blocks) > 3 else "")
 
 
-def _print_send_table(s: SendStats, digest: str) -> None:
+def _print_send_table(s: SendStats, digests: RamDigests | None) -> None:
     stats_table("outgoing migration completed", [
         ("RAM", human_bytes(s.ram_total)),
         ("stream bytes", human_bytes(s.transferred)),
         ("pages: data / zero", f"{s.normal_pages} / {s.zero_pages}"),
         ("time", f"{s.elapsed:.2f} s"),
         ("throughput", rate(s.transferred, s.elapsed)),
-        ("RAM sha256", digest[:16] + "…"),
+        _digest_row(digests),
         ("confirmed by the destination", {True: "yes (SHUT 0)", None: "not asked (no return path)"}
          .get(s.confirmed, "no")),
     ])
@@ -342,7 +362,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not quiet:
         console.print(f"mignet demo: live-migrating a {human_bytes(size)} {args.fill} guest, its vCPUs "
                   f"writing {human_bytes(dirty_rate)}/s, over loopback TCP to a separate receiver process")
-    receiver, uri = start_receiver(recv_command(max_ram=size + (64 << 20)))
+    receiver, uri = start_receiver([*recv_command(max_ram=size + (64 << 20)), "--digest", args.digest])
     done: dict[str, Any] = {}
 
     def destination_loaded() -> float | None:
@@ -356,27 +376,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         precopy, workload = run_live(channel, ram, devices, dirty_rate=dirty_rate, params=_live_params(args),
                                      destination_loaded=destination_loaded, seed=args.seed, quiet=quiet)
         channel.close()
-        source_digest = ram.digest()  # the vCPUs are stopped: RAM as frozen at stop-and-copy
+        source = ram.digests(args.digest)  # the vCPUs are stopped: RAM as frozen at stop-and-copy
     finally:
         if receiver.poll() is None:
             receiver.send_signal(signal.SIGINT)
             receiver.wait(10)
-    identical = done["ram_sha256"] == source_digest
+    assert source is not None
+    identical = done["ram_digest"] == source.ram
     if not quiet:
         print_live_table(precopy, workload, "demo result")
-        stats_table("digests", [("source sha256 (frozen at stop-and-copy)", source_digest[:16] + "…"),
-                                ("received sha256", done["ram_sha256"][:16] + "…")])
+        stats_table(f"digests ({args.digest})", [("source (frozen at stop-and-copy)", source.ram[:16] + "…"),
+                                                ("received", done["ram_digest"][:16] + "…")])
     if identical:
         if not quiet:
-            console.print("[bold green]OK[/]: the received RAM is identical to the source (sha256 match)")
+            console.print(f"[bold green]OK[/]: the received RAM is identical to the source ({args.digest} match)")
         if args.json:  # else the error line (main) is the last one
             info = precopy.query_migrate()
-            _emit_json({"event": "completed", "ram_sha256": source_digest,
-                        "received_sha256": done["ram_sha256"], "identical": True,
+            _emit_json({"event": "completed", "digest": args.digest, "ram_digest": source.ram,
+                        "received_digest": done["ram_digest"], "identical": True,
                         "transferred": info["ram"]["transferred"],
                         "seconds": info["total-time"] / 1000, "migration": info})
         return 0
-    raise DemoFailed("the received RAM differs from the source (sha256 mismatch): a mignet bug, "
+    raise DemoFailed(f"the received RAM differs from the source ({args.digest} mismatch): a mignet bug, "
                      "please report it with this command line")
 
 
@@ -401,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse an --out DIR that holds an earlier (finished or failed) receive, "
                         "replacing its files")
     _add_max_ram(r)
+    add_digest_option(r, "the received RAM's digests (table, --json, --out's manifest)")
     r.add_argument("--timeout", type=options.seconds, metavar="SECONDS",
                    help="seconds to wait for the source (default: no limit)")
     _add_output_options(r)
@@ -442,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dirty-rate", default="200MiB/s", metavar="RATE", type=options.rate,
                    help="with --live: the vCPUs' write rate, bytes per second")
     _add_live_options(s, "with --live: ")
+    add_digest_option(s, "the sent RAM's digest (table, --json)")
     _add_output_options(s)
     s.set_defaults(func=cmd_send, _check=check_send)
 
@@ -456,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-bandwidth", default="0", metavar="RATE", type=options.rate,
                    help="bytes per second, e.g. 128MiB/s; 0 = unlimited")
     _add_live_options(d)
+    add_digest_option(d, "the digest both ends compare", choices=DIGESTS[:-1])
     _add_output_options(d, "a completed event with both digests")
     d.set_defaults(func=cmd_demo)
 
@@ -470,6 +494,13 @@ def _add_live_options(p: argparse.ArgumentParser, only: str = "") -> None:
                         "bandwidth, as QEMU")
     p.add_argument("--auto-converge", action="store_true",
                    help=f"{only}throttle the vCPUs progressively while the dirty rate outruns the link")
+
+
+def add_digest_option(p: argparse.ArgumentParser, what: str,
+                      choices: tuple[str, ...] = DIGESTS) -> None:
+    p.add_argument("--digest", choices=choices, default=DEFAULT_DIGEST,
+                   help=f"{what}: xxh3 (XXH3-128, fast), blake3, sha256 (sha256sum of a block "
+                        f"file){', none' if 'none' in choices else ''}; default {DEFAULT_DIGEST}")
 
 
 def _add_max_ram(p: argparse.ArgumentParser) -> None:

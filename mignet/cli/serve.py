@@ -28,7 +28,7 @@ from mignet.control.qmp_server import QmpServer
 from mignet.errors import MignetError
 from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir
-from mignet.guest.ram import GuestRam
+from mignet.guest.ram import DEFAULT_DIGEST, DIGESTS, GuestRam
 from mignet.guest.workload import Workload
 from mignet.migration.status import MigrationState, MigrationStatus
 from mignet.runtime.mainloop import MainLoop
@@ -58,6 +58,9 @@ def add_parser(sub: Any) -> None:
                    help="source: vCPU threads keep writing guest RAM at RATE bytes per second "
                         "(e.g. 64MiB/s), so migrate runs live precopy rounds; 0 = idle")
     s.add_argument("--out", metavar="DIR", help="destination: write the received guest to DIR")
+    s.add_argument("--digest", choices=DIGESTS, default=DEFAULT_DIGEST,
+                   help="destination with --out: the manifest's digests: xxh3 (XXH3-128, fast), "
+                        f"blake3, sha256 (sha256sum of a block file), none; default {DEFAULT_DIGEST}")
     phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     s.add_argument("--max-ram", default=str(phys), metavar="SIZE", type=options.size,
                    help=f"destination: refuse sources with more RAM (default: this host's memory, "
@@ -89,8 +92,9 @@ def check_serve(args: argparse.Namespace) -> None:
     source = args.incoming is None
     refuse_unless(args, source, ["fill", "seed", "block_name", "no_devices", "dirty_rate"],
                   "on a destination (--incoming)")
-    refuse_unless(args, not source, ["out", "max_ram", "recv_model"],
+    refuse_unless(args, not source, ["out", "max_ram", "recv_model", "digest"],
                   "on a source (--size or --image); they are for --incoming")
+    refuse_unless(args, bool(args.out), ["digest"], "without --out (it names the manifest's digests)")
     refuse_unless(args, not args.image, ["fill"], "with --image")
     refuse_unless(args, not args.size, ["block_name"], "with --size")
 
@@ -98,7 +102,7 @@ def check_serve(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.incoming is not None:
         guest = Guest(ram=None, devices=DeviceSet.empty(), incoming_deferred=True,
-                      out=GuestDir(Path(args.out)) if args.out else None,
+                      out=GuestDir(Path(args.out), digest=args.digest) if args.out else None,
                       max_ram=args.max_ram, recv_model=args.recv_model)
         runstate = "inmigrate"
     else:

@@ -35,7 +35,7 @@ from typing import Any
 
 from mignet.errors import SetupError
 from mignet.guest.devices import DeviceSet, RawSection
-from mignet.guest.ram import GuestRam, RamBlock, block_filename
+from mignet.guest.ram import DEFAULT_DIGEST, GuestRam, RamBlock, RamDigests, block_filename
 from mignet.units import human_bytes
 
 MANIFEST = "manifest.json"
@@ -105,8 +105,9 @@ class GuestDir:
     following links, so a link planted in DIR at any time can never make mignet write
     outside it; the manifest alone is replaced, by a rename within the folder."""
 
-    def __init__(self, path: Path, *, force: bool = False) -> None:
+    def __init__(self, path: Path, *, force: bool = False, digest: str = DEFAULT_DIGEST) -> None:
         self.path = path
+        self.digest = digest  # the manifest's digests (``none``: none)
         self._fd = _open_folder(path)
         self._closer = weakref.finalize(self, os.close, self._fd)
         self._files: dict[str, str] = {}  # block name -> its file in DIR
@@ -279,10 +280,17 @@ class GuestDir:
             raise self._write_error(name, exc) from None
 
     def write(self, ram: GuestRam, devices: DeviceSet, description: dict[str, Any] | None,
-              stats: dict[str, Any], ram_section_id: int | None = None) -> Path:
-        """Flush RAM and write the device state and the final manifest (last, atomically)."""
+              stats: dict[str, Any], ram_section_id: int | None = None,
+              digests: RamDigests | None = None) -> Path:
+        """Flush RAM and write the device state and the final manifest (last, atomically).
+
+        The manifest names the digest algorithm and holds each block's digest (with sha256,
+        what ``sha256sum DIR/<file>`` prints) and the RAM's; ``digests`` already computed
+        by the caller are written as they are, so nothing is hashed twice."""
         for block in ram:
             block.flush()
+        if digests is None and self.digest != "none":
+            digests = ram.digests(self.digest)
         sections = devices.sections()
         self._write_new(DEVICE_STATE, b"".join(s.data for s in sections))
         info = json.loads(devices.to_json())
@@ -297,9 +305,11 @@ class GuestDir:
             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine_type": stats.get("machine_type", ""),
             "ram_section_id": ram_section_id,
+            "digest": digests.algorithm if digests else None,
             "blocks": [{"name": b.name, "file": self._files.get(b.name, block_filename(b.name)),
-                        "size": b.size, "sha256": b.digest()} for b in ram],
-            "ram_sha256": ram.digest(),
+                        "size": b.size, "digest": digests.blocks[i] if digests else None}
+                       for i, b in enumerate(ram)],
+            "ram_digest": digests.ram if digests else None,
             "stats": stats,
         })
         return self.path / MANIFEST
