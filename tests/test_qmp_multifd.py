@@ -50,6 +50,13 @@ def test_multifd_between_two_serve_processes(tmp_path: Path, dirty_rate: str) ->
             assert got_ram["normal"] + got_ram["duplicate"] >= 64 * MiB // 4096
             a, b = await src.x("x-mignet-query-guest"), await dst.x("x-mignet-query-guest")
             assert a["ram-sha256"] == b["ram-sha256"]
+            # per-channel figures, mignet's own command: every channel carried pages, and
+            # both ends count the same pages on the same channel
+            sent_ch = (await src.x("x-mignet-query-multifd"))["outgoing"]
+            got_ch = (await dst.x("x-mignet-query-multifd"))["incoming"]
+            assert sent_ch["channels"] == got_ch["channels"] == 3
+            assert sent_ch["pages"] == got_ch["pages"] and all(n > 0 for n in sent_ch["pages"].values())
+            assert (await src.x("x-mignet-query-multifd"))["incoming"] is None
             if dirty_rate != "0":
                 assert done["ram"]["dirty-sync-count"] >= 2  # live rounds happened
     asyncio.run(main())

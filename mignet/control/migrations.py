@@ -75,6 +75,10 @@ class Migrations:
         self._loader: Loader | None = None
         self._listener: Listener | None = None
         self._multifd_in: MultifdReceiver | None = None
+        self._multifd_out: MultifdSender | None = None
+        # Each direction's channels as last seen (MultifdSender/Receiver.describe), kept
+        # after the migration ends: x-mignet-query-multifd reads it.
+        self._multifd_seen: dict[str, Callable[[], dict[str, Any]]] = {}
         self._threads: list[threading.Thread] = []
         self._incoming_used = False
         self._mutex = threading.Lock()  # sender/loader/listener hand-over vs cancel
@@ -116,6 +120,7 @@ class Migrations:
             if channels:
                 # as QEMU: the main stream connects first, then one connection per channel
                 multifd = MultifdSender([connect(uri) for _ in range(channels)])
+                self._multifd_seen["outgoing"] = multifd.describe
                 multifd.start()
             assert self.guest.ram is not None
             sender = Sender(channel, self.guest.ram, self.guest.devices,
@@ -237,6 +242,7 @@ class Migrations:
                 if multifd_on:  # keep listening: the source adds one connection per channel
                     # multifd is only on tcp:/unix:, whose listeners are pollable (fileno)
                     multifd = MultifdReceiver(cast(PollableListener, listener), on_refused=self._refused)
+                    self._multifd_seen["incoming"] = multifd.describe
                     with self._mutex:
                         self._multifd_in, self._listener = multifd, None  # a cancel closes it
                     if inc.phase is Phase.CANCELLING:
@@ -304,6 +310,11 @@ class Migrations:
                 multifd.close()
             if channel is not None:
                 channel.close()
+
+    def multifd_channels(self) -> dict[str, Any]:
+        """Per-channel figures of the latest multifd migration in each direction (None for a
+        direction that had none): channels, pages per channel, packets, syncs, refusals."""
+        return {d: (f() if (f := self._multifd_seen.get(d)) else None) for d in ("outgoing", "incoming")}
 
     def _refused(self, why: str) -> None:
         """A stray connection was turned away from a multifd listener; the migration goes on."""

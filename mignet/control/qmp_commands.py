@@ -71,6 +71,7 @@ class Commands:
             "quit": self.quit,
             "x-mignet-query-guest": self.query_guest,
             "x-mignet-loop-stats": self.loop_stats,
+            "x-mignet-query-multifd": self.query_multifd,
         }
 
     # --- migration ---------------------------------------------------------------------
@@ -161,6 +162,12 @@ class Commands:
         check_args(args)
         self.on_quit()
         return {}
+
+    def query_multifd(self, args: dict[str, Any]) -> dict[str, Any]:
+        """mignet's own: each multifd channel's pages and packets, for the latest migration in
+        each direction (during it or after), beside query-migrate's ram.multifd-bytes total."""
+        check_args(args)
+        return self.migrations.multifd_channels()
 
     def loop_stats(self, args: dict[str, Any]) -> dict[str, Any]:
         """mignet's own: big-lock hold times and main-loop stalls since the last reset, the
