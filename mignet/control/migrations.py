@@ -33,6 +33,7 @@ from mignet.migration.precopy import Precopy, PrecopyParams, RoundStats
 from mignet.migration.savevm import Sender
 from mignet.migration.status import DirectionState, MigrationState, Phase, RamCounters
 from mignet.runtime.halves import bottom_half, upper_half
+from mignet.runtime.threads import make_bulk, name_native_thread
 from mignet.transport import Listener, connect, listen
 from mignet.units import PAGE_SIZE
 from mignet.uri import parse_uri
@@ -115,6 +116,8 @@ class Migrations:
         multifd: MultifdSender | None = None
         remove_observer: Callable[[], None] = lambda: None  # noqa: E731
         old_runstate = self.state.runstate
+        name_native_thread(OUTGOING_THREAD)
+        make_bulk()  # below the main loop's CPU priority, as the loader (runtime/threads.py)
         try:
             channel = connect(uri)
             if channels:

@@ -457,7 +457,8 @@ class LoadThread:
 
     def __init__(self, loader: Loader) -> None:
         self.loader = loader
-        self.thread, self.future = start_thread(loader.run, LOAD_THREAD_NAME)
+        # bulk: below the main loop's CPU priority, so QMP answers do not queue behind it
+        self.thread, self.future = start_thread(loader.run, LOAD_THREAD_NAME, bulk=True)
 
     def join(self, timeout: float | None = None) -> LoadResult:
         """The load's result, or what it raised; TimeoutError if still running."""

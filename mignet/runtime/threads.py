@@ -1,13 +1,24 @@
-"""A named thread whose outcome is a :class:`concurrent.futures.Future`.
+"""Named threads, and the CPU priority of the bulk ones.
 
 QEMU names its migration threads (``mig/src/main``, ``mig/dst/main``) and tools look for
 those names, so an executor's anonymous workers will not do; the Future still gives the
 standard result box: ``result(timeout)`` returns the value or re-raises what the thread
-raised, BaseExceptions such as MigrationCancelled included.
+raised, BaseExceptions such as MigrationCancelled included. The name is also given to the
+kernel (``/proc/thread-self/comm``), so ``top -H``, ``ps -L`` and the benchmark's per-thread
+scheduler figures show it.
+
+Bulk threads (the loader, the sender) run at a lower CPU priority than the control plane
+(:func:`make_bulk`). On a machine with few cores they are always runnable, and the main loop
+answering QMP only runs when the scheduler picks it over them: measured on 2 cores, most of a
+slow ``query-migrate`` answer was the main loop waiting on the run queue behind the loader
+(docs/benchmarks.md, "Why an answer was slow"). With the loader at nice 10 the main loop's
+wake-up preempts it at once; the loader still gets every idle cycle, so throughput stays.
+``MIGNET_BULK_NICE`` (0-19; 0 turns it off) overrides the default for a measurement.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -15,13 +26,54 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
+#: Nice increment of bulk threads over the process: weight 110 against the main loop's 1024.
+BULK_NICE = 10
 
-def start_thread(fn: Callable[[], T], name: str) -> tuple[threading.Thread, Future[T]]:
-    """Run ``fn`` in a new daemon thread called ``name``; returns the thread and its Future."""
+
+def bulk_nice() -> int:
+    """The increment :func:`make_bulk` applies: ``MIGNET_BULK_NICE`` or :data:`BULK_NICE`."""
+    text = os.environ.get("MIGNET_BULK_NICE", "")
+    try:
+        return max(0, min(19, int(text))) if text else BULK_NICE
+    except ValueError:
+        return BULK_NICE
+
+
+def name_native_thread(name: str) -> None:
+    """Give the calling thread's name to the kernel (15 bytes at most), best effort: a name
+    is for people and tools, never worth failing a migration over."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass  # not Linux, or /proc not mounted
+
+
+def make_bulk() -> None:
+    """Lower the calling thread's CPU priority by :func:`bulk_nice` (Linux: nice is per
+    thread, set on its TID). Raising one's own nice needs no privilege; threads this one
+    starts inherit it. Best effort: elsewhere the thread keeps the process's priority."""
+    step = bulk_nice()
+    if not step:
+        return
+    tid = threading.get_native_id()
+    try:
+        now = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, now + step))
+    except (OSError, AttributeError):
+        pass  # no per-thread priorities here
+
+
+def start_thread(fn: Callable[[], T], name: str, bulk: bool = False) -> tuple[threading.Thread, Future[T]]:
+    """Run ``fn`` in a new daemon thread called ``name``; returns the thread and its Future.
+    ``bulk``: the thread moves data and yields the CPU to the control plane (:func:`make_bulk`)."""
     future: Future[T] = Future()
     future.set_running_or_notify_cancel()
 
     def body() -> None:
+        name_native_thread(name)
+        if bulk:
+            make_bulk()
         try:
             future.set_result(fn())
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the Future
