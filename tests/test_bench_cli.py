@@ -29,15 +29,23 @@ def test_bench_tcp_refuses_zero_runs(mignet_cmd: list[str], subprocess_env: dict
 @pytest.mark.slow
 def test_bench_recv_model_writes_plots_into_a_new_folder_it_names(
         mignet_cmd: list[str], subprocess_env: dict[str, str], tmp_path: Path) -> None:
-    r = subprocess.run([*mignet_cmd, "bench", "recv-model", "--size", "8M", "--blobs", "4"],
-                       capture_output=True, text=True, env=subprocess_env, timeout=600, cwd=tmp_path)
+    r = subprocess.run([*mignet_cmd, "bench", "recv-model", "--size", "8M", "--blobs", "4", "--repeat", "1"],
+                       capture_output=True, text=True, env={**subprocess_env, "COLUMNS": "80"}, timeout=600,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "docs").exists()
     [folder] = [p for p in tmp_path.iterdir() if p.name.startswith("recv-model-plots-")]
     assert f"plots will go to {folder.name}/" in r.stderr
-    assert sorted(p.name for p in folder.iterdir()) == ["recv-model-bql.png", "recv-model-latency.png"]
+    # one latency figure per stream and one for the source side, a panel per run in each
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "recv-model-bql.png", "recv-model-latency-devices.png", "recv-model-latency-ram.png",
+        "recv-model-latency-source.png"]
     first = r.stderr.splitlines()[0]
-    assert first.startswith("mignet bench recv-model: 4 loads")
+    assert first.startswith("mignet bench recv-model: 5 loads")
+    # the table reads whole at 80 columns: one figure per row, nothing cut
+    table = [line for line in r.stderr.splitlines() if line.startswith("│")]
+    assert table and all(len(line) <= 80 and "…" not in line for line in table), r.stderr
+    assert any("query p99 per run (ms)" in line for line in table)
 
 
 def test_bench_live_says_what_it_runs_and_nothing_it_was_not_asked(

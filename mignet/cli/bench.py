@@ -28,12 +28,13 @@ def add_parser(sub: Any) -> None:
 
     r = bsub.add_parser("recv-model", help="threaded vs coroutine loader: throughput, QMP latency, "
                                            "big-lock holds, main-loop stalls")
-    r.add_argument("--size", default="2G", type=_size_text, metavar="SIZE",
-                   help="RAM of the RAM-heavy stream (binary)")
-    r.add_argument("--blobs", type=options.count0, default=1000, metavar="N",
+    # defaults: loads long enough for >= 500 answers at one query per 2 ms, five runs
+    r.add_argument("--size", default="4G", type=_size_text, metavar="SIZE",
+                   help="RAM of the RAM-heavy stream and of the source side (binary)")
+    r.add_argument("--blobs", type=options.count0, default=6000, metavar="N",
                    help="64 KiB device sections in the device-heavy stream")
-    r.add_argument("--repeat", type=options.count1, default=1, metavar="N",
-                   help="runs of each model and stream")
+    r.add_argument("--repeat", type=options.count1, default=5, metavar="N",
+                   help="runs of each model and stream, each reported on its own")
     r.add_argument("--plots", metavar="DIR",
                    help="where the PNG plots go (default: a new folder ./recv-model-plots-TIME, "
                         "named when the run starts)")
