@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import blake3
 import numpy as np
@@ -20,7 +21,7 @@ from mignet.guest.ram import GuestRam, RamBlock, combine_digests
 from tests.support.cli import one_line, send_into, start_recv
 
 
-def _manifest(out: Path) -> dict[str, object]:
+def _manifest(out: Path) -> dict[str, Any]:
     return json.loads((out / "manifest.json").read_text())
 
 
@@ -31,7 +32,7 @@ def test_default_digest_is_xxh3_per_block_and_the_ram_digest_derives_from_them(
     sent, got = send_into(mignet_cmd, subprocess_env, proc, uri, "--size", "24M", "--fill", "mixed")
     manifest = _manifest(out)
     assert sent["digest"] == got["digest"] == manifest["digest"] == "xxh3"
-    [block] = manifest["blocks"]  # type: ignore[misc]
+    [block] = manifest["blocks"]
     file_digest = xxhash.xxh3_128((out / block["file"]).read_bytes()).hexdigest()  # xxh128sum's
     assert block["digest"] == file_digest == got["block_digests"][0] == sent["block_digests"][0]
     derived = combine_digests("xxh3", [("pc.ram", 24 << 20, file_digest)])
@@ -49,7 +50,7 @@ def test_sha256_per_block_is_what_sha256sum_prints(
                           "--digest", "sha256")
     manifest = _manifest(out)
     assert manifest["digest"] == got["digest"] == sent["digest"] == "sha256"
-    [block] = manifest["blocks"]  # type: ignore[misc]
+    [block] = manifest["blocks"]
     printed = subprocess.run(["sha256sum", str(out / block["file"])], capture_output=True, text=True,
                              check=True).stdout.split()[0]
     assert block["digest"] == printed == got["block_digests"][0] == sent["block_digests"][0]
@@ -61,7 +62,7 @@ def test_blake3_both_ends_agree_and_match_b3sum_of_the_file(
     out = tmp_path / "guest"
     proc, uri = start_recv(mignet_cmd, subprocess_env, "--out", str(out), "--digest", "blake3")
     sent, got = send_into(mignet_cmd, subprocess_env, proc, uri, "--size", "8M", "--digest", "blake3")
-    [block] = _manifest(out)["blocks"]  # type: ignore[misc]
+    [block] = _manifest(out)["blocks"]
     assert block["digest"] == blake3.blake3((out / block["file"]).read_bytes()).hexdigest()
     assert got["ram_digest"] == sent["ram_digest"] and got["digest"] == "blake3"
 
@@ -75,7 +76,7 @@ def test_digest_none_computes_and_writes_none(mignet_cmd: list[str], subprocess_
         assert event["digest"] is None and event["ram_digest"] is None and event["block_digests"] is None
     manifest = _manifest(out)
     assert manifest["complete"] is True and manifest["digest"] is None and manifest["ram_digest"] is None
-    assert [b["digest"] for b in manifest["blocks"]] == [None]  # type: ignore[attr-defined]
+    assert [b["digest"] for b in manifest["blocks"]] == [None]
 
 
 def test_the_table_names_the_algorithm_and_says_it_shortens(

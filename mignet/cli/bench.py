@@ -14,7 +14,7 @@ from mignet.cli import options
 
 
 def add_parser(sub: Any) -> None:
-    """Add ``bench`` with its subcommands tcp, recv-model, live, channels and rdma."""
+    """Add ``bench`` with its subcommands tcp, recv-model, live, channels, cli and rdma."""
     b = sub.add_parser("bench", help="benchmarks (figures side by side in one run)",
                        description=f"Benchmarks; each says up front what it runs. {options.SIZES}.")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -70,6 +70,15 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--json-out", metavar="FILE", help="also write every run as JSON")
     c.set_defaults(func=cmd_bench_channels)
 
+    u = bsub.add_parser(
+        "cli", help="mignet send --image → recv --out in /dev/shm vs a raw pair, process start to exit")
+    u.add_argument("--size", default="2G", type=options.size, metavar="SIZE",
+                   help="guest RAM per run (binary), a random image in /dev/shm")
+    u.add_argument("--repeat", type=options.count1, default=3, metavar="N",
+                   help="alternations; the figures are medians of the runs that succeeded")
+    u.add_argument("--json-out", metavar="FILE", help="also write every run as JSON")
+    u.set_defaults(func=cmd_bench_cli)
+
     d = bsub.add_parser(
         "rdma", help="mignet RDMA vs ib_write_bw vs mignet TCP (run inside the soft-RoCE guest)")
     d.add_argument("--size", default="64M", type=options.size, metavar="SIZE",
@@ -118,6 +127,13 @@ def cmd_bench_channels(args: argparse.Namespace) -> int:
     from mignet.bench.channels import bench_channels
 
     _write_json(args.json_out, bench_channels(args.size, args.channels, args.repeat))
+    return 0
+
+
+def cmd_bench_cli(args: argparse.Namespace) -> int:
+    from mignet.bench.cli import bench_cli
+
+    _write_json(args.json_out, bench_cli(args.size, args.repeat))
     return 0
 
 

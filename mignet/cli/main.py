@@ -14,7 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.markup import escape
+# numpy starts OpenBLAS's thread pool at import: 0.2 s of every command's start-up on this
+# machine kind (two threads spinning after it), for matrix routines mignet never calls.
+# Before the first numpy import; a user's own setting stays.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from rich.markup import escape  # noqa: E402
 
 from mignet import __version__
 from mignet.bench.procstat import peak_rss

@@ -16,25 +16,18 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mignet.cli import options
 from mignet.cli.exits import report
 from mignet.cli.options import refuse_unless
-from mignet.control.migrations import Guest, Migrations
-from mignet.control.options import OptionSet
-from mignet.control.qmp_commands import Commands
-from mignet.control.qmp_server import QmpServer
 from mignet.errors import MignetError
-from mignet.guest.devices import DeviceSet
-from mignet.guest.directory import GuestDir
-from mignet.guest.ram import DEFAULT_DIGEST, DIGESTS, GuestRam
-from mignet.guest.workload import Workload
-from mignet.migration.status import MigrationState, MigrationStatus
-from mignet.runtime.mainloop import MainLoop
-from mignet.ui.terminal import console
+from mignet.guest.ram import DEFAULT_DIGEST, DIGESTS
 from mignet.units import human_bytes
 from mignet.uri import parse_uri
+
+if TYPE_CHECKING:
+    from mignet.control.migrations import Guest
 
 
 def add_parser(sub: Any) -> None:
@@ -100,6 +93,14 @@ def check_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # The QMP stack only here: every other command starts without it (start-up time).
+    from mignet.control.migrations import Guest
+    from mignet.guest.devices import DeviceSet
+    from mignet.guest.directory import GuestDir
+    from mignet.guest.ram import GuestRam
+    from mignet.guest.workload import Workload
+    from mignet.runtime.mainloop import MainLoop
+
     if args.incoming is not None:
         guest = Guest(ram=None, devices=DeviceSet.empty(), incoming_deferred=True,
                       out=GuestDir(Path(args.out), digest=args.digest) if args.out else None,
@@ -128,6 +129,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace, guest: Guest, runstate: str) -> int:
+    from mignet.control.migrations import Migrations
+    from mignet.control.options import OptionSet
+    from mignet.control.qmp_commands import Commands
+    from mignet.control.qmp_server import QmpServer
+    from mignet.migration.status import MigrationState, MigrationStatus
+    from mignet.ui.terminal import console
+
     options = OptionSet()
     state = MigrationState(runstate=runstate)
     server: QmpServer
