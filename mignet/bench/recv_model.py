@@ -66,9 +66,12 @@ class ModelRun:
     nbytes: int = 0
     latencies: list[float] = field(default_factory=list)  # seconds
     latency_times: list[float] = field(default_factory=list)  # since the load started
-    rq_main: list[float] = field(default_factory=list)  # served main thread's run-queue wait per answer
-    rq_bulk: list[float] = field(default_factory=list)  # its mig/* threads' (summed), per answer
-    rq_client: list[float] = field(default_factory=list)  # the benchmark's own, per answer
+    # per answer, from schedstat: where its time went (seconds)
+    rq_main: list[float] = field(default_factory=list)  # served main thread runnable, no CPU
+    cpu_main: list[float] = field(default_factory=list)  # served main thread on a CPU
+    rq_bulk: list[float] = field(default_factory=list)  # its mig/* threads runnable (summed)
+    rq_client: list[float] = field(default_factory=list)  # the benchmark's thread runnable
+    cpu_client: list[float] = field(default_factory=list)  # the benchmark's thread on a CPU
     threads: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> cpu/wait/load s
     set_caps_refused: bool | None = None
     set_caps_error: str = ""
@@ -82,11 +85,20 @@ class ModelRun:
     def mib_s(self) -> float:
         return self.gbps * 1e9 / (1 << 20)
 
-    def slow(self) -> list[tuple[float, float, float, float]]:
-        """(latency, run-queue wait of the main thread, of the mig/* threads, of the client)
-        of each answer slower than SLOW_MS."""
-        return [(lat, m, b, c) for lat, m, b, c in zip(self.latencies, self.rq_main, self.rq_bulk,
-                                                       self.rq_client, strict=True) if lat * 1000 > SLOW_MS]
+    def slow(self) -> list[dict[str, float]]:
+        """Each answer slower than SLOW_MS taken apart: the served main thread runnable, on a
+        CPU, and the rest, when it slept although the request had arrived — the GIL (it
+        waits for nothing else once the request is readable); the client runnable or on a CPU
+        (its own part); and how long the mig/* threads were runnable meanwhile."""
+        out = []
+        for i, lat in enumerate(self.latencies):
+            if lat * 1000 > SLOW_MS:
+                part = {"latency": lat, "main runnable": self.rq_main[i], "main on CPU": self.cpu_main[i],
+                        "client": self.rq_client[i] + self.cpu_client[i], "mig/* runnable": self.rq_bulk[i]}
+                part["main blocked (GIL)"] = max(0.0, lat - part["main runnable"] - part["main on CPU"]
+                                                 - part["client"])
+                out.append(part)
+        return out
 
 
 def _schedstat(pid: int, tid: int) -> tuple[float, float]:
@@ -141,11 +153,11 @@ async def _poll(qmp: Any, pid: int, run: ModelRun,
     status = ""
     info: dict[str, Any] = {}
     while status not in ("completed", "failed", "cancelled"):
-        before, c0 = _thread_table(pid), _schedstat(os.getpid(), me)[1]
+        before, c0 = _thread_table(pid), _schedstat(os.getpid(), me)
         t0 = time.perf_counter()
         info = await qmp.execute("query-migrate")
         t1 = time.perf_counter()
-        last, c1 = _thread_table(pid), _schedstat(os.getpid(), me)[1]
+        last, c1 = _thread_table(pid), _schedstat(os.getpid(), me)
         status = info.get("status", "")
         if status == "active":
             waits = {tid: last[tid][2] - before[tid][2] for tid in last if tid in before}
@@ -156,8 +168,10 @@ async def _poll(qmp: Any, pid: int, run: ModelRun,
             run.latencies.append(t1 - t0)
             run.latency_times.append(t0 - started)
             run.rq_main.append(waits.get(pid, 0.0))
+            run.cpu_main.append(last[pid][1] - before[pid][1] if pid in last and pid in before else 0.0)
             run.rq_bulk.append(sum(w for tid, w in waits.items() if last[tid][0].startswith("mig/")))
-            run.rq_client.append(c1 - c0)
+            run.rq_client.append(c1[1] - c0[1])
+            run.cpu_client.append(c1[0] - c0[0])
         await asyncio.sleep(max(0.0, POLL_INTERVAL - (time.perf_counter() - t0)))
     if first:
         run.threads = _thread_deltas(first, last, run.latency_times[-1] if run.latency_times else 0.0)
@@ -373,9 +387,9 @@ def summarize_group(group: list[ModelRun]) -> tuple[list[tuple[str, str]], dict[
     maxes = [float(s["max-ms"]) for s in per]
     ok = sum(1 for p, m in zip(p99s, maxes, strict=True) if p <= P99_TARGET_MS and m <= MAX_TARGET_MS)
     slow = [s for r in group for s in r.slow()]
-    slow_total = sum(s[0] for s in slow)
-    share_main, share_bulk, share_client = (sum(s[i] for s in slow) / slow_total if slow_total else 0.0
-                                            for i in (1, 2, 3))
+    slow_total = sum(s["latency"] for s in slow)
+    shares = {k: sum(s[k] for s in slow) / slow_total if slow_total else 0.0
+              for k in ("main runnable", "main on CPU", "main blocked (GIL)", "client", "mig/* runnable")}
     threads: dict[str, list[float]] = {}
     for r in group:
         for name, t in r.threads.items():
@@ -391,9 +405,11 @@ def summarize_group(group: list[ModelRun]) -> tuple[list[tuple[str, str]], dict[
          f"{pooled['p50-ms']:.1f} / {pooled['p99-ms']:.1f} / {pooled['max-ms']:.1f} ms"),
         (f"  runs with p99 <= {P99_TARGET_MS:.0f} and max <= {MAX_TARGET_MS:.0f} ms", f"{ok} of {len(group)}"),
         (f"  answers > {SLOW_MS:.0f} ms (all runs)", str(len(slow))),
-        ("    of their time: main loop runnable", f"{share_main * 100:.0f} %"),
-        ("    of their time: mig/* threads runnable", f"{share_bulk * 100:.0f} %"),
-        ("    of their time: client runnable", f"{share_client * 100:.0f} %"),
+        ("    of their time: main loop runnable", f"{shares['main runnable'] * 100:.0f} %"),
+        ("    of their time: main loop on a CPU", f"{shares['main on CPU'] * 100:.0f} %"),
+        ("    of their time: main loop blocked (GIL)", f"{shares['main blocked (GIL)'] * 100:.0f} %"),
+        ("    of their time: the client's own", f"{shares['client'] * 100:.0f} %"),
+        ("    meanwhile mig/* threads runnable", f"{shares['mig/* runnable'] * 100:.0f} %"),
     ]
     for name in sorted(threads, key=lambda n: (n != "main loop", n)):
         if name.startswith("mig/") or name == "main loop":
@@ -409,8 +425,7 @@ def summarize_group(group: list[ModelRun]) -> tuple[list[tuple[str, str]], dict[
                "p99_ms_per_run": p99s, "max_ms_per_run": maxes, "samples_per_run": [s["count"] for s in per],
                "query_migrate_latency": pooled, "runs_meeting_targets": ok, "bql_holds": holds,
                "longest_stall_ms": stall, "slow_answers": len(slow),
-               "slow_share_main_runnable": round(share_main, 3), "slow_share_bulk_runnable": round(share_bulk, 3),
-               "slow_share_client_runnable": round(share_client, 3),
+               "slow_answer_shares": {k: round(v, 3) for k, v in shares.items()},
                "run_queue_wait_ms_per_s": {k: round(statistics.median(v), 1) for k, v in threads.items()}}
     return rows, summary
 
