@@ -94,7 +94,7 @@ def test_the_table_names_the_algorithm_and_says_it_shortens(
         if recv.poll() is None:
             recv.kill()
     for text in (send.stdout + send.stderr, err):
-        assert "RAM xxh3" in text and "(in full: --json)" in text
+        assert "RAM xxh3" in text and "(of 32 hex; --json: all)" in text
         assert "sha256" not in text
 
 

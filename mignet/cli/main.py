@@ -103,7 +103,12 @@ def _digest_row(digests: RamDigests | None) -> tuple[str, str]:
     """The table's digest row: shortened, and it says so."""
     if digests is None:
         return ("RAM digest", "none (--digest none)")
-    return (f"RAM {digests.algorithm}", f"{digests.ram[:16]}… (in full: --json)")
+    return (f"RAM {digests.algorithm}", short_digest(digests.ram))
+
+
+def short_digest(digest: str) -> str:
+    """A digest's head for a table, saying it is one (no '…': a cut cell's mark)."""
+    return f"{digest[:16]} (of {len(digest)} hex; --json: all)"
 
 
 def _refused(args: argparse.Namespace, why: str) -> None:
@@ -390,8 +395,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     identical = done["ram_digest"] == source.ram
     if not quiet:
         print_live_table(precopy, workload, "demo result")
-        stats_table(f"digests ({args.digest})", [("source (frozen at stop-and-copy)", source.ram[:16] + "…"),
-                                                ("received", done["ram_digest"][:16] + "…")])
+        stats_table(f"digests ({args.digest})", [("source (frozen at stop-and-copy)", short_digest(source.ram)),
+                                                ("received", short_digest(done["ram_digest"]))])
     if identical:
         if not quiet:
             console.print(f"[bold green]OK[/]: the received RAM is identical to the source ({args.digest} match)")
