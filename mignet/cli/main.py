@@ -198,9 +198,6 @@ def check_send(args: argparse.Namespace) -> None:
         if args.stream:
             raise UsageError("--channels re-encodes the guest; a --stream file is replayed as "
                              "it was written", prog)
-        if args.live:
-            raise UsageError("--live with --channels is not implemented yet: live precopy "
-                             "uses one stream", prog)
         if parse_uri(args.uri).scheme not in ("tcp", "unix"):
             raise UsageError("--channels (multifd) needs a tcp: or unix: URI", prog)
     if args.live and not args.size:
@@ -320,10 +317,20 @@ def _send_live(args: argparse.Namespace) -> int:
     ram = page_aligned(_source_ram(args))
     devices = DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed)
     channel = connect(args.uri)
-    precopy, workload = run_live(channel, ram, devices, dirty_rate=args.dirty_rate,
-                                 params=_live_params(args), quiet=args.quiet, seed=args.seed,
-                                 rdma_pin_all=args.rdma_pin_all)
-    channel.close()
+    multifd: MultifdSender | None = None
+    try:
+        if args.channels > 1:  # each round's dirty pages go over the channels, synced per round
+            multifd = MultifdSender([connect(args.uri) for _ in range(args.channels)])
+            multifd.start()
+        precopy, workload = run_live(channel, ram, devices, dirty_rate=args.dirty_rate,
+                                     params=_live_params(args), quiet=args.quiet, seed=args.seed,
+                                     rdma_pin_all=args.rdma_pin_all, pages_to=multifd)
+        if multifd is not None:
+            multifd.finish()
+    finally:
+        if multifd is not None:
+            multifd.close()
+        channel.close()
     digests = ram.digests(args.digest) if args.json or not args.quiet else None
     if not args.quiet:
         print_live_table(precopy, workload)
@@ -332,7 +339,7 @@ def _send_live(args: argparse.Namespace) -> int:
     if args.json:
         info = precopy.query_migrate()
         _emit_json(_send_completed(digests, info["ram"]["transferred"], info["total-time"] / 1000,
-                                   migration=info))
+                                   migration=info, multifd=multifd.describe() if multifd else None))
     return 0
 
 

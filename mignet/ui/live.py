@@ -15,7 +15,7 @@ from mignet.guest.devices import DeviceSet
 from mignet.guest.ram import GuestRam
 from mignet.guest.workload import Workload
 from mignet.migration.precopy import Precopy, PrecopyParams
-from mignet.migration.savevm import Sender
+from mignet.migration.savevm import PageChannels, Sender
 from mignet.ui.terminal import run_with_progress, stats_table
 from mignet.units import human_bytes
 
@@ -42,11 +42,13 @@ def run_live(channel: Channel, ram: GuestRam, devices: DeviceSet, *, dirty_rate:
              params: PrecopyParams, hot_fraction: float | None = None,
              destination_loaded: Callable[[], float | None] | None = None,
              force_after: float | None = None, quiet: bool = False,
-             seed: int = 0, rdma_pin_all: bool | None = None) -> tuple[Precopy, Workload]:
+             seed: int = 0, rdma_pin_all: bool | None = None,
+             pages_to: PageChannels | None = None) -> tuple[Precopy, Workload]:
     """Migrate ``ram`` live over ``channel`` while a workload dirties it at ``dirty_rate``
     bytes/s. ``force_after`` seconds: switch over even if not converged (benchmarks)."""
     workload = Workload(ram, dirty_rate, hot_fraction=hot_fraction, seed=seed)
-    precopy = Precopy(Sender(channel, ram, devices, rdma_pin_all=rdma_pin_all), workload, params,
+    precopy = Precopy(Sender(channel, ram, devices, rdma_pin_all=rdma_pin_all, pages_to=pages_to),
+                      workload, params,
                       destination_loaded=destination_loaded)
     def poll() -> tuple[int, int | None, str]:
         info = precopy.query_migrate()
