@@ -12,7 +12,9 @@ receiver together) does. Each run is two real processes on loopback, for both ki
 The image is a random file in /dev/shm, so neither sender spends time making data. Figures
 per run: the receiver's time from its first connection to holding every byte (what the
 user waits for), and user+system CPU of both processes from ``wait4`` (their whole lives,
-start-up included, the same for both kinds). Kinds and N alternate in each repetition;
+start-up included, the same for both kinds). Before each run the machine's free memory is
+warmed as in ``bench tcp`` (freshly freed memory faults in at a fraction of the speed on
+this VM, which swung single runs 3x). Kinds and N alternate in each repetition;
 medians are reported, and a failed run is reported as failed, never counted.
 
 Run: ``mignet bench channels --size 1G --channels 1,2,4 --repeat 3``.
@@ -36,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from mignet.bench.tcp import warm_free_memory
 from mignet.guest.ram import allocate_guest_memory
 from mignet.units import human_bytes
 
@@ -205,6 +208,7 @@ def run(size: int, channels: list[int], repeat: int, say: Any = print) -> Result
         for rep in range(repeat):
             for n in channels:
                 for kind in (("mignet", "raw") if rep % 2 == 0 else ("raw", "mignet")):
+                    warm_free_memory(size)  # as bench tcp: the host's refill of freed memory
                     r = run_once(kind, n, image, size)
                     results.runs.append(r)
                     figure = f"{r.mib_s:7.0f} MiB/s" if r.seconds else f"FAILED: {r.error}"[:60]
