@@ -12,7 +12,7 @@ if [[ ! -x .venv/bin/python ]]; then
     log "creating .venv with $($python --version)"
     "$python" -m venv .venv
 fi
-if ! .venv/bin/python -c 'import mignet, pytest, pytest_timeout, hypothesis, qemu.qmp, matplotlib, mypy, ruff' 2>/dev/null \
+if ! .venv/bin/python -c 'import mignet, pytest, pytest_timeout, hypothesis, atheris, xxhash, blake3, qemu.qmp, matplotlib, mypy, ruff' 2>/dev/null \
         || ! .venv/bin/mignet --version >/dev/null 2>&1; then
     log "installing mignet and its test extras into .venv"
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
