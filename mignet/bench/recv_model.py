@@ -94,7 +94,8 @@ class ModelRun:
         out = []
         for i, lat in enumerate(self.latencies):
             if lat * 1000 > SLOW_MS:
-                part = {"latency": lat, "main runnable": self.rq_main[i], "main on CPU": self.cpu_main[i],
+                part = {"at": self.latency_times[i],  # seconds into the load
+                        "latency": lat, "main runnable": self.rq_main[i], "main on CPU": self.cpu_main[i],
                         "client runnable": self.rq_client[i], "client on CPU": self.cpu_client[i],
                         "mig/* runnable": self.rq_bulk[i]}
                 part["client"] = part["client runnable"] + part["client on CPU"]
@@ -479,7 +480,7 @@ def bench_recv_model(size: str, blobs: int, out_dir: Path | None, repeat: int = 
             "bql_holds": r.loop_stats.get("bql-holds", {}),
             "main_loop_stalls": r.loop_stats.get("main-loop-stalls", {}),
             "threads": r.threads,
-            "slow_answers_ms": [{k: round(v * 1000, 2) for k, v in s.items()} for s in r.slow()],
+            "slow_answers_ms": [{k: round(v * 1000, 2) for k, v in s.items()} for s in r.slow()],  # "at" too
             "set_capabilities_refused": r.set_caps_refused, "set_capabilities_error": r.set_caps_error,
         })
     groups = [(shape.name, model) for shape in shapes for model in ("thread", "coroutine")]
