@@ -112,3 +112,41 @@ def test_tcp_channels_detect_a_vanished_peer_host() -> None:
             ch.close()
     finally:
         listener.close()
+
+
+def test_a_relay_whose_source_stalls_ends(pair: tuple[SocketChannel, SocketChannel]) -> None:
+    """The relay reads through a wrapper of its inbound channel: the idle limit must reach
+    the socket underneath (it once stayed on the wrapper, and a stalled source hung the relay)."""
+    from mignet.migration.relay import Relay
+
+    a, b = pair
+    far = listen("tcp:127.0.0.1:0")
+    try:
+        data = encode_stream(_ram())
+        threading.Thread(target=a.write_all, args=(data[: len(data) // 2],), daemon=True).start()
+        relay = Relay(b, lambda: connect(str(far.address)))
+        relay.loader.channel.set_idle_timeout(read=LIMIT)
+        t0 = time.monotonic()
+        with pytest.raises(TimedOut, match="sent nothing"):
+            relay.run()
+        assert time.monotonic() - t0 < LIMIT + SLACK
+    finally:
+        far.close()
+
+
+def test_opening_channels_closes_the_open_ones_when_one_fails() -> None:
+    from mignet.errors import SetupError
+    from mignet.migration.multifd import open_channels
+
+    opened: list[SocketChannel] = []
+
+    def connect_one() -> SocketChannel:
+        if len(opened) == 2:
+            raise SetupError("connection refused")
+        a, b = channel_pair()
+        b.close()
+        opened.append(a)
+        return a
+    with pytest.raises(SetupError):
+        open_channels(connect_one, 4)
+    assert len(opened) == 2 and all(ch.closed for ch in opened)

@@ -21,7 +21,7 @@ def test_a_failed_then_a_cancelled_incoming_migration_is_followed_by_a_good_one(
     out = tmp_path / "out"
 
     async def main() -> None:
-        async with serve(tmp_path, "dst", "--incoming", "defer", "--out", str(out)) as dst, \
+        async with serve(tmp_path, "dst", "--incoming", "defer", "--out", str(out), "--digest", "sha256") as dst, \
                 serve(tmp_path, "src", "--size", "16M", "--fill", "mixed", "--seed", "2") as src:
             # 1: a source that is not a migration stream
             uri = await dst.incoming_uri()
@@ -47,4 +47,6 @@ def test_a_failed_then_a_cancelled_incoming_migration_is_followed_by_a_good_one(
             cls, desc = await dst.error("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
             assert cls == "GenericError" and "'-incoming' was not specified" in desc
     asyncio.run(main())
-    assert json.loads((out / "manifest.json").read_text())["complete"] is True
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is True
+    assert manifest["digest"] == "sha256"  # the retry kept serve's --digest

@@ -33,7 +33,7 @@ from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir, open_snapshot
 from mignet.guest.ram import DEFAULT_DIGEST, DIGESTS, GuestRam, RamBlock, RamDigests
 from mignet.migration.loadvm import Loader, LoadResult, LoadStats, start_load_thread
-from mignet.migration.multifd import MultifdReceiver, MultifdSender, accept_incoming
+from mignet.migration.multifd import MultifdReceiver, MultifdSender, accept_incoming, open_channels
 from mignet.migration.savevm import Sender, SendStats
 from mignet.transport import connect, listen
 from mignet.ui.terminal import console, run_with_progress, stats_table, transfer_progress
@@ -237,7 +237,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         if args.channels > 1:
             # QEMU 7.2's destination takes its first connection as the main stream: it
             # comes first, then one connection per channel.
-            multifd = MultifdSender([connect(args.uri) for _ in range(args.channels)])
+            multifd = MultifdSender(open_channels(lambda: connect(args.uri), args.channels))
             multifd.start()
         # A replay goes to real QEMU: by default ask it to confirm the load (return path).
         return_path = bool(args.snapshot) if args.return_path is None else args.return_path
@@ -320,7 +320,7 @@ def _send_live(args: argparse.Namespace) -> int:
     multifd: MultifdSender | None = None
     try:
         if args.channels > 1:  # each round's dirty pages go over the channels, synced per round
-            multifd = MultifdSender([connect(args.uri) for _ in range(args.channels)])
+            multifd = MultifdSender(open_channels(lambda: connect(args.uri), args.channels))
             multifd.start()
         precopy, workload = run_live(channel, ram, devices, dirty_rate=args.dirty_rate,
                                      params=_live_params(args), quiet=args.quiet, seed=args.seed,

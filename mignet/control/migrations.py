@@ -28,7 +28,7 @@ from mignet.guest.directory import GuestDir
 from mignet.guest.ram import GuestRam, RamBlock
 from mignet.guest.workload import Workload
 from mignet.migration.loadvm import Loader, LoadThread, load_in_coroutine, start_load_thread
-from mignet.migration.multifd import MultifdReceiver, MultifdSender, PollableListener
+from mignet.migration.multifd import MultifdReceiver, MultifdSender, PollableListener, open_channels
 from mignet.migration.precopy import Precopy, PrecopyParams, RoundStats
 from mignet.migration.savevm import Sender
 from mignet.migration.status import DirectionState, MigrationState, Phase, RamCounters
@@ -76,7 +76,6 @@ class Migrations:
         self._loader: Loader | None = None
         self._listener: Listener | None = None
         self._multifd_in: MultifdReceiver | None = None
-        self._multifd_out: MultifdSender | None = None
         # Each direction's channels as last seen (MultifdSender/Receiver.describe), kept
         # after the migration ends: x-mignet-query-multifd reads it.
         self._multifd_seen: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -122,7 +121,7 @@ class Migrations:
             channel = connect(uri)
             if channels:
                 # as QEMU: the main stream connects first, then one connection per channel
-                multifd = MultifdSender([connect(uri) for _ in range(channels)])
+                multifd = MultifdSender(open_channels(lambda: connect(uri), channels))
                 self._multifd_seen["outgoing"] = multifd.describe
                 multifd.start()
             assert self.guest.ram is not None
@@ -209,7 +208,7 @@ class Migrations:
             multifd = bool(_multifd_channels(uri, snapshot.capabilities, snapshot.parameters))
             if retry and self.guest.out is not None:  # the failed attempt's files go
                 out = self.guest.out
-                self.guest.out = GuestDir(out.path, force=True)
+                self.guest.out = GuestDir(out.path, force=True, digest=out.digest)
                 out.close()
             listener = listen(uri)
         except BaseException:
@@ -240,16 +239,20 @@ class Migrations:
         inc = self.state.incoming
         channel: Channel | None = None
         multifd: MultifdReceiver | None = None
+        # (phase, error) published only after everything of this attempt is released, so a
+        # client that sees the end may retry at once (same port, new references).
+        outcome: tuple[Phase, str | None] | None = None
         try:
             try:
                 if multifd_on:  # keep listening: the source adds one connection per channel
                     # multifd is only on tcp:/unix:, whose listeners are pollable (fileno)
                     multifd = MultifdReceiver(cast(PollableListener, listener), on_refused=self._refused)
+                    multifd.bulk_threads = True  # as the loader: QMP answers first
                     self._multifd_seen["incoming"] = multifd.describe
                     with self._mutex:
                         self._multifd_in, self._listener = multifd, None  # a cancel closes it
                     if inc.phase is Phase.CANCELLING:
-                        multifd.close()
+                        multifd.stop()
                     channel = multifd.accept_main()
                 else:
                     channel = listener.accept()
@@ -279,7 +282,8 @@ class Migrations:
                     raise MignetError("the coroutine receive model needs a main loop")
                 result = asyncio.run_coroutine_threadsafe(load_in_coroutine(loader), self._loop).result()
             else:
-                thread: LoadThread = start_load_thread(loader)
+                # bulk: below the main loop's CPU priority, so QMP answers do not queue behind it
+                thread: LoadThread = start_load_thread(loader, bulk=True)
                 result = thread.join()
             if multifd is not None:
                 multifd.finish()  # its pages stay out of result.stats: _load_counters adds them
@@ -289,11 +293,11 @@ class Migrations:
                 self.guest.out.write(result.ram, result.devices, result.description,
                                      {"machine_type": result.stats.machine_type},
                                      result.stats.ram_section_id)
-            self._end(inc, "incoming", Phase.DONE)
             self.guest.incoming_deferred = False
             self.state.runstate = "running" if self.state.autostart else "paused"
+            outcome = (Phase.DONE, None)
         except MigrationCancelled:
-            self._end(inc, "incoming", Phase.CANCELLED)
+            outcome = (Phase.CANCELLED, None)
         except MignetError as exc:
             why = str(exc)
             if multifd is not None:
@@ -301,9 +305,9 @@ class Migrations:
                     multifd.raise_error(wait=CHANNEL_REPORT_WAIT)
                 except MignetError as cause:  # a channel's failure is the cause worth naming
                     why = str(cause)
-            self._end(inc, "incoming", _failed_or_cancelled(inc), why)
-        except BaseException as exc:  # noqa: BLE001
-            self._end(inc, "incoming", _failed_or_cancelled(inc), f"internal error: {exc!r}")
+            outcome = (_failed_or_cancelled(inc), why)
+        except BaseException as exc:  # noqa: BLE001 - a bug must still end the migration
+            outcome = (_failed_or_cancelled(inc), f"internal error: {exc!r}")
             raise
         finally:
             with self._mutex:
@@ -311,8 +315,12 @@ class Migrations:
                 self._multifd_in = None
             if multifd is not None:
                 multifd.close()
+                seen = multifd.describe()  # figures only: the receiver (and its RAM) can go
+                self._multifd_seen["incoming"] = lambda: seen
             if channel is not None:
                 channel.close()
+            if outcome is not None:
+                self._end(inc, "incoming", *outcome)
 
     def multifd_channels(self) -> dict[str, Any]:
         """Per-channel figures of the latest multifd migration in each direction (None for a
@@ -348,7 +356,7 @@ class Migrations:
                 if self._loader is not None:
                     self._loader.cancel()
                 if self._multifd_in is not None:
-                    self._multifd_in.close()  # wakes accept_main() and the channels
+                    self._multifd_in.stop()  # wakes accept_main() and the channels; no joins here
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Cancel what runs and wait for the threads (at quit). Never call with the big

@@ -455,10 +455,11 @@ class LoadThread:
     """Runs a :class:`Loader` in its own thread named ``mig/dst/main`` (started at once);
     the result or the error is collected with :meth:`join`."""
 
-    def __init__(self, loader: Loader) -> None:
+    def __init__(self, loader: Loader, bulk: bool = False) -> None:
         self.loader = loader
-        # bulk: below the main loop's CPU priority, so QMP answers do not queue behind it
-        self.thread, self.future = start_thread(loader.run, LOAD_THREAD_NAME, bulk=True)
+        # bulk (a process that answers QMP): below the main loop's CPU priority, so answers
+        # do not queue behind the load; a plain ``recv`` keeps its loader at full priority
+        self.thread, self.future = start_thread(loader.run, LOAD_THREAD_NAME, bulk=bulk)
 
     def join(self, timeout: float | None = None) -> LoadResult:
         """The load's result, or what it raised; TimeoutError if still running."""
@@ -468,8 +469,8 @@ class LoadThread:
             raise TimeoutError(f"loader still running after {timeout} s") from None
 
 
-def start_load_thread(loader: Loader) -> LoadThread:
-    return LoadThread(loader)
+def start_load_thread(loader: Loader, bulk: bool = False) -> LoadThread:
+    return LoadThread(loader, bulk)
 
 
 async def load_in_coroutine(loader: Loader) -> LoadResult:

@@ -113,6 +113,7 @@ class MultifdReceiver:
         self.classify_timeout = classify_timeout
         self.settle_timeout = settle_timeout
         self.idle_timeout: float | None = IDLE_TIMEOUT  # a stalled channel fails the load
+        self.bulk_threads = False  # channel threads below the main loop's priority (serve)
         self.refused: list[str] = []
         self._cond = threading.Condition()
         self._accept_lock = threading.Lock()
@@ -230,7 +231,7 @@ class MultifdReceiver:
                 ch.set_idle_timeout(read=self.idle_timeout)
                 self._channels[cid] = state
                 state.thread, _ = start_thread(lambda: self._channel_thread(state),
-                                               f"mig/dst/multifd/{cid}")
+                                               f"mig/dst/multifd/{cid}", bulk=self.bulk_threads)
                 self._cond.notify_all()
                 return
         self._refuse(ch, why)
@@ -416,10 +417,11 @@ class MultifdReceiver:
                 if self._error is not None or self._stopping:
                     break
                 live = [s for s in self._channels.values() if s.thread is not None and not s.done]
+                parked = [s for s in live if s.synced]  # not reading: cannot see a reset
             left = deadline - time.monotonic()
             if not live or left <= 0:
                 break
-            self._probe(live)
+            self._probe(parked)
             with self._cond:
                 if self._error is None:
                     self._cond.wait(min(left, 0.05))
@@ -427,7 +429,8 @@ class MultifdReceiver:
             raise self._error
 
     def _probe(self, states: list[_ChannelState]) -> None:
-        """Fail the first of ``states`` whose connection was reset (read nothing)."""
+        """Fail the first of ``states`` (channels parked at a SYNC, whose threads do not
+        read, so a peek cannot race them) whose connection was reset."""
         for state in states:
             try:
                 if state.channel.wait_cond(IOCondition.IN, 0):
@@ -445,19 +448,27 @@ class MultifdReceiver:
         if stats is not None:
             stats.normal_pages += self.pages
 
-    def close(self) -> None:
-        """Stop accepting, close the listener and every channel (idempotent)."""
+    def stop(self) -> None:
+        """Wake everything without waiting (safe on the main loop, e.g. from a cancel): the
+        accept loop and ``accept_main`` see the flag, every channel is shut down; the
+        owner's :meth:`close` then joins the threads and releases the sockets."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
             states = list(self._channels.values())
             pending = list(self._unclassified)
-        with self._accept_lock:
-            self.listener.close()
         for ch in pending:
             ch.shutdown()
         for s in states:
             s.channel.shutdown()
+
+    def close(self) -> None:
+        """Stop accepting, close the listener and every channel (idempotent)."""
+        self.stop()
+        with self._cond:
+            states = list(self._channels.values())
+        with self._accept_lock:
+            self.listener.close()
         for s in states:
             if s.thread is not None:
                 s.thread.join(5)
@@ -500,6 +511,21 @@ def _channel_error(channel_id: int, exc: BaseException) -> MignetError:
 
 
 # --- the source side ---------------------------------------------------------------------
+def open_channels(connect: Callable[[], Channel], count: int) -> list[Channel]:
+    """``count`` connections for a :class:`MultifdSender` (after the main one, as QEMU 7.2's
+    destination expects); if one cannot be opened, those already open are closed."""
+    channels: list[Channel] = []
+    try:
+        for _ in range(count):
+            channels.append(connect())
+    except BaseException:
+        for ch in channels:
+            ch.close()
+        raise
+    return channels
+
+
+
 SEND_THREAD_PREFIX = "mig/src/multifd/"
 _POLL = 0.2  # how often a blocked queue operation looks for a failure
 

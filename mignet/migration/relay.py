@@ -45,8 +45,8 @@ from mignet.channel import Buffer, Channel, IOCondition, ShutdownHow, WritableBu
 from mignet.errors import ConnectionLostError, ProtocolError
 from mignet.guest.devices import KNOWN_DEVICES, DeviceSet
 from mignet.guest.ram import GuestRam, RamBlock
-from mignet.migration.loadvm import MAX_RUN, Loader
-from mignet.migration.multifd import MultifdReceiver, MultifdSender
+from mignet.migration.loadvm import IDLE_TIMEOUT, MAX_RUN, Loader
+from mignet.migration.multifd import MultifdReceiver, MultifdSender, open_channels
 from mignet.wire import (
     PAGE_SIZE,
     DeviceState,
@@ -155,6 +155,9 @@ class _FlushBeforeWait(Channel):
 
     def _set_blocking(self, blocking: bool) -> None:
         self.inner.set_blocking(blocking)
+
+    def _set_idle_timeout(self, read: float | None, write: float | None) -> None:
+        self.inner.set_idle_timeout(read, write)  # the reads happen on the inner channel
 
     def _shutdown(self, how: ShutdownHow) -> None:
         self.inner.shutdown(how)
@@ -314,9 +317,10 @@ class Relay:
         self._ram = ram
         self.stats.machine_type = self.loader.stats.machine_type
         self.outbound = self.connect_out()
+        self.outbound.set_idle_timeout(write=IDLE_TIMEOUT)  # a far side that stops reading ends it
         if self.channels:
             # QEMU 7.2's destination takes its first connection as the main stream.
-            self.multifd_out = MultifdSender([self.connect_out() for _ in range(self.channels)])
+            self.multifd_out = MultifdSender(open_channels(self.connect_out, self.channels))
             self.multifd_out.start()
         self._out.append(self.encoder.header())
         if self.stats.machine_type:
