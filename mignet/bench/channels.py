@@ -29,7 +29,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from mignet.bench.receiver import last_json, make_image, start_peer
 from mignet.bench.tcp import warm_free_memory
 from mignet.guest.ram import allocate_guest_memory
 from mignet.units import human_bytes
@@ -148,21 +148,14 @@ def _wait(proc: subprocess.Popen[str], timeout: float) -> tuple[int, float]:
         time.sleep(0.01)
 
 
-def _start(cmd: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _last_json(text: str) -> dict[str, Any]:
-    lines = [line for line in text.splitlines() if line.startswith("{")]
-    return json.loads(lines[-1]) if lines else {}
 
 
 def run_once(kind: str, n: int, image: Path, size: int, timeout: float = 300) -> Run:
     py = sys.executable
     if kind == "raw":
-        recv = _start([py, "-m", "mignet.bench.channels", "raw-recv", "--size", str(size), "--channels", str(n)])
+        recv = start_peer([py, "-m", "mignet.bench.channels", "raw-recv", "--size", str(size), "--channels", str(n)])
     else:
-        recv = _start([py, "-m", "mignet", "recv", "--listen", "tcp:127.0.0.1:0", "--json", "--quiet"])
+        recv = start_peer([py, "-m", "mignet", "recv", "--listen", "tcp:127.0.0.1:0", "--json", "--quiet"])
     assert recv.stdout is not None
     first = json.loads(recv.stdout.readline() or "{}")
     if "port" in first:
@@ -174,31 +167,25 @@ def run_once(kind: str, n: int, image: Path, size: int, timeout: float = 300) ->
         _, err = recv.communicate()
         return Run(kind, n, None, 0.0, size, f"receiver did not start: {err.strip()[-200:]}")
     if kind == "raw":
-        send = _start([py, "-m", "mignet.bench.channels", "raw-send", "--port", str(port),
+        send = start_peer([py, "-m", "mignet.bench.channels", "raw-send", "--port", str(port),
                        "--image", str(image), "--channels", str(n)])
     else:
-        send = _start([py, "-m", "mignet", "send", f"tcp:127.0.0.1:{port}", "--image", str(image),
+        send = start_peer([py, "-m", "mignet", "send", f"tcp:127.0.0.1:{port}", "--image", str(image),
                        "--no-devices", "--quiet", *(["--channels", str(n)] if n > 1 else [])])
     s_rc, s_cpu = _wait(send, timeout)
+    if s_rc != 0 and recv.poll() is None:
+        recv.kill()  # no source is coming: do not wait out the timeout
     r_rc, r_cpu = _wait(recv, timeout)
     r_out = recv.stdout.read()
     r_err = recv.stderr.read() if recv.stderr else ""
     s_err = send.stderr.read() if send.stderr else ""
-    done = _last_json(r_out)
+    done = last_json(r_out)
     if s_rc != 0 or r_rc != 0 or done.get("event") != "completed":
         why = (s_err or r_err).strip().splitlines()
         return Run(kind, n, None, s_cpu + r_cpu, size, why[-1] if why else f"exit {s_rc}/{r_rc}")
     seconds = float(done["seconds"]) if kind == "raw" else float(done["stats"]["seconds"])
     return Run(kind, n, seconds, s_cpu + r_cpu, size)
 
-
-def make_image(size: int, where: str = "/dev/shm") -> Path:
-    fd, name = tempfile.mkstemp(prefix="mignet-bench-", suffix=".img", dir=where)
-    rng = np.random.default_rng(0)
-    with os.fdopen(fd, "wb") as f:
-        for _ in range(0, size, 64 << 20):
-            f.write(rng.bytes(min(64 << 20, size - f.tell())))
-    return Path(name)
 
 
 def run(size: int, channels: list[int], repeat: int, say: Any = print) -> Results:

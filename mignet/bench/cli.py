@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mignet.bench.receiver import last_json, make_image, start_peer
+
 KINDS = ("raw", "cli", "cli-none")
 MiB = 1 << 20
 
@@ -124,13 +126,6 @@ def _wait(proc: subprocess.Popen[str], timeout: float) -> int:
         return -9
 
 
-def _start(cmd: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _last_json(text: str) -> dict[str, Any]:
-    lines = [line for line in text.splitlines() if line.startswith("{")]
-    return json.loads(lines[-1]) if lines else {}
 
 
 def _commands(kind: str, image: Path, out: Path, size: int) -> tuple[list[str], list[str]]:
@@ -153,7 +148,7 @@ def run_once(kind: str, image: Path, size: int, timeout: float = 300) -> Run:
     try:
         recv_cmd, send_cmd = _commands(kind, image, out, size)
         t0 = time.monotonic()
-        recv = _start(recv_cmd)
+        recv = start_peer(recv_cmd)
         assert recv.stdout is not None
         first = json.loads(recv.stdout.readline() or "{}")
         port = first.get("port") or str(first.get("uri", ":")).rsplit(":", 1)[1]
@@ -162,9 +157,9 @@ def run_once(kind: str, image: Path, size: int, timeout: float = 300) -> Run:
             _, err = recv.communicate()
             return Run(kind, None, 0, 0, f"receiver did not start: {err.strip()[-200:]}")
         if kind == "raw":
-            send = _start([*send_cmd, str(port)])
+            send = start_peer([*send_cmd, str(port)])
         else:
-            send = _start([*send_cmd[:-1], send_cmd[-1] + str(port)])
+            send = start_peer([*send_cmd[:-1], send_cmd[-1] + str(port)])
         peak = [0, 0]
         sampler_done = threading.Event()
 
@@ -175,6 +170,8 @@ def run_once(kind: str, image: Path, size: int, timeout: float = 300) -> Run:
         sampler.start()
         try:
             s_out, s_err = send.communicate(timeout=timeout)  # read as it comes: no stall
+            if send.returncode != 0 and recv.poll() is None:
+                recv.kill()  # no source is coming: do not wait out the timeout
             r_out, r_err = recv.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             for p in (send, recv):
@@ -186,7 +183,7 @@ def run_once(kind: str, image: Path, size: int, timeout: float = 300) -> Run:
         s_rc, r_rc = _wait(send, 1), _wait(recv, 1)
         sampler_done.set()
         sampler.join()
-        done, sent = _last_json(r_out), _last_json(s_out)
+        done, sent = last_json(r_out), last_json(s_out)
         if s_rc != 0 or r_rc != 0 or done.get("event") != "completed":
             why = (s_err or r_err).strip().splitlines()
             return Run(kind, None, peak[0], peak[1], why[-1] if why else f"exit {s_rc}/{r_rc}")
@@ -197,16 +194,6 @@ def run_once(kind: str, image: Path, size: int, timeout: float = 300) -> Run:
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
-
-def make_image(size: int, where: str = "/dev/shm") -> Path:
-    import numpy as np
-
-    fd, name = tempfile.mkstemp(prefix="mignet-bench-", suffix=".img", dir=where)
-    rng = np.random.default_rng(0)
-    with os.fdopen(fd, "wb") as f:
-        for _ in range(0, size, 64 << 20):
-            f.write(rng.bytes(min(64 << 20, size - f.tell())))
-    return Path(name)
 
 
 def run(size: int, repeat: int, say: Any = print) -> Results:

@@ -8,8 +8,11 @@ URI to connect to) and ``completed`` (digest, statistics).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from mignet.errors import MignetError, SetupError
@@ -40,3 +43,28 @@ def receiver_result(proc: subprocess.Popen[str], timeout: float = 120) -> dict[s
     if proc.wait(timeout) != 0 or not line:
         raise MignetError("the receiver failed; see its message above")
     return json.loads(line)
+
+
+def start_peer(cmd: list[str]) -> subprocess.Popen[str]:
+    """A benchmark's child process with its output captured (text)."""
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def last_json(text: str) -> dict[str, Any]:
+    """The last JSON line a peer printed ({} if none): its result or its error."""
+    lines = [line for line in text.splitlines() if line.startswith("{")]
+    result: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+    return result
+
+
+def make_image(size: int, where: str = "/dev/shm") -> Path:
+    """A random RAM image of ``size`` bytes (reproducible), which the caller removes."""
+    import numpy as np
+
+    fd, name = tempfile.mkstemp(prefix="mignet-bench-", suffix=".img", dir=where)
+    rng = np.random.default_rng(0)
+    with os.fdopen(fd, "wb") as f:
+        for _ in range(0, size, 64 << 20):
+            f.write(rng.bytes(min(64 << 20, size - f.tell())))
+    return Path(name)
+
