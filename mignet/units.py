@@ -22,7 +22,7 @@ _FACTORS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1 << 40}
 
 
 #: A bit rate, as a network people would word one: '10Mbit/s', '1Gbps', '100Mb/s'.
-_BIT_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKMGT]?)(?:i?bit|bps|i?b)\s*(?:/s)?\s*$")
+_BIT_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKMGT]?)(i?)(?:bit|bps|b)\s*(?:/s)?\s*$")
 _DECIMAL = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
 
@@ -43,7 +43,9 @@ def parse_rate(text: str) -> int:
     The refusal says the rate in bytes, so the user can copy it."""
     bits = _BIT_RATE_RE.match(text)
     if bits:
-        per_s = float(bits.group(1)) * _DECIMAL[bits.group(2).upper()] / 8
+        scale = 1024 ** " KMGT".index(bits.group(2).upper() or " ") if bits.group(3) else \
+            _DECIMAL[bits.group(2).upper()]  # 'Mib' is binary, 'Mb' decimal
+        per_s = float(bits.group(1)) * scale / 8
         raise SetupError(f"bad rate {text!r}: rates are bytes per second in binary units, bit "
                          f"rates are not accepted ({text.strip()} is {human_bytes(per_s).replace(' ', '')}/s)")
     try:

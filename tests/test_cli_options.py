@@ -56,7 +56,8 @@ def test_bit_rates_refused_with_their_byte_rate() -> None:
     from mignet.errors import SetupError
     from mignet.units import parse_rate
 
-    for text, said in [("1Gbps", "119.2MiB/s"), ("100Mb/s", "11.9MiB/s"), ("8kbit/s", "1000B/s")]:
+    for text, said in [("1Gbps", "119.2MiB/s"), ("100Mb/s", "11.9MiB/s"), ("8kbit/s", "1000B/s"),
+                       ("1Mib/s", "128.0KiB/s")]:
         with pytest.raises(SetupError, match="bit rates are not accepted") as info:
             parse_rate(text)
         assert said in str(info.value)
@@ -154,3 +155,13 @@ def test_a_subcommands_own_check_option_is_not_the_option_check(mignet_cmd: list
     r = _run(mignet_cmd, subprocess_env, "rxe", "run", "--check")
     assert "Traceback" not in r.stderr
     assert r.returncode in (0, 1), r.stderr
+
+
+def test_recv_timeout_must_be_a_finite_number_of_seconds(mignet_cmd: list[str],
+                                                         subprocess_env: dict[str, str]) -> None:
+    """'inf' parsed as a float once reached the socket layer: an OverflowError traceback."""
+    r = subprocess.run([*mignet_cmd, "recv", "--listen", "tcp:127.0.0.1:0", "--timeout", "inf"],
+                       capture_output=True, text=True, env=subprocess_env, timeout=60)
+    assert r.returncode == 2
+    one_line(r.stderr, "must be more than 0 seconds, not inf")
+

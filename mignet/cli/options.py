@@ -9,6 +9,7 @@ argparse's usage block. ``--help`` shows each option's default.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -149,7 +150,7 @@ def _seconds(text: str) -> float:
         s = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not s > 0:
+    if not math.isfinite(s) or not s > 0:
         raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
     return s
 

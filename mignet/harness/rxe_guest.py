@@ -497,7 +497,7 @@ def run_in_guest(
                     silent = True
                     break
                 reader.join(min(left, 0.25))
-            if not expired:
+            if not expired and not silent:
                 try:
                     proc.wait(timeout=STOP_GRACE)  # the console closes as vng exits
                 except subprocess.TimeoutExpired:
