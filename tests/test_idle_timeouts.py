@@ -150,3 +150,25 @@ def test_opening_channels_closes_the_open_ones_when_one_fails() -> None:
     with pytest.raises(SetupError):
         open_channels(connect_one, 4)
     assert len(opened) == 2 and all(ch.closed for ch in opened)
+
+
+def test_recv_idle_timeout_option_ends_a_stalled_source_in_one_line(
+        mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    """``recv --idle-timeout 1``: a source that sends half a stream and then nothing (its
+    connection open) ends the receive with the timeout status and one line."""
+    from mignet.cli import exits
+    from tests.support.cli import one_line, start_recv
+
+    recv, uri = start_recv(mignet_cmd, subprocess_env, "--idle-timeout", "1")
+    host, port = uri.removeprefix("tcp:").rsplit(":", 1)
+    data = encode_stream(_ram())
+    src = socket.create_connection((host, int(port)))
+    try:
+        src.sendall(data[: len(data) // 2])
+        t0 = time.monotonic()
+        _, stderr = recv.communicate(timeout=60)
+        assert recv.returncode == exits.TIMEOUT, stderr
+        assert 1 <= time.monotonic() - t0 < 1 + SLACK + 2  # + process exit on a loaded machine
+        one_line(stderr, "sent nothing for 1 s")
+    finally:
+        src.close()

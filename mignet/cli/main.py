@@ -57,9 +57,11 @@ def cmd_recv(args: argparse.Namespace) -> int:
         _emit_json({"event": "listening", "uri": str(listener.address)})
     channel, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why))
     loader = Loader(channel, devices=DeviceSet.empty(), max_ram_bytes=args.max_ram,
-                    block_factory=out.block_factory if out else RamBlock.anonymous)
+                    block_factory=out.block_factory if out else RamBlock.anonymous,
+                    idle_timeout=args.idle_timeout)
     try:
         if multifd is not None:
+            multifd.idle_timeout = args.idle_timeout
             multifd.attach(loader)
         try:
             result = _run_load(loader, quiet=args.quiet, extra_pages=multifd)
@@ -237,13 +239,14 @@ def cmd_send(args: argparse.Namespace) -> int:
         if args.channels > 1:
             # QEMU 7.2's destination takes its first connection as the main stream: it
             # comes first, then one connection per channel.
-            multifd = MultifdSender(open_channels(lambda: connect(args.uri), args.channels))
+            multifd = MultifdSender(open_channels(lambda: connect(args.uri), args.channels),
+                                    idle_timeout=args.idle_timeout)
             multifd.start()
         # A replay goes to real QEMU: by default ask it to confirm the load (return path).
         return_path = bool(args.snapshot) if args.return_path is None else args.return_path
         sender = Sender(channel, ram, devices, max_bandwidth=args.max_bandwidth,
                         rdma_pin_all=args.rdma_pin_all, pages_to=multifd,
-                        return_path=return_path, **kwargs)
+                        return_path=return_path, idle_timeout=args.idle_timeout, **kwargs)
         try:
             stats = _run_send(sender, quiet=args.quiet)
         except (ConnectionLostError, PeerFailedError) as exc:
@@ -289,6 +292,7 @@ def _send_stream(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     with f:
         channel = connect(args.uri)
+        channel.set_idle_timeout(write=args.idle_timeout)
         try:
             while chunk := f.read(1 << 20):
                 sent += channel.write_all(chunk)
@@ -320,11 +324,13 @@ def _send_live(args: argparse.Namespace) -> int:
     multifd: MultifdSender | None = None
     try:
         if args.channels > 1:  # each round's dirty pages go over the channels, synced per round
-            multifd = MultifdSender(open_channels(lambda: connect(args.uri), args.channels))
+            multifd = MultifdSender(open_channels(lambda: connect(args.uri), args.channels),
+                                    idle_timeout=args.idle_timeout)
             multifd.start()
         precopy, workload = run_live(channel, ram, devices, dirty_rate=args.dirty_rate,
                                      params=_live_params(args), quiet=args.quiet, seed=args.seed,
-                                     rdma_pin_all=args.rdma_pin_all, pages_to=multifd)
+                                     rdma_pin_all=args.rdma_pin_all, pages_to=multifd,
+                                     idle_timeout=args.idle_timeout)
         if multifd is not None:
             multifd.finish()
     finally:
@@ -442,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_digest_option(r, "the received RAM's digests (table, --json, --out's manifest)")
     r.add_argument("--timeout", type=options.seconds, metavar="SECONDS",
                    help="seconds to wait for the source (default: no limit)")
+    r.add_argument("--idle-timeout", type=options.idle_seconds, default=60.0, metavar="SECONDS",
+                   help=options.IDLE_HELP)
     _add_output_options(r)
     r.set_defaults(func=cmd_recv)
 
@@ -466,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-name", default="pc.ram", help="RAM block name for --image")
     s.add_argument("--max-bandwidth", default="0", metavar="RATE", type=options.rate,
                    help="bytes per second, e.g. 128MiB/s; 0 = unlimited")
+    s.add_argument("--idle-timeout", type=options.idle_seconds, default=60.0, metavar="SECONDS",
+                   help=options.IDLE_HELP)
     s.add_argument("--no-devices", action="store_true", help="send no device-state sections")
     s.add_argument("--return-path", action=argparse.BooleanOptionalAction, default=None,
                    help="open QEMU's return path and report completed only once the destination "

@@ -174,5 +174,21 @@ count1 = _count(1)
 #: ``type=`` for a duration in seconds, more than 0.
 seconds = _seconds
 
+
+def _idle(text: str) -> float | None:
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(s) or s < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (never) or more seconds, not {text}")
+    return s or None
+
+
+#: ``type=`` for an idle limit: seconds, 0 meaning none (None).
+idle_seconds = _idle
+IDLE_HELP = ("seconds the peer may send or take nothing before the migration gives up "
+             "(0: wait forever)")
+
 SIZES = "sizes are binary: 1M = 1 MiB, 1G = 1 GiB"
 RATES = "rates are bytes per second, binary: 128MiB/s; bit rates are refused"

@@ -466,6 +466,8 @@ class LoadThread:
         try:
             return self.future.result(timeout)
         except FutureTimeout:
+            if self.future.done():
+                raise  # the load itself timed out (TimedOut is a TimeoutError too)
             raise TimeoutError(f"loader still running after {timeout} s") from None
 
 

@@ -557,12 +557,12 @@ class MultifdSender:
     the migration: the main thread re-raises ``multifd channel N: ...`` at its next call."""
 
     def __init__(self, channels: list[Channel], *, uuid: bytes = bytes(16),
-                 queue_depth: int | None = None) -> None:
+                 queue_depth: int | None = None, idle_timeout: float | None = IDLE_TIMEOUT) -> None:
         if not channels:
             raise ValueError("multifd needs at least one channel")
         self.channels = channels
         for ch in channels:  # a destination that stops reading a channel fails the send
-            ch.set_idle_timeout(write=IDLE_TIMEOUT)
+            ch.set_idle_timeout(write=idle_timeout)
         self.uuid = uuid
         self._jobs: queue.Queue[_SendJob] = queue.Queue(queue_depth or 2 * len(channels))
         self._barrier = threading.Barrier(len(channels) + 1)

@@ -14,6 +14,7 @@ from mignet.channel import Channel
 from mignet.guest.devices import DeviceSet
 from mignet.guest.ram import GuestRam
 from mignet.guest.workload import Workload
+from mignet.migration.loadvm import IDLE_TIMEOUT
 from mignet.migration.precopy import Precopy, PrecopyParams
 from mignet.migration.savevm import PageChannels, Sender
 from mignet.ui.terminal import run_with_progress, stats_table
@@ -43,11 +44,13 @@ def run_live(channel: Channel, ram: GuestRam, devices: DeviceSet, *, dirty_rate:
              destination_loaded: Callable[[], float | None] | None = None,
              force_after: float | None = None, quiet: bool = False,
              seed: int = 0, rdma_pin_all: bool | None = None,
-             pages_to: PageChannels | None = None) -> tuple[Precopy, Workload]:
+             pages_to: PageChannels | None = None,
+             idle_timeout: float | None = IDLE_TIMEOUT) -> tuple[Precopy, Workload]:
     """Migrate ``ram`` live over ``channel`` while a workload dirties it at ``dirty_rate``
     bytes/s. ``force_after`` seconds: switch over even if not converged (benchmarks)."""
     workload = Workload(ram, dirty_rate, hot_fraction=hot_fraction, seed=seed)
-    precopy = Precopy(Sender(channel, ram, devices, rdma_pin_all=rdma_pin_all, pages_to=pages_to),
+    precopy = Precopy(Sender(channel, ram, devices, rdma_pin_all=rdma_pin_all, pages_to=pages_to,
+                             idle_timeout=idle_timeout),
                       workload, params,
                       destination_loaded=destination_loaded)
     def poll() -> tuple[int, int | None, str]:
