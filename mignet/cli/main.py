@@ -7,12 +7,13 @@ QEMU, a truncated stream) ends as one line on stderr and a non-zero exit, never 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 # numpy starts OpenBLAS's thread pool at import: 0.2 s of every command's start-up on this
 # machine kind (two threads spinning after it), for matrix routines mignet never calls.
@@ -24,17 +25,26 @@ from rich.markup import escape  # noqa: E402
 from mignet import __version__
 from mignet.bench.procstat import peak_rss
 from mignet.bench.receiver import receiver_result, recv_command, start_receiver
-from mignet.channel import ShutdownHow
+from mignet.channel import Channel, ShutdownHow
 from mignet.cli import bench, inspect, options, relay, rxe, serve
 from mignet.cli.exits import UsageError, emit_json, report
 from mignet.cli.options import refuse_unless
-from mignet.errors import ConnectionLostError, MignetError, MigrationCancelled, PeerFailedError, SetupError
+from mignet.errors import (
+    ConnectionLostError,
+    MignetError,
+    MigrationCancelled,
+    PeerFailedError,
+    SetupError,
+    TimedOut,
+)
 from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir, open_snapshot
 from mignet.guest.ram import DEFAULT_DIGEST, DIGESTS, GuestRam, RamBlock, RamDigests
 from mignet.migration.loadvm import Loader, LoadResult, LoadStats, start_load_thread
 from mignet.migration.multifd import MultifdReceiver, MultifdSender, accept_incoming, open_channels
 from mignet.migration.savevm import Sender, SendStats
+from mignet.tcp import SocketChannel
+from mignet.tcp.tls import tls_client, tls_server
 from mignet.transport import connect, listen
 from mignet.ui.terminal import console, run_with_progress, stats_table, transfer_progress
 from mignet.units import PAGE_SIZE, human_bytes, rate
@@ -53,9 +63,25 @@ def cmd_recv(args: argparse.Namespace) -> int:
     listener = listen(args.listen)
     if not args.quiet:
         console.print(f"mignet: listening on {listener.address}")
+    address = listener.address
+    if address.scheme == "tcp" and not args.tls_creds and not _loopback(str(address.host)):
+        # said even with --quiet: anyone who can reach the port can send this host a guest
+        console.print(f"mignet: warning: {address} is reachable from other hosts and not "
+                      "encrypted or authenticated: use --tls-creds DIR", soft_wrap=True)
     if args.json:
         _emit_json({"event": "listening", "uri": str(listener.address)})
-    channel, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why))
+    if args.tls_creds:  # one connection, authenticated before a byte of the stream
+        try:
+            plain = listener.accept(timeout=args.timeout)
+        except TimeoutError as exc:
+            raise TimedOut(str(exc)) from None
+        finally:
+            listener.close()
+        channel: Channel = tls_server(cast(SocketChannel, plain), Path(args.tls_creds),
+                                      args.tls_verify_peer)
+        multifd = None
+    else:
+        channel, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why))
     loader = Loader(channel, devices=DeviceSet.empty(), max_ram_bytes=args.max_ram,
                     block_factory=out.block_factory if out else RamBlock.anonymous,
                     idle_timeout=args.idle_timeout)
@@ -111,6 +137,13 @@ def _digest_row(digests: RamDigests | None) -> tuple[str, str]:
 def short_digest(digest: str) -> str:
     """A digest's head for a table, saying it is one (no '…': a cut cell's mark)."""
     return f"{digest[:16]} (of {len(digest)} hex; --json: all)"
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _refused(args: argparse.Namespace, why: str) -> None:
@@ -202,6 +235,11 @@ def check_send(args: argparse.Namespace) -> None:
                              "it was written", prog)
         if parse_uri(args.uri).scheme not in ("tcp", "unix"):
             raise UsageError("--channels (multifd) needs a tcp: or unix: URI", prog)
+        if args.tls_creds:
+            raise UsageError("--channels with --tls-creds is not implemented: one TLS stream", prog)
+    if args.tls_creds and parse_uri(args.uri).scheme != "tcp":
+        raise UsageError("--tls-creds needs a tcp: URI (as QEMU's TLS migration)", prog)
+    refuse_unless(args, bool(args.tls_creds), ["tls_hostname"], "without --tls-creds")
     if args.live and not args.size:
         raise UsageError("--live migrates a running synthetic guest: give --size (a snapshot, "
                          "an image or a stream file is not running)", prog)
@@ -233,7 +271,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     else:
         ram = _source_ram(args)
         devices = DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed)
-    channel = connect(args.uri)
+    channel = _connect_main(args)
     multifd: MultifdSender | None = None
     try:
         if args.channels > 1:
@@ -281,6 +319,15 @@ def _send_completed(digests: RamDigests | None, transferred: int, seconds: float
             "migration": migration, "multifd": multifd, "stream": stream}
 
 
+def _connect_main(args: argparse.Namespace) -> Channel:
+    """The main connection, with QEMU's TLS when --tls-creds says so."""
+    channel = connect(args.uri)
+    if not args.tls_creds:
+        return channel
+    host = str(parse_uri(args.uri).host)
+    return tls_client(cast(SocketChannel, channel), Path(args.tls_creds), args.tls_hostname or host)
+
+
 def _send_stream(args: argparse.Namespace) -> int:
     """Replay a captured stream file byte for byte (no decoding: what QEMU wrote is sent)."""
     path = Path(args.stream)
@@ -291,7 +338,7 @@ def _send_stream(args: argparse.Namespace) -> int:
     sent = 0
     t0 = time.monotonic()
     with f:
-        channel = connect(args.uri)
+        channel = _connect_main(args)
         channel.set_idle_timeout(write=args.idle_timeout)
         try:
             while chunk := f.read(1 << 20):
@@ -320,7 +367,7 @@ def _send_live(args: argparse.Namespace) -> int:
 
     ram = page_aligned(_source_ram(args))
     devices = DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed)
-    channel = connect(args.uri)
+    channel = _connect_main(args)
     multifd: MultifdSender | None = None
     try:
         if args.channels > 1:  # each round's dirty pages go over the channels, synced per round
@@ -450,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the source (default: no limit)")
     r.add_argument("--idle-timeout", type=options.idle_seconds, default=60.0, metavar="SECONDS",
                    help=options.IDLE_HELP)
+    r.add_argument("--tls-creds", metavar="DIR",
+                   help="TLS on tcp: as QEMU's tls-creds-x509 endpoint=server: DIR holds "
+                        "ca-cert.pem, server-cert.pem, server-key.pem")
+    r.add_argument("--tls-verify-peer", action=argparse.BooleanOptionalAction, default=True,
+                   help="require the source's client certificate, signed by the CA (as QEMU)")
     _add_output_options(r)
     r.set_defaults(func=cmd_recv)
 
@@ -476,6 +528,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bytes per second, e.g. 128MiB/s; 0 = unlimited")
     s.add_argument("--idle-timeout", type=options.idle_seconds, default=60.0, metavar="SECONDS",
                    help=options.IDLE_HELP)
+    s.add_argument("--tls-creds", metavar="DIR",
+                   help="TLS on tcp: as QEMU's tls-creds-x509 endpoint=client: DIR holds "
+                        "ca-cert.pem (and client-cert.pem, client-key.pem)")
+    s.add_argument("--tls-hostname", metavar="NAME",
+                   help="the name the destination's certificate must carry (default: the URI's host)")
     s.add_argument("--no-devices", action="store_true", help="send no device-state sections")
     s.add_argument("--return-path", action=argparse.BooleanOptionalAction, default=None,
                    help="open QEMU's return path and report completed only once the destination "
