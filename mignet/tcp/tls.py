@@ -13,13 +13,14 @@ Pure I/O: it knows sockets and certificates, never the migration stream.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
-from mignet.channel import Buffer, WritableBuffer
+from mignet.channel import Buffer, ShutdownHow, WritableBuffer
 from mignet.errors import ConnectionLostError, SetupError
-from mignet.tcp.socket_channel import SocketChannel
+from mignet.tcp.socket_channel import _SHUT, SocketChannel
 
 HANDSHAKE_TIMEOUT = 30.0
 
@@ -54,6 +55,18 @@ class TlsChannel(SocketChannel):
 
     def _peek(self, size: int) -> bytes | None:
         raise ConnectionLostError(f"{self.name}: a TLS channel cannot be peeked at")
+
+    def _shutdown(self, how: ShutdownHow) -> None:
+        """No half-close: ``SSLSocket.shutdown`` drops the TLS state, after which reads
+        return raw records (a source awaiting QEMU's SHUT on the return path read TLS
+        headers as messages). The stream's own end tells the peer it is complete; a
+        cancel's shutdown goes to the socket underneath, keeping the TLS state."""
+        if how is ShutdownHow.WRITE:
+            return
+        try:
+            socket.socket.shutdown(self.sock, _SHUT[how])
+        except OSError:
+            pass
 
 
 def _load(ctx: ssl.SSLContext, creds: Path, cert: str, key: str, required: bool) -> None:
