@@ -177,3 +177,30 @@ def test_replay_into_real_qemu_over_tls(mignet_cmd: list[str], subprocess_env: d
         assert dst.wait_migration(timeout=120)["status"] == "completed"
         assert np.array_equal(np.fromfile(dst.image_path, np.uint8),
                               np.fromfile(snap / block_filename("m0"), np.uint8))
+
+
+@pytest.mark.parametrize(("rules", "allowed"), [
+    (["CN=mignet test client"], True),
+    (["CN=someone else", "CN=mignet test *"], True),
+    (["CN=someone else"], False),
+], ids=["exact", "glob", "not-listed"])
+def test_authz_lets_in_only_listed_client_names(mignet_cmd: list[str], subprocess_env: dict[str, str],
+                                                creds: dict[str, Path], rules: list[str], allowed: bool) -> None:
+    """``--tls-authz`` as QEMU's authz-list (policy deny): a verified client whose name no
+    rule matches is refused in one line before a page moves."""
+    extra = [a for rule in rules for a in ("--tls-authz", rule)]
+    recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]), *extra)
+    sent = _send(mignet_cmd, subprocess_env, uri, "--tls-creds", str(creds["client"]))
+    _, stderr = recv.communicate(timeout=60)
+    if allowed:
+        assert sent.returncode == 0 and recv.returncode == 0, sent.stderr + stderr
+    else:
+        assert sent.returncode != 0 and recv.returncode != 0
+        one_line(stderr, "TLS client 'CN=mignet test client' is not authorized")
+
+
+def test_tls_options_without_creds_are_refused(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    r = subprocess.run([*mignet_cmd, "recv", "--listen", "tcp:127.0.0.1:0", "--tls-authz", "CN=x"],
+                       capture_output=True, text=True, env=subprocess_env, timeout=60)
+    assert r.returncode == 2
+    one_line(r.stderr, "--tls-authz has no effect without --tls-creds")

@@ -78,7 +78,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
         finally:
             listener.close()
         channel: Channel = tls_server(cast(SocketChannel, plain), Path(args.tls_creds),
-                                      args.tls_verify_peer)
+                                      args.tls_verify_peer, args.tls_authz)
         multifd = None
     else:
         channel, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why))
@@ -221,6 +221,13 @@ def _source_ram(args: argparse.Namespace) -> GuestRam:
     if args.image:
         return GuestRam.from_image(Path(args.image), name=args.block_name)
     return GuestRam.generate(args.size, args.fill, seed=args.seed)
+
+
+def check_recv(args: argparse.Namespace) -> None:
+    """Refuse, before listening, TLS options that would be ignored."""
+    if args.tls_creds and parse_uri(args.listen).scheme != "tcp":
+        raise UsageError("--tls-creds needs a tcp: URI (as QEMU's TLS migration)", options.prog(args))
+    refuse_unless(args, bool(args.tls_creds), ["tls_authz", "tls_verify_peer"], "without --tls-creds")
 
 
 def check_send(args: argparse.Namespace) -> None:
@@ -502,8 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "ca-cert.pem, server-cert.pem, server-key.pem")
     r.add_argument("--tls-verify-peer", action=argparse.BooleanOptionalAction, default=True,
                    help="require the source's client certificate, signed by the CA (as QEMU)")
+    r.add_argument("--tls-authz", action="append", default=[], metavar="DNAME",
+                   help="let in only clients whose certificate name matches this glob, e.g. "
+                        "'CN=*.example.com,O=Example Org' (QEMU's authz-list); repeatable")
     _add_output_options(r)
-    r.set_defaults(func=cmd_recv)
+    r.set_defaults(func=cmd_recv, _check=check_recv)
 
     s = sub.add_parser("send", help="send guest RAM and device state")
     s.add_argument("uri", metavar="URI", type=options.uri,

@@ -13,10 +13,12 @@ Pure I/O: it knows sockets and certificates, never the migration stream.
 
 from __future__ import annotations
 
+import fnmatch
 import socket
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mignet.channel import Buffer, ShutdownHow, WritableBuffer
 from mignet.errors import ConnectionLostError, SetupError
@@ -117,9 +119,37 @@ def _handshake(channel: SocketChannel, ctx: ssl.SSLContext, server: bool,
     return TlsChannel(tls, channel.name)
 
 
-def tls_server(channel: SocketChannel, creds: Path, verify_peer: bool = True) -> TlsChannel:
-    """The listening end's handshake on an accepted connection; refused peers never get in."""
-    return _handshake(channel, _context(creds, True, verify_peer), True, None)
+def peer_dname(channel: TlsChannel) -> str:
+    """The client certificate's distinguished name as QEMU's authz rules see it (GnuTLS's
+    RFC 4514 form, most specific first: ``CN=laptop,O=Example Org,C=GB``); "" if none."""
+    sock = channel.sock
+    cert = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
+    if not cert:
+        return ""
+    subject: Any = cert.get("subject", ())  # ((("commonName", "x"),), ...) in certificate order
+    rdns = ["+".join(f"{_SHORT.get(k, k)}={v}" for k, v in rdn) for rdn in subject]
+    return ",".join(reversed(rdns))
+
+
+_SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName": "OU",
+          "localityName": "L", "stateOrProvinceName": "ST", "countryName": "C",
+          "emailAddress": "emailAddress", "domainComponent": "DC"}
+
+
+def tls_server(channel: SocketChannel, creds: Path, verify_peer: bool = True,
+               authz: Sequence[str] = ()) -> TlsChannel:
+    """The listening end's handshake on an accepted connection; refused peers never get in.
+
+    ``authz``: as QEMU's ``authz-list`` with policy deny, glob rules on the client's
+    distinguished name (``CN=*.example.com,O=Example Org``); empty: every verified client."""
+    tls = _handshake(channel, _context(creds, True, verify_peer or bool(authz)), True, None)
+    if authz:
+        dname = peer_dname(tls)
+        if not any(fnmatch.fnmatchcase(dname, rule) for rule in authz):
+            tls.close()
+            raise ConnectionLostError(f"{channel.name}: TLS client {dname or '(no certificate)'!r} is "
+                                      "not authorized: add a matching --tls-authz rule")
+    return tls
 
 
 def tls_client(channel: SocketChannel, creds: Path, hostname: str) -> TlsChannel:
@@ -127,4 +157,4 @@ def tls_client(channel: SocketChannel, creds: Path, hostname: str) -> TlsChannel
     return _handshake(channel, _context(creds, False, True), False, hostname)
 
 
-__all__ = ["TlsChannel", "tls_client", "tls_server"]
+__all__ = ["TlsChannel", "peer_dname", "tls_client", "tls_server"]
