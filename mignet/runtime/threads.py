@@ -8,12 +8,12 @@ kernel (``/proc/thread-self/comm``), so ``top -H``, ``ps -L`` and the benchmark'
 scheduler figures show it.
 
 Bulk threads (the loader, the sender) run at a lower CPU priority than the control plane
-(:func:`make_bulk`). On a machine with few cores they are always runnable, and the main loop
-answering QMP only runs when the scheduler picks it over them: measured on 2 cores, most of a
-slow ``query-migrate`` answer was the main loop waiting on the run queue behind the loader
-(docs/benchmarks.md, "Why an answer was slow"). With the loader at nice 10 the main loop's
-wake-up preempts it at once; the loader still gets every idle cycle, so throughput stays.
-``MIGNET_BULK_NICE`` (0-19; 0 turns it off) overrides the default for a measurement.
+(:func:`make_bulk`). They are runnable nearly all the time, and on a machine with few cores
+the main loop answering QMP waits on the run queue behind them, once for the wake-up and once
+more for each GIL hand-off (docs/benchmarks.md, issue 17, measured from schedstat). At nice
++10 (weight 110 against 1024) the scheduler runs the main loop first when both are runnable;
+a bulk thread still gets every cycle nobody else wants, so throughput stays.
+``MIGNET_BULK_NICE`` (0-19; 0 turns it off) overrides the default, for a measurement.
 """
 
 from __future__ import annotations
