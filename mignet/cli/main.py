@@ -12,6 +12,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -279,33 +281,24 @@ def cmd_send(args: argparse.Namespace) -> int:
         ram = _source_ram(args)
         devices = DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed)
     channel = _connect_main(args)
-    multifd: MultifdSender | None = None
     try:
-        if args.channels > 1:
-            # QEMU 7.2's destination takes its first connection as the main stream: it
-            # comes first, then one connection per channel.
-            multifd = MultifdSender(open_channels(lambda: connect(args.uri), args.channels),
-                                    idle_timeout=args.idle_timeout)
-            multifd.start()
-        # A replay goes to real QEMU: by default ask it to confirm the load (return path).
-        return_path = bool(args.snapshot) if args.return_path is None else args.return_path
-        sender = Sender(channel, ram, devices, max_bandwidth=args.max_bandwidth,
-                        rdma_pin_all=args.rdma_pin_all, pages_to=multifd,
-                        return_path=return_path, idle_timeout=args.idle_timeout, **kwargs)
-        try:
-            stats = _run_send(sender, quiet=args.quiet)
-        except (ConnectionLostError, PeerFailedError) as exc:
-            if not args.snapshot:
-                raise
-            # QEMU says why only in its own log; the usual reason is a guest it cannot hold.
-            raise type(exc)(f"{exc} — QEMU refuses a snapshot whose machine type or RAM differ "
-                            f"from its own: start it with -machine {snap.machine_type} and "
-                            f"{human_bytes(ram.total)} of RAM blocks as {_block_list(ram)}") from None
-        if multifd is not None:
-            multifd.finish()
+        with _channels_for(args) as multifd:
+            # A replay goes to real QEMU: by default ask it to confirm the load (return path).
+            return_path = bool(args.snapshot) if args.return_path is None else args.return_path
+            sender = Sender(channel, ram, devices, max_bandwidth=args.max_bandwidth,
+                            rdma_pin_all=args.rdma_pin_all, pages_to=multifd,
+                            return_path=return_path, idle_timeout=args.idle_timeout, **kwargs)
+            try:
+                stats = _run_send(sender, quiet=args.quiet)
+            except (ConnectionLostError, PeerFailedError) as exc:
+                if not args.snapshot:
+                    raise
+                # QEMU says why only in its own log; the usual reason is a guest it cannot hold.
+                raise type(exc)(f"{exc} — QEMU refuses a snapshot whose machine type or RAM "
+                                f"differ from its own: start it with -machine {snap.machine_type} "
+                                f"and {human_bytes(ram.total)} of RAM blocks as {_block_list(ram)}"
+                                ) from None
     finally:
-        if multifd is not None:
-            multifd.close()
         channel.close()
     digests = ram.digests(args.digest) if args.json or not args.quiet else None
     if not args.quiet:
@@ -324,6 +317,24 @@ def _send_completed(digests: RamDigests | None, transferred: int, seconds: float
     return {"event": "completed", **digest_keys(digests), "transferred": transferred,
             "seconds": round(seconds, 4), "confirmed": confirmed, "live": migration is not None,
             "migration": migration, "multifd": multifd, "stream": stream}
+
+
+@contextmanager
+def _channels_for(args: argparse.Namespace) -> Iterator[MultifdSender | None]:
+    """``--channels N``: the multifd channels beside the main connection, opened after it
+    (QEMU 7.2's destination takes its first connection as the main stream), finished when
+    the body succeeds and closed on every way out; None for one stream."""
+    if args.channels <= 1:
+        yield None
+        return
+    multifd = MultifdSender(open_channels(lambda: connect(args.uri), args.channels),
+                            idle_timeout=args.idle_timeout)
+    multifd.start()
+    try:
+        yield multifd
+        multifd.finish()
+    finally:
+        multifd.close()
 
 
 def _connect_main(args: argparse.Namespace) -> Channel:
@@ -375,21 +386,13 @@ def _send_live(args: argparse.Namespace) -> int:
     ram = page_aligned(_source_ram(args))
     devices = DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed)
     channel = _connect_main(args)
-    multifd: MultifdSender | None = None
     try:
-        if args.channels > 1:  # each round's dirty pages go over the channels, synced per round
-            multifd = MultifdSender(open_channels(lambda: connect(args.uri), args.channels),
-                                    idle_timeout=args.idle_timeout)
-            multifd.start()
-        precopy, workload = run_live(channel, ram, devices, dirty_rate=args.dirty_rate,
-                                     params=_live_params(args), quiet=args.quiet, seed=args.seed,
-                                     rdma_pin_all=args.rdma_pin_all, pages_to=multifd,
-                                     idle_timeout=args.idle_timeout)
-        if multifd is not None:
-            multifd.finish()
+        with _channels_for(args) as multifd:  # each round's dirty pages, synced per round
+            precopy, workload = run_live(channel, ram, devices, dirty_rate=args.dirty_rate,
+                                         params=_live_params(args), quiet=args.quiet, seed=args.seed,
+                                         rdma_pin_all=args.rdma_pin_all, pages_to=multifd,
+                                         idle_timeout=args.idle_timeout)
     finally:
-        if multifd is not None:
-            multifd.close()
         channel.close()
     digests = ram.digests(args.digest) if args.json or not args.quiet else None
     if not args.quiet:

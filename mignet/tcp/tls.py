@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +36,15 @@ class TlsChannel(SocketChannel):
         pass
 
     def _readv(self, bufs: Sequence[WritableBuffer]) -> int | None:
-        try:
-            return self.sock.recv_into(bufs[0])
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
-            return None
-        except ssl.SSLError as exc:
-            raise ConnectionLostError(f"{self.name}: TLS error: {exc.reason or exc}") from exc
-        except OSError as exc:
-            raise self._lost(exc) from exc
+        return self._io(lambda: self.sock.recv_into(bufs[0]))
 
     def _writev(self, bufs: Sequence[Buffer]) -> int | None:
+        return self._io(lambda: self.sock.send(bufs[0]))
+
+    def _io(self, call: Callable[[], int]) -> int | None:
+        """One SSL read or write: None when it would block, one-line errors otherwise."""
         try:
-            return self.sock.send(bufs[0])
+            return call()
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError, InterruptedError):
             return None
         except ssl.SSLError as exc:
