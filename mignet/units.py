@@ -65,7 +65,8 @@ def human_bytes(n: float) -> str:
 
 
 def rate(nbytes: float, seconds: float) -> str:
-    """A throughput for tables; '-' when no time passed."""
+    """A throughput for tables in the one unit system (``456.0 MiB/s``, ``1.2 GiB/s``; a
+    small transfer is ``12.0 KiB/s``, never ``0.00 GB/s``); '-' when no time passed."""
     if seconds <= 0:
         return "-"
-    return f"{nbytes / seconds / 1e9:.2f} GB/s"
+    return f"{human_bytes(int(nbytes / seconds))}/s"

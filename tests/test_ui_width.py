@@ -79,3 +79,13 @@ def test_bench_live_tables_read_whole_at_80_columns(mignet_cmd: list[str], subpr
                         subprocess_env, timeout=300)
     assert sum("RAM identical" in line and "yes" in line for line in lines) == 2, lines
     _check(lines, 80)
+
+
+def test_a_small_transfer_reports_its_rate_in_iec_units(mignet_cmd: list[str],
+                                                        subprocess_env: dict[str, str]) -> None:
+    """A 64 KiB guest once showed '0.00 GB/s': rates are IEC, labelled with what they count."""
+    recv, uri = start_recv(mignet_cmd, subprocess_env)
+    lines = in_terminal([*mignet_cmd, "send", uri, "--size", "64K", "--no-devices"], subprocess_env)
+    recv.communicate(timeout=60)
+    row = next(line for line in lines if "throughput of stream bytes" in line)
+    assert re.search(r"\d+\.\d (KiB|MiB|GiB)/s", row) and "GB/s" not in row, row

@@ -210,7 +210,7 @@ def _print_load_table(result: LoadResult, digests: RamDigests | None, out: Guest
                  ("setup (RAM registration)", f"{s.setup_seconds:.2f} s")]
     rows += [
         ("time", f"{s.elapsed:.2f} s"),
-        ("throughput", rate(s.bytes_received + s.placed_bytes, s.elapsed)),
+        ("throughput of stream bytes", rate(s.bytes_received + s.placed_bytes, s.elapsed)),
         _digest_row(digests),
     ]
     if out:
@@ -424,7 +424,7 @@ def _print_send_table(s: SendStats, digests: RamDigests | None) -> None:
         ("stream bytes", human_bytes(s.transferred)),
         ("pages: data / zero", f"{s.normal_pages} / {s.zero_pages}"),
         ("time", f"{s.elapsed:.2f} s"),
-        ("throughput", rate(s.transferred, s.elapsed)),
+        ("throughput of stream bytes", rate(s.transferred, s.elapsed)),
         _digest_row(digests),
         ("confirmed by the destination", {True: "yes (SHUT 0)", None: "not asked (no return path)"}
          .get(s.confirmed, "no")),
