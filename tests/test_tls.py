@@ -204,3 +204,92 @@ def test_tls_options_without_creds_are_refused(mignet_cmd: list[str], subprocess
                        capture_output=True, text=True, env=subprocess_env, timeout=60)
     assert r.returncode == 2
     one_line(r.stderr, "--tls-authz has no effect without --tls-creds")
+
+
+# --- over QMP, as QEMU is configured ------------------------------------------------------
+def _tls_objects(creds: Path, endpoint: str) -> dict[str, object]:
+    return {"qom-type": "tls-creds-x509", "id": "tls0", "dir": str(creds), "endpoint": endpoint,
+            "verify-peer": True}
+
+
+@pytest.mark.parametrize("allowed", [True, False], ids=["authorized", "not-authorized"])
+def test_serve_to_serve_over_tls_with_authz(tmp_path: Path, creds: dict[str, Path], allowed: bool) -> None:
+    """object-add tls-creds-x509 and authz-list, migrate-set-parameters tls-creds/tls-authz
+    on both ends, as management software does it with QEMU."""
+    import asyncio
+
+    from tests.support.qmp_serve import FINAL, serve
+
+    rule = "CN=mignet test *" if allowed else "CN=someone else"
+
+    async def main() -> None:
+        async with serve(tmp_path, "dst", "--incoming", "defer") as dst, \
+                serve(tmp_path, "src", "--size", "16M", "--fill", "mixed") as src:
+            await dst.x("object-add", _tls_objects(creds["server"], "server"))
+            await dst.x("object-add", {"qom-type": "authz-list", "id": "auth0", "policy": "deny",
+                                       "rules": [{"match": rule, "policy": "allow", "format": "glob"}]})
+            await dst.x("migrate-set-parameters", {"tls-creds": "tls0", "tls-authz": "auth0"})
+            uri = await dst.incoming_uri()
+            await src.x("object-add", _tls_objects(creds["client"], "client"))
+            await src.x("migrate-set-parameters", {"tls-creds": "tls0", "tls-hostname": "localhost"})
+            await src.x("migrate", {"uri": uri})
+            done, got = await src.wait_status(*FINAL, timeout=60), await dst.wait_status(*FINAL, timeout=60)
+            if allowed:
+                assert done["status"] == got["status"] == "completed", (done, got)
+                a, b = await src.x("x-mignet-query-guest"), await dst.x("x-mignet-query-guest")
+                assert a["ram-sha256"] == b["ram-sha256"]
+            else:
+                assert done["status"] == got["status"] == "failed", (done, got)
+                assert "not authorized" in got["error-desc"]
+    asyncio.run(main())
+
+
+def test_tls_objects_are_checked_as_qemu_does(tmp_path: Path, creds: dict[str, Path]) -> None:
+    import asyncio
+
+    from tests.support.qmp_serve import serve
+
+    async def main() -> None:
+        async with serve(tmp_path, "src", "--size", "4M") as src:
+            await src.x("object-add", _tls_objects(creds["client"], "client"))
+            cls, desc = await src.error("object-add", _tls_objects(creds["client"], "client"))
+            assert cls == "GenericError" and "duplicate property 'tls0'" in desc
+            _, desc = await src.error("object-add", {"qom-type": "memory-backend-ram", "id": "m"})
+            assert "qom-type" in desc
+            await src.x("migrate-set-parameters", {"tls-creds": "nope"})
+            _, desc = await src.error("migrate", {"uri": "tcp:127.0.0.1:1"})
+            assert desc == "No TLS credentials with id 'nope'"
+            await src.x("migrate-set-parameters", {"tls-creds": "tls0"})  # not locked by the refusal
+            await src.x("object-del", {"id": "tls0"})
+            _, desc = await src.error("object-del", {"id": "tls0"})
+            assert desc == "object 'tls0' not found"
+    asyncio.run(main())
+
+
+@pytest.mark.qemu
+@qemu
+def test_real_qemu_with_tls_into_serve(tmp_path: Path, creds: dict[str, Path]) -> None:
+    """The same QMP on both ends: QEMU 7.2 with tls-creds into a serve destination with
+    tls-creds and tls-authz; byte-identical."""
+    import asyncio
+
+    from tests.support.qmp_serve import FINAL, serve
+
+    out = tmp_path / "received"
+
+    async def main() -> None:
+        async with serve(tmp_path, "dst", "--incoming", "defer", "--out", str(out)) as dst:
+            await dst.x("object-add", _tls_objects(creds["server"], "server"))
+            await dst.x("object-add", {"qom-type": "authz-list", "id": "auth0", "policy": "deny",
+                                       "rules": [{"match": "CN=mignet test client", "policy": "allow"}]})
+            await dst.x("migrate-set-parameters", {"tls-creds": "tls0", "tls-authz": "auth0"})
+            uri = await dst.incoming_uri()
+            with QemuSource(tmp_path / "q", mem_mib=64, fill="random", seed=4) as src:
+                src.qmp("object-add", _tls_objects(creds["client"], "client"))
+                info = await asyncio.to_thread(src.migrate, uri, None, 120, None,
+                                               {"tls_creds": "tls0", "tls_hostname": "localhost"})
+                assert info["status"] == "completed", info
+                assert (await dst.wait_status(*FINAL, timeout=60))["status"] == "completed"
+                assert np.array_equal(np.fromfile(out / block_filename("m0"), np.uint8),
+                                      np.fromfile(src.image_path, np.uint8))
+    asyncio.run(main())

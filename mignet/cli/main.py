@@ -46,7 +46,7 @@ from mignet.migration.loadvm import Loader, LoadResult, LoadStats, start_load_th
 from mignet.migration.multifd import MultifdReceiver, MultifdSender, accept_incoming, open_channels
 from mignet.migration.savevm import Sender, SendStats
 from mignet.tcp import SocketChannel
-from mignet.tcp.tls import tls_client, tls_server
+from mignet.tcp.tls import glob_rules, tls_client, tls_server
 from mignet.transport import connect, listen
 from mignet.ui.terminal import console, run_with_progress, stats_table, transfer_progress
 from mignet.units import PAGE_SIZE, human_bytes, rate
@@ -80,7 +80,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
         finally:
             listener.close()
         channel: Channel = tls_server(cast(SocketChannel, plain), Path(args.tls_creds),
-                                      args.tls_verify_peer, args.tls_authz)
+                                      args.tls_verify_peer, glob_rules(args.tls_authz))
         multifd = None
     else:
         channel, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why))

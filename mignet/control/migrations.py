@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from mignet.channel import Channel
+from mignet.control.objects import Objects, TlsCredsX509
 from mignet.control.options import OptionSet
 from mignet.errors import MignetError, MigrationCancelled, RequestRefused
 from mignet.guest.devices import DeviceSet
@@ -34,6 +35,8 @@ from mignet.migration.savevm import Sender
 from mignet.migration.status import DirectionState, MigrationState, Phase, RamCounters
 from mignet.runtime.halves import bottom_half, upper_half
 from mignet.runtime.threads import make_bulk, name_native_thread
+from mignet.tcp import SocketChannel
+from mignet.tcp.tls import tls_client, tls_server
 from mignet.transport import Listener, connect, listen
 from mignet.units import PAGE_SIZE
 from mignet.uri import parse_uri
@@ -76,6 +79,7 @@ class Migrations:
         self._loader: Loader | None = None
         self._listener: Listener | None = None
         self._multifd_in: MultifdReceiver | None = None
+        self.objects = Objects()  # object-add's tls-creds-x509 and authz-list, by id
         # Each direction's channels as last seen (MultifdSender/Receiver.describe), kept
         # after the migration ends: x-mignet-query-multifd reads it.
         self._multifd_seen: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -98,18 +102,19 @@ class Migrations:
         snapshot = self.options.begin("outgoing", config)
         try:
             channels = _multifd_channels(uri, snapshot.capabilities, snapshot.parameters)
+            tls = self._tls(uri, snapshot.parameters, "client", channels)
         except BaseException:
             self.options.end("outgoing")
             raise
         self.state.outgoing.to(Phase.CONNECTING)
         events = bool(snapshot.capabilities["events"])
-        t = threading.Thread(target=self._outgoing_main, args=(uri, events, channels),
+        t = threading.Thread(target=self._outgoing_main, args=(uri, events, channels, tls),
                              name=OUTGOING_THREAD, daemon=True)
         self._threads.append(t)
         t.start()
 
     @bottom_half
-    def _outgoing_main(self, uri: str, events: bool, channels: int) -> None:
+    def _outgoing_main(self, uri: str, events: bool, channels: int, tls: _Tls | None) -> None:
         out = self.state.outgoing
         channel: Channel | None = None
         multifd: MultifdSender | None = None
@@ -119,6 +124,8 @@ class Migrations:
         make_bulk()  # below the main loop's CPU priority, as the loader (runtime/threads.py)
         try:
             channel = connect(uri)
+            if tls is not None:  # QEMU's TLS: the handshake before the stream's first byte
+                channel = tls_client(cast(SocketChannel, channel), tls.creds.dir, tls.hostname)
             if channels:
                 # as QEMU: the main stream connects first, then one connection per channel
                 multifd = MultifdSender(open_channels(lambda: connect(uri), channels))
@@ -206,6 +213,7 @@ class Migrations:
         snapshot = self.options.begin("incoming", config)
         try:
             multifd = bool(_multifd_channels(uri, snapshot.capabilities, snapshot.parameters))
+            tls = self._tls(uri, snapshot.parameters, "server", int(multifd))
             if retry and self.guest.out is not None:  # the failed attempt's files go
                 out = self.guest.out
                 self.guest.out = GuestDir(out.path, force=True, digest=out.digest)
@@ -228,14 +236,14 @@ class Migrations:
         else:
             inc.socket_address = [{"type": "inet" if addr.scheme == "tcp" else addr.scheme,
                                    "host": str(addr.host), "port": str(addr.port)}]
-        t = threading.Thread(target=self._incoming_main, args=(listener, multifd), name=ACCEPT_THREAD,
-                             daemon=True)
+        t = threading.Thread(target=self._incoming_main, args=(listener, multifd, tls),
+                             name=ACCEPT_THREAD, daemon=True)
         self._threads.append(t)
         t.start()
         return inc.socket_address
 
     @bottom_half
-    def _incoming_main(self, listener: Listener, multifd_on: bool) -> None:
+    def _incoming_main(self, listener: Listener, multifd_on: bool, tls: _Tls | None) -> None:
         inc = self.state.incoming
         channel: Channel | None = None
         multifd: MultifdReceiver | None = None
@@ -259,6 +267,9 @@ class Migrations:
             finally:
                 if multifd is None:
                     listener.close()
+            if tls is not None:  # authenticated (and authorized) before a byte of the stream
+                channel = tls_server(cast(SocketChannel, channel), tls.creds.dir,
+                                     tls.creds.verify_peer, tls.authorize)
                 with self._mutex:
                     self._listener = None
                     self._multifd_in = multifd
@@ -327,6 +338,23 @@ class Migrations:
         direction that had none): channels, pages per channel, packets, syncs, refusals."""
         return {d: (f() if (f := self._multifd_seen.get(d)) else None) for d in ("outgoing", "incoming")}
 
+    def _tls(self, uri: str, params: Mapping[str, Any], endpoint: str, channels: int) -> _Tls | None:
+        """QEMU's ``tls-creds``/``tls-hostname``/``tls-authz`` for a migration, checked at
+        its start (an id that names no object is refused then, as in QEMU)."""
+        creds_id = str(params.get("tls-creds", ""))
+        if not creds_id:
+            return None
+        address = parse_uri(uri)
+        if address.scheme != "tcp":
+            raise RequestRefused(f"TLS needs a tcp: URI, not {address.scheme}:")
+        if channels:
+            raise RequestRefused("multifd with TLS is not supported by mignet: turn one of them off")
+        creds = self.objects.tls_creds(creds_id, endpoint)
+        authz_id = str(params.get("tls-authz", ""))
+        authorize = self.objects.authz(authz_id).allows if authz_id and endpoint == "server" else None
+        hostname = str(params.get("tls-hostname", "")) or str(address.host)
+        return _Tls(creds, authorize, hostname)
+
     def _refused(self, why: str) -> None:
         """A stray connection was turned away from a multifd listener; the migration goes on."""
         self.emit("MIGNET_CONNECTION_REFUSED", {"reason": why})
@@ -368,6 +396,13 @@ class Migrations:
 
 def _failed_or_cancelled(side: DirectionState) -> Phase:
     return Phase.CANCELLED if side.phase is Phase.CANCELLING else Phase.FAILED
+
+
+@dataclass(frozen=True)
+class _Tls:
+    creds: TlsCredsX509
+    authorize: Callable[[str], bool] | None
+    hostname: str
 
 
 def _multifd_channels(uri: str, caps: Mapping[str, bool], params: Mapping[str, Any]) -> int:

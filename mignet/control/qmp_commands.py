@@ -72,6 +72,8 @@ class Commands:
             "x-mignet-query-guest": self.query_guest,
             "x-mignet-loop-stats": self.loop_stats,
             "x-mignet-query-multifd": self.query_multifd,
+            "object-add": self.object_add,
+            "object-del": self.object_del,
         }
 
     # --- migration ---------------------------------------------------------------------
@@ -88,6 +90,17 @@ class Commands:
     def migrate_incoming(self, args: dict[str, Any]) -> dict[str, Any]:
         check_args(args, {"uri": str}, {"config": dict})
         self.migrations.start_incoming(args["uri"], args.get("config"))
+        return {}
+
+    def object_add(self, args: dict[str, Any]) -> dict[str, Any]:
+        """QEMU's ``object-add`` for what a migration refers to: ``tls-creds-x509`` and
+        ``authz-list`` (``migrate-set-parameters tls-creds/tls-authz`` name them by id)."""
+        self.migrations.objects.add(args)
+        return {}
+
+    def object_del(self, args: dict[str, Any]) -> dict[str, Any]:
+        check_args(args, {"id": str})
+        self.migrations.objects.delete(args["id"])
         return {}
 
     def migrate_cancel(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -134,19 +134,26 @@ _SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName":
 
 
 def tls_server(channel: SocketChannel, creds: Path, verify_peer: bool = True,
-               authz: Sequence[str] = ()) -> TlsChannel:
+               authorize: Callable[[str], bool] | None = None) -> TlsChannel:
     """The listening end's handshake on an accepted connection; refused peers never get in.
 
-    ``authz``: as QEMU's ``authz-list`` with policy deny, glob rules on the client's
-    distinguished name (``CN=*.example.com,O=Example Org``); empty: every verified client."""
-    tls = _handshake(channel, _context(creds, True, verify_peer or bool(authz)), True, None)
-    if authz:
+    ``authorize``: given the client's distinguished name (``CN=laptop,O=Example Org``), as
+    QEMU's ``tls-authz``; None lets in every verified client."""
+    tls = _handshake(channel, _context(creds, True, verify_peer or authorize is not None), True, None)
+    if authorize is not None:
         dname = peer_dname(tls)
-        if not any(fnmatch.fnmatchcase(dname, rule) for rule in authz):
+        if not authorize(dname):
             tls.close()
             raise ConnectionLostError(f"{channel.name}: TLS client {dname or '(no certificate)'!r} is "
-                                      "not authorized: add a matching --tls-authz rule")
+                                      "not authorized: add it to the authorization rules")
     return tls
+
+
+def glob_rules(rules: Sequence[str]) -> Callable[[str], bool] | None:
+    """``recv --tls-authz`` rules: a client is let in when any glob matches its name."""
+    if not rules:
+        return None
+    return lambda dname: any(fnmatch.fnmatchcase(dname, rule) for rule in rules)
 
 
 def tls_client(channel: SocketChannel, creds: Path, hostname: str) -> TlsChannel:
