@@ -64,6 +64,22 @@ from mignet.wire.multifd import (  # noqa: E402
 from mignet.wire.summary import summarise  # noqa: E402
 
 MAX_LEN = 1 << 16  # inputs stay below a socket buffer: the loader target needs no thread
+#: Targets that read whole streams take a real QEMU capture whole (318 KiB, see below).
+MAX_LENS = {"stream": 1 << 19, "device-tail": 1 << 19}
+#: A real QEMU 7.2 stream (a paused 2 MiB zero guest: RAM blocks, BIOS pages, every device
+#: section of a pc machine, the VM description), captured with tests/support/qemu_peer.py's
+#: capture_stream and kept gzipped: the seed for the targets that read streams.
+QEMU_SEED = Path(__file__).resolve().parents[1] / "tests" / "data" / "qemu-7.2-2M-zero.stream.gz"
+
+
+def max_len(target: str) -> int:
+    return MAX_LENS.get(target, MAX_LEN)
+
+
+def _qemu_stream() -> list[bytes]:
+    import gzip
+
+    return [gzip.decompress(QEMU_SEED.read_bytes())] if QEMU_SEED.exists() else []
 MAX_RAM = 16 << 20  # what the loader target accepts (a fuzzed MEM_SIZE may not ask more)
 
 
@@ -99,10 +115,12 @@ def _stream(devices: bool = True, blocks: tuple[tuple[str, int], ...] = (("pc.ra
 
 
 def seeds(target: str, seed_dir: Path | None = None) -> list[bytes]:
-    extra = [p.read_bytes()[:MAX_LEN] for p in sorted(seed_dir.iterdir())] if seed_dir else []
+    extra = [p.read_bytes() for p in sorted(seed_dir.iterdir())] if seed_dir else []
     if target in ("stream", "loader"):
-        return [_stream(), _stream(devices=False),
-                _stream(blocks=(("pc.ram", 16 << 10), ("vga.vram", 8 << 10), ("pc.bios", 4 << 10))), *extra]
+        found = [_stream(), _stream(devices=False),
+                 _stream(blocks=(("pc.ram", 16 << 10), ("vga.vram", 8 << 10), ("pc.bios", 4 << 10))),
+                 *_qemu_stream(), *extra]
+        return [seed[:max_len(target)] for seed in found]
     if target == "device-tail":
         full = _stream()
         return [full[full.index(b"mignet-cpu") - 6:]]  # from the first device section's header
@@ -203,7 +221,7 @@ def run_hypothesis(target: str, runs: int, seed_dir: Path | None) -> int:
                 del data[pos:pos + draw(st.integers(1, 64))]
             else:
                 data = data[:pos]
-        return bytes(data[:MAX_LEN])
+        return bytes(data[:max_len(target)])
 
     @settings(max_examples=runs, deadline=None, database=None, derandomize=False,
               suppress_health_check=list(HealthCheck))
@@ -229,7 +247,7 @@ def run_atheris(target: str, runs: int | None, seed_dir: Path | None, extra: lis
     with tempfile.TemporaryDirectory(prefix=f"fuzz-{target}-") as corpus:
         for i, s in enumerate(seeds(target, seed_dir)):
             Path(corpus, f"seed-{i}").write_bytes(s)
-        args = [sys.executable, __file__, "--child", target, corpus, f"-max_len={MAX_LEN}",
+        args = [sys.executable, __file__, "--child", target, corpus, f"-max_len={max_len(target)}",
                 f"-artifact_prefix=fuzz-crash-{target}-", "-timeout=20", "-rss_limit_mb=2048"]
         if runs is not None:
             args.append(f"-runs={runs}")
