@@ -100,3 +100,12 @@ def test_bench_channels_reports_a_failed_run_and_leaves_it_out(tmp_path: Path) -
     results = Results(16 << 20, [failed])
     row = summary(results, [2])[1]
     assert row.split()[1] == "0" and "n/a" in row and row.rstrip().endswith("1/0")
+
+
+def test_a_json_out_path_that_cannot_be_written_is_refused_before_the_run(
+        mignet_cmd: list[str], subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    """Not after minutes of runs, with a traceback."""
+    r = subprocess.run([*mignet_cmd, "bench", "tcp", "--json-out", str(tmp_path / "no" / "x.json")],
+                       capture_output=True, text=True, env=subprocess_env, timeout=60)
+    assert r.returncode == exits.USAGE
+    one_line(r.stderr, "is not a folder you can write")

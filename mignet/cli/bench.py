@@ -23,7 +23,7 @@ def add_parser(sub: Any) -> None:
                    help="guest RAM per run (binary: 2G = 2 GiB)")
     t.add_argument("--repeat", type=options.count1, default=3, metavar="N",
                    help="runs of each kind; the figures are medians")
-    t.add_argument("--json-out", metavar="FILE", help="also write the figures as JSON")
+    t.add_argument("--json-out", metavar="FILE", type=_json_out, help="also write the figures as JSON")
     t.set_defaults(func=cmd_bench_tcp)
 
     r = bsub.add_parser("recv-model", help="threaded vs coroutine loader: throughput, QMP latency, "
@@ -40,7 +40,7 @@ def add_parser(sub: Any) -> None:
                         "named when the run starts)")
     r.add_argument("--listen", default="tcp:127.0.0.1:0", metavar="URI", type=options.uri,
                    help="where destinations listen, e.g. rdma:10.9.0.1:7480 inside the soft-RoCE guest")
-    r.add_argument("--json-out", metavar="FILE", help="also write the figures as JSON")
+    r.add_argument("--json-out", metavar="FILE", type=_json_out, help="also write the figures as JSON")
     r.set_defaults(func=cmd_bench_recv_model)
 
     v = bsub.add_parser(
@@ -56,7 +56,7 @@ def add_parser(sub: Any) -> None:
                    help="force the switchover of a run that has not converged after S seconds")
     v.add_argument("--track-size", default="2G", type=options.size, metavar="SIZE",
                    help="guest size for the tracking-cost figure")
-    v.add_argument("--json-out", metavar="FILE", help="also write the figures as JSON")
+    v.add_argument("--json-out", metavar="FILE", type=_json_out, help="also write the figures as JSON")
     v.set_defaults(func=cmd_bench_live)
 
     c = bsub.add_parser(
@@ -67,7 +67,7 @@ def add_parser(sub: Any) -> None:
                    help="channel counts to compare, comma separated (1: no multifd)")
     c.add_argument("--repeat", type=options.count1, default=3, metavar="N",
                    help="alternations; the figures are medians of the runs that succeeded")
-    c.add_argument("--json-out", metavar="FILE", help="also write every run as JSON")
+    c.add_argument("--json-out", metavar="FILE", type=_json_out, help="also write every run as JSON")
     c.set_defaults(func=cmd_bench_channels)
 
     u = bsub.add_parser(
@@ -76,7 +76,7 @@ def add_parser(sub: Any) -> None:
                    help="guest RAM per run (binary), a random image in /dev/shm")
     u.add_argument("--repeat", type=options.count1, default=3, metavar="N",
                    help="alternations; the figures are medians of the runs that succeeded")
-    u.add_argument("--json-out", metavar="FILE", help="also write every run as JSON")
+    u.add_argument("--json-out", metavar="FILE", type=_json_out, help="also write every run as JSON")
     u.set_defaults(func=cmd_bench_cli)
 
     d = bsub.add_parser(
@@ -87,7 +87,7 @@ def add_parser(sub: Any) -> None:
                    help="runs of each kind; the figures are medians of the runs that succeeded")
     d.add_argument("--addr", default=None, help="RDMA netdev address (default $MIGNET_RDMA_ADDR "
                                                  "or 10.9.0.1)")
-    d.add_argument("--json-out", metavar="FILE", help="also write the figures as JSON")
+    d.add_argument("--json-out", metavar="FILE", type=_json_out, help="also write the figures as JSON")
     d.set_defaults(func=cmd_bench_rdma)
 
 
@@ -115,6 +115,17 @@ def _channel_list(text: str) -> list[int]:
 
 def _rates(text: str) -> list[int]:
     return [int(options.rate(r)) for r in text.split(",")]
+
+
+def _json_out(text: str) -> str:
+    """Checked before a run of minutes, not when its figures are ready to be written."""
+    path = Path(text)
+    folder = path.parent
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {folder} is not a folder you can write")
+    return text
 
 
 def _write_json(path: str | None, result: dict[str, Any]) -> None:

@@ -198,7 +198,8 @@ class GuestDir:
                 "/dev/shm/NAME") from None
         finally:
             os.close(fd)
-            os.unlink(_PROBE, dir_fd=self._fd)
+            with contextlib.suppress(OSError):  # must not hide the error above
+                os.unlink(_PROBE, dir_fd=self._fd)
 
     def _free(self) -> int:
         st = os.fstatvfs(self._fd)
