@@ -73,6 +73,7 @@ class ModelRun:
     rq_bulk: list[float] = field(default_factory=list)  # its mig/* threads runnable (summed)
     rq_client: list[float] = field(default_factory=list)  # the benchmark's thread runnable
     cpu_client: list[float] = field(default_factory=list)  # the benchmark's thread on a CPU
+    steal: list[float] = field(default_factory=list)  # the VM's CPUs taken by its host (all CPUs)
     threads: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> cpu/wait/load s
     set_caps_refused: bool | None = None
     set_caps_error: str = ""
@@ -97,7 +98,7 @@ class ModelRun:
                 part = {"at": self.latency_times[i],  # seconds into the load
                         "latency": lat, "main runnable": self.rq_main[i], "main on CPU": self.cpu_main[i],
                         "client runnable": self.rq_client[i], "client on CPU": self.cpu_client[i],
-                        "mig/* runnable": self.rq_bulk[i]}
+                        "mig/* runnable": self.rq_bulk[i], "host steal": self.steal[i]}
                 part["client"] = part["client runnable"] + part["client on CPU"]
                 part["main blocked (GIL)"] = max(0.0, lat - part["main runnable"] - part["main on CPU"]
                                                  - part["client"])
@@ -113,6 +114,17 @@ def _schedstat(pid: int, tid: int) -> tuple[float, float]:
         return int(cpu) / 1e9, int(wait) / 1e9
     except (OSError, ValueError):
         return 0.0, 0.0
+
+
+def _steal() -> float:
+    """CPU time the hypervisor took from this VM, all CPUs, in seconds (/proc/stat; 10 ms
+    steps). Inside a VM a thread descheduled by the host still counts as *on a CPU*."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _thread_table(pid: int) -> dict[int, tuple[str, float, float]]:
@@ -169,11 +181,11 @@ async def _poll_loop(qmp: Any, pid: int, run: ModelRun, me: int,
     status = ""
     info: dict[str, Any] = {}
     while status not in ("completed", "failed", "cancelled"):
-        before, c0 = _thread_table(pid), _schedstat(os.getpid(), me)
+        before, c0, s0 = _thread_table(pid), _schedstat(os.getpid(), me), _steal()
         t0 = time.perf_counter()
         info = await qmp.execute("query-migrate")
         t1 = time.perf_counter()
-        last, c1 = _thread_table(pid), _schedstat(os.getpid(), me)
+        last, c1, s1 = _thread_table(pid), _schedstat(os.getpid(), me), _steal()
         status = info.get("status", "")
         if status == "active":
             waits = {tid: last[tid][2] - before[tid][2] for tid in last if tid in before}
@@ -188,6 +200,7 @@ async def _poll_loop(qmp: Any, pid: int, run: ModelRun, me: int,
             run.rq_bulk.append(sum(w for tid, w in waits.items() if last[tid][0].startswith("mig/")))
             run.rq_client.append(c1[1] - c0[1])
             run.cpu_client.append(c1[0] - c0[0])
+            run.steal.append(s1 - s0)
         await asyncio.sleep(max(0.0, POLL_INTERVAL - (time.perf_counter() - t0)))
     if first:
         run.threads = _thread_deltas(first, last, run.latency_times[-1] if run.latency_times else 0.0)
@@ -406,7 +419,8 @@ def summarize_group(group: list[ModelRun]) -> tuple[list[tuple[str, str]], dict[
     slow = [s for r in group for s in r.slow()]
     slow_total = sum(s["latency"] for s in slow)
     shares = {k: sum(s[k] for s in slow) / slow_total if slow_total else 0.0
-              for k in ("main runnable", "main on CPU", "main blocked (GIL)", "client", "mig/* runnable")}
+              for k in ("main runnable", "main on CPU", "main blocked (GIL)", "client", "mig/* runnable",
+                        "host steal")}
     threads: dict[str, list[float]] = {}
     for r in group:
         for name, t in r.threads.items():
@@ -427,6 +441,7 @@ def summarize_group(group: list[ModelRun]) -> tuple[list[tuple[str, str]], dict[
         ("    of their time: main loop blocked (GIL)", f"{shares['main blocked (GIL)'] * 100:.0f} %"),
         ("    of their time: the client's own", f"{shares['client'] * 100:.0f} %"),
         ("    meanwhile mig/* threads runnable", f"{shares['mig/* runnable'] * 100:.0f} %"),
+        ("    meanwhile the host took (steal)", f"{shares['host steal'] * 100:.0f} %"),
     ]
     for name in sorted(threads, key=lambda n: (n != "main loop", n)):
         if name.startswith("mig/") or name == "main loop":
