@@ -37,12 +37,11 @@ from mignet.errors import (
     MigrationCancelled,
     PeerFailedError,
     SetupError,
-    TimedOut,
 )
 from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir, open_snapshot
 from mignet.guest.ram import DEFAULT_DIGEST, DIGESTS, GuestRam, RamBlock, RamDigests
-from mignet.migration.loadvm import Loader, LoadResult, LoadStats, start_load_thread
+from mignet.migration.loadvm import IDLE_TIMEOUT, Loader, LoadResult, LoadStats, start_load_thread
 from mignet.migration.multifd import MultifdReceiver, MultifdSender, accept_incoming, open_channels
 from mignet.migration.savevm import Sender, SendStats
 from mignet.tcp import SocketChannel
@@ -71,19 +70,12 @@ def cmd_recv(args: argparse.Namespace) -> int:
         console.print(f"mignet: warning: {address} is reachable from other hosts and not "
                       "encrypted or authenticated: use --tls-creds DIR", soft_wrap=True)
     if args.json:
-        _emit_json({"event": "listening", "uri": str(listener.address)})
+        _emit_json({"event": "listening", "uri": str(address)})
+    channel, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why),
+                                       channels=not args.tls_creds)
     if args.tls_creds:  # one connection, authenticated before a byte of the stream
-        try:
-            plain = listener.accept(timeout=args.timeout)
-        except TimeoutError as exc:
-            raise TimedOut(str(exc)) from None
-        finally:
-            listener.close()
-        channel: Channel = tls_server(cast(SocketChannel, plain), Path(args.tls_creds),
-                                      args.tls_verify_peer, glob_rules(args.tls_authz))
-        multifd = None
-    else:
-        channel, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why))
+        channel = tls_server(cast(SocketChannel, channel), Path(args.tls_creds),
+                             args.tls_verify_peer, glob_rules(args.tls_authz))
     loader = Loader(channel, devices=DeviceSet.empty(), max_ram_bytes=args.max_ram,
                     block_factory=out.block_factory if out else RamBlock.anonymous,
                     idle_timeout=args.idle_timeout)
@@ -505,8 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_digest_option(r, "the received RAM's digests (table, --json, --out's manifest)")
     r.add_argument("--timeout", type=options.seconds, metavar="SECONDS",
                    help="seconds to wait for the source (default: no limit)")
-    r.add_argument("--idle-timeout", type=options.idle_seconds, default=60.0, metavar="SECONDS",
-                   help=options.IDLE_HELP)
+    _add_idle_timeout(r)
     r.add_argument("--tls-creds", metavar="DIR",
                    help="TLS on tcp: as QEMU's tls-creds-x509 endpoint=server: DIR holds "
                         "ca-cert.pem, server-cert.pem, server-key.pem")
@@ -539,8 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-name", default="pc.ram", help="RAM block name for --image")
     s.add_argument("--max-bandwidth", default="0", metavar="RATE", type=options.rate,
                    help="bytes per second, e.g. 128MiB/s; 0 = unlimited")
-    s.add_argument("--idle-timeout", type=options.idle_seconds, default=60.0, metavar="SECONDS",
-                   help=options.IDLE_HELP)
+    _add_idle_timeout(s)
     s.add_argument("--tls-creds", metavar="DIR",
                    help="TLS on tcp: as QEMU's tls-creds-x509 endpoint=client: DIR holds "
                         "ca-cert.pem (and client-cert.pem, client-key.pem)")
@@ -604,6 +594,12 @@ def _add_max_ram(p: argparse.ArgumentParser) -> None:
     phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     p.add_argument("--max-ram", default=str(phys), metavar="SIZE", type=options.size,
                    help=f"refuse sources with more RAM (default: this host's memory, {human_bytes(phys)})")
+
+
+def _add_idle_timeout(p: argparse.ArgumentParser) -> None:
+    """``--idle-timeout`` of recv and send: the stall limit of both ends (migration.loadvm)."""
+    p.add_argument("--idle-timeout", type=options.idle_seconds, default=IDLE_TIMEOUT, metavar="SECONDS",
+                   help=options.IDLE_HELP)
 
 
 def _add_output_options(p: argparse.ArgumentParser, what: str = "events") -> None:

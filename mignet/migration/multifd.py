@@ -718,15 +718,16 @@ class MultifdSender:
             self._barrier.abort()
 
 
-def accept_incoming(listener: Any, timeout: float | None,
-                    on_refused: Callable[[str], None]) -> tuple[Channel, MultifdReceiver | None]:
+def accept_incoming(listener: Any, timeout: float | None, on_refused: Callable[[str], None],
+                    channels: bool = True) -> tuple[Channel, MultifdReceiver | None]:
     """Accept a migration's main connection, as ``recv`` and ``relay`` do: on tcp:/unix:
     keep listening, so a multifd source (QEMU's capability, a relay's link) can add its
-    channels; elsewhere take the one connection. The listener is closed unless the returned
-    receiver now owns it. A source that never comes is one line (TimedOut)."""
+    channels; elsewhere, or without ``channels`` (TLS: the first bytes are a handshake, not
+    a stream to classify), take the one connection. The listener is closed unless the
+    returned receiver now owns it. A source that never comes is one line (TimedOut)."""
     multifd: MultifdReceiver | None = None
     try:
-        if listener.address.scheme in ("tcp", "unix"):
+        if channels and listener.address.scheme in ("tcp", "unix"):
             multifd = MultifdReceiver(listener, on_refused=on_refused)
             return multifd.accept_main(timeout=timeout), multifd
         return listener.accept(timeout=timeout), None
