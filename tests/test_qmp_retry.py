@@ -9,7 +9,7 @@ import json
 import socket
 from pathlib import Path
 
-from tests.support.qmp_serve import FINAL, serve
+from tests.support.qmp_serve import FINAL, migrate_completes, serve
 
 
 def _connect(uri: str) -> socket.socket:
@@ -38,11 +38,7 @@ def test_a_failed_then_a_cancelled_incoming_migration_is_followed_by_a_good_one(
             # 3: a real migration completes, into the same --out folder
             uri = await dst.incoming_uri()
             await src.x("migrate-set-parameters", {"max-bandwidth": 0})
-            await src.x("migrate", {"uri": uri})
-            assert (await src.wait_status(*FINAL, timeout=60))["status"] == "completed"
-            assert (await dst.wait_status(*FINAL, timeout=60))["status"] == "completed"
-            a, b = await src.x("x-mignet-query-guest"), await dst.x("x-mignet-query-guest")
-            assert a["ram-sha256"] == b["ram-sha256"]
+            await migrate_completes(src, dst, uri)
             # once completed, the guest is here: no further incoming migration
             cls, desc = await dst.error("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
             assert cls == "GenericError" and "'-incoming' was not specified" in desc
@@ -78,9 +74,5 @@ def test_a_running_source_whose_migration_failed_runs_on_and_migrates_again(tmp_
             assert (await src.x("query-status"))["status"] == "running"
             uri = await dst.incoming_uri()
             await src.x("migrate-set-parameters", {"max-bandwidth": 0})
-            await src.x("migrate", {"uri": uri})
-            assert (await src.wait_status(*FINAL, timeout=60))["status"] == "completed"
-            assert (await dst.wait_status(*FINAL, timeout=60))["status"] == "completed"
-            a, b = await src.x("x-mignet-query-guest"), await dst.x("x-mignet-query-guest")
-            assert a["ram-sha256"] == b["ram-sha256"]
+            await migrate_completes(src, dst, uri)
     asyncio.run(main())

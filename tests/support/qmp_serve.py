@@ -89,5 +89,20 @@ async def serve(tmp: Path, name: str, *args: str) -> AsyncIterator[Serve]:
             proc.wait()
 
 
+async def migrate_completes(src: Serve, dst: Serve, uri: str, timeout: float = 60,
+                            dst_timeout: float | None = None) -> tuple[Any, Any]:
+    """``migrate`` ``src`` to ``uri``, where ``dst`` listens: both must end completed (the
+    source within ``timeout``, then the destination within ``dst_timeout``, default the
+    same), holding the same RAM. Returns both final ``query-migrate`` answers."""
+    await src.x("migrate", {"uri": uri})
+    done = await src.wait_status(*FINAL, timeout=timeout)
+    assert done["status"] == "completed", done
+    got = await dst.wait_status(*FINAL, timeout=timeout if dst_timeout is None else dst_timeout)
+    assert got["status"] == "completed", got
+    a, b = await src.x("x-mignet-query-guest"), await dst.x("x-mignet-query-guest")
+    assert a["ram-sha256"] == b["ram-sha256"]
+    return done, got
+
+
 def statuses(events: list[Any]) -> list[str]:
     return [e["data"]["status"] for e in events]
