@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 
 from mignet.guest.ram import GuestRam, block_filename
 from tests.support.cli import one_line_error, send_into, start_recv
+from tests.support.streams import resetting_peer
 
 
 def test_send_to_recv_between_processes_digest_matches(mignet_cmd: list[str], subprocess_env: dict[str, str],
@@ -67,19 +67,9 @@ def test_peer_that_is_not_a_migration_source(mignet_cmd: list[str], subprocess_e
 
 def test_peer_that_is_not_a_migration_destination(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
     """A server that reads a little and hangs up: the sender reports a lost connection."""
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def rude() -> None:
-        conn, _ = server.accept()
-        conn.recv(100)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        conn.close()
-    t = threading.Thread(target=rude)
-    t.start()
-    r = subprocess.run([*mignet_cmd, "send", f"tcp:127.0.0.1:{server.getsockname()[1]}", "--size", "64M",
-                        "--quiet"], capture_output=True, text=True, env=subprocess_env, timeout=60)
-    t.join()
-    server.close()
+    with resetting_peer() as uri:
+        r = subprocess.run([*mignet_cmd, "send", uri, "--size", "64M", "--quiet"],
+                           capture_output=True, text=True, env=subprocess_env, timeout=60)
     one_line_error(r, "connection lost")
 
 

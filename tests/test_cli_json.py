@@ -8,7 +8,6 @@ import json
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 from mignet.cli import exits
 from tests.support.cli import one_line, send_into, start_recv
 from tests.support.processes import track
+from tests.support.streams import resetting_peer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,19 +66,9 @@ def test_peer_error_as_json(mignet_cmd: list[str], subprocess_env: dict[str, str
 
 def test_connection_lost_as_json(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
     """A server that reads a little and resets the connection."""
-    server = socket.create_server(("127.0.0.1", 0))
-
-    def rude() -> None:
-        conn, _ = server.accept()
-        conn.recv(100)
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        conn.close()
-    t = threading.Thread(target=rude)
-    t.start()
-    r = subprocess.run([*mignet_cmd, "send", f"tcp:127.0.0.1:{server.getsockname()[1]}", "--size", "64M",
-                        "--json", "--quiet"], capture_output=True, text=True, env=subprocess_env, timeout=60)
-    t.join()
-    server.close()
+    with resetting_peer() as uri:
+        r = subprocess.run([*mignet_cmd, "send", uri, "--size", "64M", "--json", "--quiet"],
+                           capture_output=True, text=True, env=subprocess_env, timeout=60)
     assert r.returncode == exits.CONNECTION_LOST, r.stderr
     _error_object(r.stdout, exits.CONNECTION_LOST)
 

@@ -17,6 +17,7 @@ import pytest
 
 from tests.support.cli import one_line, start_recv
 from tests.support.processes import track
+from tests.support.streams import reset_close
 
 CUT_AFTER = 4 << 20  # bytes a channel forwards before it is reset
 PROMPT = 2.0  # seconds from the cut to each side's exit (the bound)
@@ -55,8 +56,7 @@ class CuttingProxy:
                 moved += len(data)
                 if cut and moved >= CUT_AFTER:
                     for s in (src, dst):  # RST both ways, as a dying link or peer would
-                        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-                        s.close()
+                        reset_close(s)
                     self.cut_at = time.monotonic()
                     return
             dst.shutdown(socket.SHUT_WR)

@@ -21,6 +21,7 @@ from mignet.wire import PAGE_SIZE
 from mignet.wire.multifd import INIT_SIZE, PACKET_LEN, PACKET_PAGES, parse_init, parse_packet
 from tests.support.cli import one_line_error, start_recv
 from tests.support.qemu_peer import QemuDestination, QemuSource, qemu_skip_reason
+from tests.support.streams import reset_close
 
 
 def _send(cmd: list[str], env: dict[str, str], uri: str, *extra: str,
@@ -114,8 +115,7 @@ def test_a_failing_channel_fails_the_migration_in_one_line(mignet_cmd: list[str]
             conns.append(c)
         for c in conns[1:]:
             if c.recv(INIT_SIZE, socket.MSG_WAITALL)[24] == 1:
-                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                c.close()  # RST
+                reset_close(c)
         while conns[0].recv(1 << 20):
             pass
     t = threading.Thread(target=serve, daemon=True)

@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 from tests.support.qmp_serve import FINAL, migrate_completes, serve
+from tests.support.streams import resetting_peer
 
 
 def _connect(uri: str) -> socket.socket:
@@ -51,25 +52,13 @@ def test_a_failed_then_a_cancelled_incoming_migration_is_followed_by_a_good_one(
 def test_a_running_source_whose_migration_failed_runs_on_and_migrates_again(tmp_path: Path) -> None:
     """The destination vanishes mid-RAM: the source ends 'failed', its vCPUs run on (QEMU
     resumes the guest), and the next migrate completes with the same RAM on both ends."""
-    import threading
-
     async def main() -> None:
         async with serve(tmp_path, "dst", "--incoming", "defer") as dst, \
                 serve(tmp_path, "src", "--size", "64M", "--fill", "mixed", "--dirty-rate", "8MiB/s") as src:
-            rude = socket.create_server(("127.0.0.1", 0))
-
-            def reset_after_a_while() -> None:
-                conn, _ = rude.accept()
-                conn.recv(1 << 20, socket.MSG_WAITALL)
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-                conn.close()
-            t = threading.Thread(target=reset_after_a_while, daemon=True)
-            t.start()
-            await src.x("migrate-set-parameters", {"max-bandwidth": 32 << 20})
-            await src.x("migrate", {"uri": f"tcp:127.0.0.1:{rude.getsockname()[1]}"})
-            failed = await src.wait_status(*FINAL, timeout=60)
-            t.join(5)
-            rude.close()
+            with resetting_peer(1 << 20) as rude:
+                await src.x("migrate-set-parameters", {"max-bandwidth": 32 << 20})
+                await src.x("migrate", {"uri": rude})
+                failed = await src.wait_status(*FINAL, timeout=60)
             assert failed["status"] == "failed", failed
             assert (await src.x("query-status"))["status"] == "running"
             uri = await dst.incoming_uri()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -69,3 +71,29 @@ def feed_in_chunks(channel: SocketChannel, data: bytes, sizes: list[int],
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
+
+
+def reset_close(sock: socket.socket) -> None:
+    """Close with a reset (SO_LINGER on, 0 s), as a crashed peer or a dying link would."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@contextmanager
+def resetting_peer(read: int = 100) -> Iterator[str]:
+    """A ``tcp:`` URI whose one server reads ``read`` bytes of the first connection and then
+    resets it: a destination that vanishes after the stream has begun."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def rude() -> None:
+        conn, _ = server.accept()
+        conn.recv(read, socket.MSG_WAITALL)
+        reset_close(conn)
+    t = threading.Thread(target=rude, daemon=True)
+    t.start()
+    try:
+        yield f"tcp:127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        t.join(5)
+        server.close()
+
