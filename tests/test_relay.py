@@ -317,25 +317,38 @@ def test_unreachable_destination_is_one_line(mignet_cmd: list[str], subprocess_e
 
 
 # --- real QEMU at both ends ----------------------------------------------------------
-@pytest.mark.qemu
-@needs_qemu
-def test_paused_qemu_through_two_relays_into_qemu_byte_identical(
-        mignet_cmd: list[str], subprocess_env: dict[str, str], tmp_path: Path) -> None:
+def _paused_qemu_through_two_relays(cmd: list[str], env: dict[str, str], tmp_path: Path, seed: int,
+                                    first_extra: tuple[str, ...] = (), prelaunch: bool = True,
+                                    then_cont: bool = False, **migrate: Any) -> list[dict[str, Any]]:
+    """QEMU 7.2 (a paused 128 MiB random guest; ``migrate``: its capabilities/parameters)
+    -> relay (``first_extra``) -> relay -> QEMU 7.2: completed and byte-identical, and (with
+    ``prelaunch``) still not started, as the source was (-S); ``then_cont``: it then runs.
+    Returns each relay's last JSON line."""
     with QemuDestination(tmp_path, mem_mib=128) as dst:
         dst.migrate_incoming("tcp:127.0.0.1:0")
         dst_uri = dst.listen_uri()
         assert dst_uri is not None
-        with two_relays(mignet_cmd, subprocess_env, dst_uri) as (first, second, uri):
-            with QemuSource(tmp_path, mem_mib=128, fill="random", seed=11) as src:
-                src.migrate(uri)
+        with two_relays(cmd, env, dst_uri, first_extra=first_extra) as (first, second, uri):
+            with QemuSource(tmp_path, mem_mib=128, fill="random", seed=seed) as src:
+                src.migrate(uri, **migrate)
                 source = np.fromfile(src.image_path, np.uint8)
             done = [finish(first)[-1], finish(second)[-1]]
         info = dst.wait_migration(timeout=120)
         assert info["status"] == "completed"
-        assert dst.status() == "prelaunch"  # as the source was: never started (-S)
+        if prelaunch:
+            assert dst.status() == "prelaunch"
         assert np.array_equal(np.fromfile(dst.image_path, np.uint8), source)
-        dst.qmp("cont")
-        assert dst.status() == "running"
+        if then_cont:
+            dst.qmp("cont")
+            assert dst.status() == "running"
+    return done
+
+
+@pytest.mark.qemu
+@needs_qemu
+def test_paused_qemu_through_two_relays_into_qemu_byte_identical(
+        mignet_cmd: list[str], subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    done = _paused_qemu_through_two_relays(mignet_cmd, subprocess_env, tmp_path, seed=11, then_cont=True)
     for c in done:
         assert c["machine_type"].startswith("pc-i440fx")
         assert c["ram_section_id"] not in (None, 0)
@@ -349,20 +362,8 @@ def test_paused_qemu_through_two_relays_into_qemu_byte_identical(
 def test_paused_qemu_through_a_multifd_relay_link_into_qemu_byte_identical(
         mignet_cmd: list[str], subprocess_env: dict[str, str], tmp_path: Path) -> None:
     """QEMU 7.2 -> relay --channels 2 -> (multifd over tcp) -> relay -> QEMU 7.2."""
-    with QemuDestination(tmp_path, mem_mib=128) as dst:
-        dst.migrate_incoming("tcp:127.0.0.1:0")
-        dst_uri = dst.listen_uri()
-        assert dst_uri is not None
-        with two_relays(mignet_cmd, subprocess_env, dst_uri, first_extra=("--channels", "2")) as (
-                first, second, uri):
-            with QemuSource(tmp_path, mem_mib=128, fill="random", seed=13) as src:
-                src.migrate(uri)
-                source = np.fromfile(src.image_path, np.uint8)
-            done = [finish(first)[-1], finish(second)[-1]]
-        info = dst.wait_migration(timeout=120)
-        assert info["status"] == "completed"
-        assert dst.status() == "prelaunch"
-        assert np.array_equal(np.fromfile(dst.image_path, np.uint8), source)
+    done = _paused_qemu_through_two_relays(mignet_cmd, subprocess_env, tmp_path, seed=13,
+                                           first_extra=("--channels", "2"))
     out, into = done[0]["multifd_out"], done[1]["multifd_in"]
     assert out["channels"] == into["channels"] == 2
     assert sum(out["pages"].values()) == sum(into["pages"].values()) == done[0]["pages"] > 0
@@ -375,19 +376,10 @@ def test_paused_qemu_through_a_multifd_relay_link_into_qemu_byte_identical(
 def test_qemu_multifd_source_into_a_relay_through_a_multifd_link_byte_identical(
         mignet_cmd: list[str], subprocess_env: dict[str, str], tmp_path: Path) -> None:
     """QEMU 7.2 with the multifd capability (3 channels) -> relay --channels 2 -> relay -> QEMU."""
-    with QemuDestination(tmp_path, mem_mib=128) as dst:
-        dst.migrate_incoming("tcp:127.0.0.1:0")
-        dst_uri = dst.listen_uri()
-        assert dst_uri is not None
-        with two_relays(mignet_cmd, subprocess_env, dst_uri, first_extra=("--channels", "2")) as (
-                first, second, uri):
-            with QemuSource(tmp_path, mem_mib=128, fill="random", seed=17) as src:
-                src.migrate(uri, capabilities={"multifd": True}, parameters={"multifd_channels": 3})
-                source = np.fromfile(src.image_path, np.uint8)
-            done = [finish(first)[-1], finish(second)[-1]]
-        info = dst.wait_migration(timeout=120)
-        assert info["status"] == "completed"
-        assert np.array_equal(np.fromfile(dst.image_path, np.uint8), source)
+    done = _paused_qemu_through_two_relays(mignet_cmd, subprocess_env, tmp_path, seed=17,
+                                           first_extra=("--channels", "2"), prelaunch=False,
+                                           capabilities={"multifd": True},
+                                           parameters={"multifd_channels": 3})
     qemu_in, out, into = done[0]["multifd_in"], done[0]["multifd_out"], done[1]["multifd_in"]
     assert qemu_in["channels"] == 3 and out["channels"] == into["channels"] == 2
     assert sum(qemu_in["pages"].values()) == sum(out["pages"].values()) == sum(into["pages"].values()) > 0
