@@ -102,7 +102,7 @@ class Migrations:
         snapshot = self.options.begin("outgoing", config)
         try:
             channels = _multifd_channels(uri, snapshot.capabilities, snapshot.parameters)
-            tls = self._tls(uri, snapshot.parameters, "client", channels)
+            tls = self._tls(uri, snapshot.parameters, "client", multifd=channels > 0)
         except BaseException:
             self.options.end("outgoing")
             raise
@@ -213,7 +213,7 @@ class Migrations:
         snapshot = self.options.begin("incoming", config)
         try:
             multifd = bool(_multifd_channels(uri, snapshot.capabilities, snapshot.parameters))
-            tls = self._tls(uri, snapshot.parameters, "server", int(multifd))
+            tls = self._tls(uri, snapshot.parameters, "server", multifd=multifd)
             if retry and self.guest.out is not None:  # the failed attempt's files go
                 out = self.guest.out
                 self.guest.out = GuestDir(out.path, force=True, digest=out.digest)
@@ -338,7 +338,7 @@ class Migrations:
         direction that had none): channels, pages per channel, packets, syncs, refusals."""
         return {d: (f() if (f := self._multifd_seen.get(d)) else None) for d in ("outgoing", "incoming")}
 
-    def _tls(self, uri: str, params: Mapping[str, Any], endpoint: str, channels: int) -> _Tls | None:
+    def _tls(self, uri: str, params: Mapping[str, Any], endpoint: str, multifd: bool) -> _Tls | None:
         """QEMU's ``tls-creds``/``tls-hostname``/``tls-authz`` for a migration, checked at
         its start (an id that names no object is refused then, as in QEMU)."""
         creds_id = str(params.get("tls-creds", ""))
@@ -347,7 +347,7 @@ class Migrations:
         address = parse_uri(uri)
         if address.scheme != "tcp":
             raise RequestRefused(f"TLS needs a tcp: URI, not {address.scheme}:")
-        if channels:
+        if multifd:
             raise RequestRefused("multifd with TLS is not supported by mignet: turn one of them off")
         creds = self.objects.tls_creds(creds_id, endpoint)
         authz_id = str(params.get("tls-authz", ""))
