@@ -40,7 +40,7 @@ from mignet.errors import (
 )
 from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir, open_snapshot
-from mignet.guest.ram import DEFAULT_DIGEST, DIGESTS, GuestRam, RamBlock, RamDigests
+from mignet.guest.ram import DIGESTS, GuestRam, RamBlock, RamDigests
 from mignet.migration.loadvm import IDLE_TIMEOUT, Loader, LoadResult, LoadStats, start_load_thread
 from mignet.migration.multifd import MultifdReceiver, MultifdSender, accept_incoming, open_channels
 from mignet.migration.savevm import Sender, SendStats
@@ -493,8 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true",
                    help="reuse an --out DIR that holds an earlier (finished or failed) receive, "
                         "replacing its files")
-    _add_max_ram(r)
-    add_digest_option(r, "the received RAM's digests (table, --json, --out's manifest)")
+    options.add_max_ram(r)
+    options.add_digest(r, "the received RAM's digests (table, --json, --out's manifest)")
     r.add_argument("--timeout", type=options.seconds, metavar="SECONDS",
                    help="seconds to wait for the source (default: no limit)")
     _add_idle_timeout(r)
@@ -551,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dirty-rate", default="200MiB/s", metavar="RATE", type=options.rate,
                    help="with --live: the vCPUs' write rate, bytes per second")
     _add_live_options(s, "with --live: ")
-    add_digest_option(s, "the sent RAM's digest (table, --json)")
+    options.add_digest(s, "the sent RAM's digest (table, --json)")
     _add_output_options(s)
     s.set_defaults(func=cmd_send, _check=check_send)
 
@@ -566,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-bandwidth", default="0", metavar="RATE", type=options.rate,
                    help="bytes per second, e.g. 128MiB/s; 0 = unlimited")
     _add_live_options(d)
-    add_digest_option(d, "the digest both ends compare", choices=DIGESTS[:-1])
+    options.add_digest(d, "the digest both ends compare", choices=DIGESTS[:-1])
     _add_output_options(d, "a completed event with both digests")
     d.set_defaults(func=cmd_demo)
 
@@ -581,19 +581,6 @@ def _add_live_options(p: argparse.ArgumentParser, only: str = "") -> None:
                         "bandwidth, as QEMU")
     p.add_argument("--auto-converge", action="store_true",
                    help=f"{only}throttle the vCPUs progressively while the dirty rate outruns the link")
-
-
-def add_digest_option(p: argparse.ArgumentParser, what: str,
-                      choices: tuple[str, ...] = DIGESTS) -> None:
-    p.add_argument("--digest", choices=choices, default=DEFAULT_DIGEST,
-                   help=f"{what}: xxh3 (XXH3-128, fast), blake3, sha256 (sha256sum of a block "
-                        f"file){', none' if 'none' in choices else ''}; default {DEFAULT_DIGEST}")
-
-
-def _add_max_ram(p: argparse.ArgumentParser) -> None:
-    phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    p.add_argument("--max-ram", default=str(phys), metavar="SIZE", type=options.size,
-                   help=f"refuse sources with more RAM (default: this host's memory, {human_bytes(phys)})")
 
 
 def _add_idle_timeout(p: argparse.ArgumentParser) -> None:

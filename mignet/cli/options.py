@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from mignet.cli.exits import UsageError
 from mignet.errors import MignetError
-from mignet.units import parse_rate, parse_size
+from mignet.guest.ram import DEFAULT_DIGEST, DIGESTS
+from mignet.units import human_bytes, parse_rate, parse_size
 from mignet.uri import parse_uri
 
 _UNSET: Any = object()
@@ -192,3 +194,19 @@ IDLE_HELP = ("seconds the peer may send or take nothing before the migration giv
 
 SIZES = "sizes are binary: 1M = 1 MiB, 1G = 1 GiB"
 RATES = "rates are bytes per second, binary: 128MiB/s; bit rates are refused"
+
+
+def add_max_ram(p: argparse.ArgumentParser, role: str = "") -> None:
+    """``--max-ram`` of every command that receives a guest (recv, relay, serve); ``role``
+    prefixes the help (``destination: ``) where the command has more than one."""
+    phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    p.add_argument("--max-ram", default=str(phys), metavar="SIZE", type=size,
+                   help=f"{role}refuse sources with more RAM (default: this host's memory, {human_bytes(phys)})")
+
+
+def add_digest(p: argparse.ArgumentParser, what: str, choices: tuple[str, ...] = DIGESTS) -> None:
+    """``--digest`` of every command that prints or writes RAM digests; ``what`` says which."""
+    p.add_argument("--digest", choices=choices, default=DEFAULT_DIGEST,
+                   help=f"{what}: xxh3 (XXH3-128, fast), blake3, sha256 (sha256sum of a block "
+                        f"file){', none' if 'none' in choices else ''}; default {DEFAULT_DIGEST}")
+

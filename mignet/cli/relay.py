@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 import time
@@ -38,9 +37,7 @@ def add_parser(sub: Any) -> None:
                    help="tcp:HOST:PORT, unix:PATH or rdma:HOST:PORT")
     p.add_argument("--to", required=True, metavar="URI", type=options.uri,
                    help="where the stream goes on: qemu -incoming, mignet recv or another relay")
-    phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    p.add_argument("--max-ram", default=str(phys), metavar="SIZE", type=options.size,
-                   help=f"refuse sources with more RAM (default: this host's memory, {human_bytes(phys)})")
+    options.add_max_ram(p)
     p.add_argument("--channels", type=options.count_range(1, MAX_CHANNELS), default=1, metavar="N",
                    help="QEMU 7.2's multifd towards --to: page data over N extra connections "
                         "(N >= 2; tcp: or unix:)")

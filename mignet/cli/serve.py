@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -22,8 +21,6 @@ from mignet.cli import options
 from mignet.cli.exits import report
 from mignet.cli.options import refuse_unless
 from mignet.errors import MignetError
-from mignet.guest.ram import DEFAULT_DIGEST, DIGESTS
-from mignet.units import human_bytes
 from mignet.uri import parse_uri
 
 if TYPE_CHECKING:
@@ -51,13 +48,8 @@ def add_parser(sub: Any) -> None:
                    help="source: vCPU threads keep writing guest RAM at RATE bytes per second "
                         "(e.g. 64MiB/s), so migrate runs live precopy rounds; 0 = idle")
     s.add_argument("--out", metavar="DIR", help="destination: write the received guest to DIR")
-    s.add_argument("--digest", choices=DIGESTS, default=DEFAULT_DIGEST,
-                   help="destination with --out: the manifest's digests: xxh3 (XXH3-128, fast), "
-                        f"blake3, sha256 (sha256sum of a block file), none; default {DEFAULT_DIGEST}")
-    phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    s.add_argument("--max-ram", default=str(phys), metavar="SIZE", type=options.size,
-                   help=f"destination: refuse sources with more RAM (default: this host's memory, "
-                        f"{human_bytes(phys)})")
+    options.add_digest(s, "destination with --out: the manifest's digests")
+    options.add_max_ram(s, "destination: ")
     s.add_argument("--recv-model", choices=["thread", "coroutine"], default="thread",
                    help="destination: load in the mig/dst/main thread or as a coroutine "
                         "of the main loop holding the big lock (QEMU's old model)")
