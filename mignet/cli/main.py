@@ -53,10 +53,6 @@ from mignet.uri import parse_uri
 from mignet.wire.multifd import MAX_CHANNELS
 
 
-def _emit_json(obj: dict[str, Any]) -> None:
-    emit_json(obj)
-
-
 # --- recv ----------------------------------------------------------------------------
 def cmd_recv(args: argparse.Namespace) -> int:
     _cancel_on_sigterm()
@@ -70,7 +66,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
         console.print(f"mignet: warning: {address} is reachable from other hosts and not "
                       "encrypted or authenticated: use --tls-creds DIR", soft_wrap=True)
     if args.json:
-        _emit_json({"event": "listening", "uri": str(address)})
+        emit_json({"event": "listening", "uri": str(address)})
     channel, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why),
                                        channels=not args.tls_creds)
     if args.tls_creds:  # one connection, authenticated before a byte of the stream
@@ -108,7 +104,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
     if not args.quiet:
         _print_load_table(result, digests, out)
     if args.json:
-        _emit_json({"event": "completed", **digest_keys(digests), "stats": stats,
+        emit_json({"event": "completed", **digest_keys(digests), "stats": stats,
                     "blocks": result.ram.layout(), "peak_rss": peak_rss()})
     return 0
 
@@ -143,7 +139,7 @@ def _loopback(host: str) -> bool:
 def _refused(args: argparse.Namespace, why: str) -> None:
     """A stray connection (not the migration's) was turned away; the migration goes on."""
     if args.json:
-        _emit_json({"event": "refused", "reason": why})
+        emit_json({"event": "refused", "reason": why})
     elif not args.quiet:
         console.print(f"mignet: {escape(why)}", soft_wrap=True)
 
@@ -296,7 +292,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     if not args.quiet:
         _print_send_table(stats, digests)
     if args.json:
-        _emit_json(_send_completed(digests, stats.transferred, stats.elapsed, confirmed=stats.confirmed,
+        emit_json(_send_completed(digests, stats.transferred, stats.elapsed, confirmed=stats.confirmed,
                                    multifd=multifd.describe() if multifd is not None else None))
     return 0
 
@@ -359,7 +355,7 @@ def _send_stream(args: argparse.Namespace) -> int:
     if not args.quiet:
         console.print(f"mignet: sent {path} ({human_bytes(sent)}) to {args.uri}")
     if args.json:
-        _emit_json(_send_completed(None, sent, time.monotonic() - t0, stream=str(path)))
+        emit_json(_send_completed(None, sent, time.monotonic() - t0, stream=str(path)))
     return 0
 
 
@@ -393,7 +389,7 @@ def _send_live(args: argparse.Namespace) -> int:
         console.print(f"source {row[0]} at stop-and-copy: {row[1]}")
     if args.json:
         info = precopy.query_migrate()
-        _emit_json(_send_completed(digests, info["ram"]["transferred"], info["total-time"] / 1000,
+        emit_json(_send_completed(digests, info["ram"]["transferred"], info["total-time"] / 1000,
                                    migration=info, multifd=multifd.describe() if multifd else None))
     return 0
 
@@ -464,7 +460,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             console.print(f"[bold green]OK[/]: the received RAM is identical to the source ({args.digest} match)")
         if args.json:  # else the error line (main) is the last one
             info = precopy.query_migrate()
-            _emit_json({"event": "completed", "digest": args.digest, "ram_digest": source.ram,
+            emit_json({"event": "completed", "digest": args.digest, "ram_digest": source.ram,
                         "received_digest": done["ram_digest"], "identical": True,
                         "transferred": info["ram"]["transferred"],
                         "seconds": info["total-time"] / 1000, "migration": info})

@@ -12,14 +12,12 @@ on tcp:/unix: accepts a multifd inbound as ``mignet recv`` does.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import threading
 import time
 from typing import Any
 
 from mignet.cli import options
-from mignet.cli.exits import UsageError
+from mignet.cli.exits import UsageError, emit_json
 from mignet.cli.options import refuse_unless
 from mignet.errors import MigrationCancelled
 from mignet.migration.multifd import accept_incoming
@@ -58,15 +56,10 @@ def check_relay(args: argparse.Namespace) -> None:
     refuse_unless(args, args.json, ["progress"], "without --json")
 
 
-def _emit(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
-
-
 def _refused(args: argparse.Namespace, why: str) -> None:
     """A stray connection (not the migration's) was turned away; the relay goes on."""
     if args.json:
-        _emit({"event": "refused", "reason": why})
+        emit_json({"event": "refused", "reason": why})
     elif not args.quiet:
         console.print(f"mignet relay: {why}", soft_wrap=True, markup=False)
 
@@ -81,7 +74,7 @@ def _progress(relay: Relay) -> dict[str, Any]:
 def cmd_relay(args: argparse.Namespace) -> int:
     listener = listen(args.listen)
     if args.json:
-        _emit({"event": "listening", "uri": str(listener.address)})
+        emit_json({"event": "listening", "uri": str(listener.address)})
     elif not args.quiet:
         console.print(f"mignet relay: listening on {listener.address}, forwarding to {args.to}")
     inbound, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why))
@@ -100,7 +93,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
         while thread.is_alive():
             thread.join(args.progress)
             if args.json and thread.is_alive():
-                _emit(_progress(relay))
+                emit_json(_progress(relay))
     except KeyboardInterrupt:
         relay.cancel()
         thread.join(5)
@@ -112,7 +105,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
         raise box["error"]
     stats: RelayStats = box["stats"]
     if args.json:
-        _emit({"event": "completed", **stats.as_dict()})
+        emit_json({"event": "completed", **stats.as_dict()})
     elif not args.quiet:
         console.print(
             f"mignet relay: {human_bytes(stats.bytes_in)} in, {human_bytes(stats.bytes_out)} out, "
