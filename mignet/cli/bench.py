@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from mignet.cli import options
+from mignet.wire.multifd import MAX_CHANNELS
 
 
 def add_parser(sub: Any) -> None:
@@ -108,8 +109,8 @@ def _channel_list(text: str) -> list[int]:
         counts = [int(c) for c in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected channel counts like 1,2,4, not {text!r}") from None
-    if not counts or any(not 1 <= c <= 255 for c in counts):
-        raise argparse.ArgumentTypeError("every channel count must be 1 to 255")
+    if not counts or any(not 1 <= c <= MAX_CHANNELS for c in counts):
+        raise argparse.ArgumentTypeError(f"every channel count must be 1 to {MAX_CHANNELS}")
     return counts
 
 
