@@ -86,6 +86,9 @@ class Channel(ABC):
 
     #: Set by transports that write pages into the peer's RAM directly (RDMA).
     page_placement: RemotePagePlacement | None = None
+    #: Whether one thread may write while another reads (postcopy's page requests go out
+    #: while the loader reads): plain sockets yes; an SSL object or a verbs queue no.
+    duplex_threads: bool = True
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -33,15 +33,6 @@ def test_commands_decode_as_events() -> None:
     assert events[1:] == [Command(1, b""), Command(2, b"\0\0\0\x05")]
 
 
-def test_postcopy_commands_are_refused_by_name() -> None:
-    from mignet.errors import ProtocolError
-    dec = StreamDecoder()
-    dec.receive_data(b"QEVM\0\0\0\x03" + command(3, b"\0" * 16))
-    dec.next_event()
-    with pytest.raises(ProtocolError, match="POSTCOPY_ADVISE.*postcopy"):
-        dec.next_event()
-
-
 @pytest.mark.qemu
 @pytest.mark.skipif(qemu_skip_reason() is not None, reason=qemu_skip_reason() or "")
 def test_qemu_source_with_return_path_completes_into_mignet(

@@ -74,7 +74,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
                              args.tls_verify_peer, glob_rules(args.tls_authz))
     loader = Loader(channel, devices=DeviceSet.empty(), max_ram_bytes=args.max_ram,
                     block_factory=out.block_factory if out else RamBlock.anonymous,
-                    idle_timeout=args.idle_timeout)
+                    idle_timeout=args.idle_timeout, postcopy=args.postcopy, vcpus=args.vcpus)
     try:
         if multifd is not None:
             multifd.idle_timeout = args.idle_timeout
@@ -181,7 +181,8 @@ def _load_stats_dict(s: LoadStats) -> dict[str, Any]:
             "device_sections": s.device_sections, "seconds": round(s.elapsed, 4),
             "setup_seconds": round(s.setup_seconds, 4), "rdma_placed_bytes": s.placed_bytes,
             "predicted_pages": s.predicted_pages, "mispredictions": s.mispredictions,
-            "switchover_at": s.switchover_at}  # CLOCK_MONOTONIC: live downtime on one host
+            "switchover_at": s.switchover_at,  # CLOCK_MONOTONIC: live downtime on one host
+            "postcopy": s.postcopy.to_json() if s.postcopy is not None else None}
 
 
 def _print_load_table(result: LoadResult, digests: RamDigests | None, out: GuestDir | None) -> None:
@@ -193,6 +194,13 @@ def _print_load_table(result: LoadResult, digests: RamDigests | None, out: Guest
         ("pages: data / zero", f"{s.normal_pages} / {s.zero_pages}"),
         ("device sections", s.device_sections),
     ]
+    if s.postcopy is not None:
+        pc = s.postcopy.to_json()
+        lat = pc["fault-latency-ms"]
+        rows += [("postcopy: discarded pages", pc["discarded-pages"]),
+                 ("postcopy: faults / requests", f"{pc['faults']} / {pc['requests']}")]
+        if lat["p50"] is not None:
+            rows.append(("fault latency p50/p99/max", f"{lat['p50']} / {lat['p99']} / {lat['max']} ms"))
     if s.placed_bytes:  # RDMA: page data bypassed the stream
         rows += [("written by RDMA", human_bytes(s.placed_bytes)),
                  ("setup (RAM registration)", f"{s.setup_seconds:.2f} s")]
@@ -214,10 +222,14 @@ def _source_ram(args: argparse.Namespace) -> GuestRam:
 
 
 def check_recv(args: argparse.Namespace) -> None:
-    """Refuse, before listening, TLS options that would be ignored."""
+    """Refuse, before listening, options that would be ignored or cannot work."""
     if args.tls_creds and parse_uri(args.listen).scheme != "tcp":
         raise UsageError("--tls-creds needs a tcp: URI (as QEMU's TLS migration)", options.prog(args))
     refuse_unless(args, bool(args.tls_creds), ["tls_authz", "tls_verify_peer"], "without --tls-creds")
+    refuse_unless(args, args.postcopy, ["vcpus"], "without --postcopy")
+    if args.postcopy and (args.tls_creds or parse_uri(args.listen).scheme == "rdma"):
+        raise UsageError("--postcopy needs plain tcp: or unix: (mignet's postcopy does not run "
+                         "over TLS or RDMA yet)", options.prog(args))
 
 
 def check_send(args: argparse.Namespace) -> None:
@@ -494,6 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=options.seconds, metavar="SECONDS",
                    help="seconds to wait for the source (default: no limit)")
     _add_idle_timeout(r)
+    r.add_argument("--postcopy", action="store_true",
+                   help="accept a source that switches to postcopy (QEMU's postcopy-ram): "
+                        "the guest runs here before all RAM came, and pages it touches are "
+                        "asked for")
+    r.add_argument("--vcpus", type=options.count_range(0, 64), default=1, metavar="N",
+                   help="postcopy: threads that read every page once the guest runs here, "
+                        "as its vCPUs would, so their faults pull pages; 0: none "
+                        "(default: %(default)s)")
     r.add_argument("--tls-creds", metavar="DIR",
                    help="TLS on tcp: as QEMU's tls-creds-x509 endpoint=server: DIR holds "
                         "ca-cert.pem, server-cert.pem, server-key.pem")

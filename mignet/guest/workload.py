@@ -12,6 +12,7 @@ writes that fraction of its unthrottled rate; auto-converge raises it.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from dataclasses import dataclass
@@ -131,3 +132,64 @@ class Workload:
         size = max(1, int(pages * self.hot_fraction))
         start = int(np.random.default_rng(self.seed).integers(0, pages - size + 1))
         return start, start + size
+
+
+class Reader:
+    """A destination's running guest under postcopy: "vCPU" threads that read every page
+    of ``ram`` once, in a seeded random order, as fast as the pages come.
+
+    A read of a page that has not arrived stops the thread in the kernel until the page is
+    placed — what a real vCPU does — so the read goes through a ctypes call, which releases
+    the GIL: a vCPU stuck in a fault never stops the Python thread that resolves it. They
+    only read, so the RAM stays comparable byte for byte with the source's.
+    """
+
+    def __init__(self, ram: GuestRam, *, threads: int = 1, seed: int = 0) -> None:
+        if threads < 1:
+            raise SetupError("the reader needs at least one vCPU thread")
+        self.ram = ram
+        self.threads = threads
+        self.seed = seed
+        self.pages_read = 0
+        self.finished: float | None = None  # monotonic time the last page was read
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._workers: list[threading.Thread] = []
+
+    def start(self) -> None:
+        if self._workers:
+            raise MisuseError("the reader is running already")
+        rng = np.random.default_rng(self.seed)
+        # every page of every block as (address), shuffled, split among the threads
+        addrs = np.concatenate([b.data.ctypes.data + np.arange(b.pages, dtype=np.uint64) * PAGE_SIZE
+                                for b in self.ram]).astype(np.uint64)
+        rng.shuffle(addrs)
+        self._left = self.threads
+        for i, part in enumerate(np.array_split(addrs, self.threads)):
+            t = threading.Thread(target=self._vcpu, args=(part.tolist(),), name=f"vcpu/{i}",
+                                 daemon=True)
+            self._workers.append(t)
+            t.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Ask the threads to stop and wait; a thread still blocked in a fault wakes only
+        when its page is placed or its range unregistered (the caller's job)."""
+        self._stop.set()
+        for t in self._workers:
+            t.join(timeout)
+        self._workers = [t for t in self._workers if t.is_alive()]
+
+    def _vcpu(self, addresses: list[int]) -> None:
+        scratch = ctypes.create_string_buffer(8)
+        memmove = ctypes.memmove
+        done = 0
+        for i, addr in enumerate(addresses):
+            if i % 256 == 0 and self._stop.is_set():
+                break
+            memmove(scratch, addr, 1)
+            done += 1
+        with self._lock:
+            self.pages_read += done
+            self._left -= 1
+            if self._left == 0:
+                self.finished = time.monotonic()

@@ -22,6 +22,7 @@ time, never correctness.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -34,6 +35,7 @@ from mignet.channel import Channel
 from mignet.errors import MignetError, ProtocolError, SetupError
 from mignet.guest.devices import KNOWN_DEVICES, DeviceSet
 from mignet.guest.ram import GuestRam, RamBlock
+from mignet.migration.postcopy import PostcopyIncoming, PostcopyStats
 from mignet.runtime.bql import assert_bql_not_held, bql_held
 from mignet.runtime.cancel import Cancel
 from mignet.runtime.coroutine import run_coroutine
@@ -57,7 +59,14 @@ from mignet.wire import (
 )
 from mignet.wire.constants import CONTINUE_PAGE_FLAGS, PAGE_RECORD_SIZE
 from mignet.wire.decoder_states import DecoderState
-from mignet.wire.events import Command
+from mignet.wire.events import (
+    Command,
+    Packaged,
+    PostcopyAdvise,
+    PostcopyDiscard,
+    PostcopyListen,
+    PostcopyRun,
+)
 from mignet.wire.return_path import CMD_OPEN_RETURN_PATH, CMD_PING, rp_pong, rp_shut
 
 MAX_RUN = 511  # (1 + 2 * 511 + 1) buffers fit Linux's IOV_MAX of 1024
@@ -88,6 +97,7 @@ class LoadStats:
     switchover_at: float | None = None
     setup_seconds: float = 0.0  # registering RAM for remote writes (RDMA), QEMU's setup-time
     placed_bytes: int = 0  # page data the source wrote into our RAM itself (RDMA), as it reports
+    postcopy: PostcopyStats | None = None  # when the source switched to postcopy
 
     @property
     def elapsed(self) -> float:
@@ -125,7 +135,8 @@ class Loader:
                  devices: DeviceSet | None = None, max_ram_bytes: int = 1 << 40,
                  on_switchover: Callable[[], None] | None = None,
                  block_factory: Callable[[str, int], RamBlock] = RamBlock.anonymous,
-                 threaded: bool = True, idle_timeout: float | None = IDLE_TIMEOUT) -> None:
+                 threaded: bool = True, idle_timeout: float | None = IDLE_TIMEOUT,
+                 postcopy: bool = False, vcpus: int = 1) -> None:
         self.channel = channel
         channel.set_idle_timeout(read=idle_timeout)  # a stalled source ends the load
         self.ram = ram
@@ -152,7 +163,17 @@ class Loader:
         #: (QEMU's multifd_recv_sync_main barrier); called in the loader's thread.
         self.on_blocks: Callable[[GuestRam], None] | None = None
         self.on_ram_eos: Callable[[], None] | None = None
+        self.channel_count: Callable[[], int] | None = None  # multifd channels connected
         self._eos_hooked = False
+        #: postcopy-ram on here (QEMU refuses an ADVISE without it); vCPUs that read RAM
+        #: once the guest runs, so its page faults pull pages.
+        self.postcopy_allowed = postcopy
+        self.vcpus = vcpus
+        self.postcopy: PostcopyIncoming | None = None
+        self._listening = False  # pages go through userfaultfd from now on
+        self._rp_lock = threading.Lock()  # PONG/SHUT (loader) and page requests (fault thread)
+        self._bounce = np.zeros(PAGE_SIZE, dtype=np.uint8)
+        self._bounce_view = self._bounce.data.cast("B")
 
     # --- control ---------------------------------------------------------------------
     def cancel(self) -> None:
@@ -169,13 +190,23 @@ class Loader:
         ConnectionLostError when the peer vanished, MigrationCancelled on cancel."""
         if self.threaded:
             assert_bql_not_held("the threaded loader")
+        try:
+            return self._load()
+        finally:
+            if self.postcopy is not None:
+                self.postcopy.close()  # idempotent; on failure it wakes any stuck vCPU
+
+    def _load(self) -> LoadResult:
         dec = self.decoder
         with self._cancel.guard():
             while True:
                 event, self._stash = (self._stash, None) if self._stash is not None else (dec.next_event(), None)
                 cls = type(event)
                 if cls is RamPage:
-                    self._place_page(event)  # type: ignore[arg-type]
+                    if self._listening:
+                        self._place_postcopy_page(event)  # type: ignore[arg-type]
+                    else:
+                        self._place_page(event)  # type: ignore[arg-type]
                 elif event is NEED_DATA:
                     if dec.state is DecoderState.PAGE_PAYLOAD:
                         self._place_payload()
@@ -202,7 +233,11 @@ class Loader:
                 elif cls is RamBlocks:
                     self._setup_blocks(event)  # type: ignore[arg-type]
                 elif cls is EndOfStream:
-                    self._switchover()
+                    if self._listening:
+                        assert self.postcopy is not None
+                        self.postcopy.finish()  # the guest switched over at RUN
+                    else:
+                        self._switchover()
                 elif cls is VMDescription:
                     self.description = event.description  # type: ignore[union-attr]
                     break  # nothing may follow: do not wait for the peer to close
@@ -214,10 +249,12 @@ class Loader:
                     self._command(event)  # type: ignore[arg-type]
                 elif cls is StreamStart:
                     pass
+                else:
+                    self._postcopy_event(event)
         self.stats.bytes_received = dec.offset
         rp = self.stats.return_path
         if rp is not None:  # loaded: confirm, so the source may report completed
-            self.channel.write_all(rp_shut(0))
+            self._send_rp(rp_shut(0))
             rp["shut"] = 0
         self.stats.finished = time.monotonic()
         if self.ram is None:
@@ -256,8 +293,55 @@ class Loader:
             if rp is None:
                 raise ProtocolError("PING before OPEN_RETURN_PATH: the source never opened "
                                     "the return path")
-            self.channel.write_all(rp_pong(int.from_bytes(event.data, "big")))
+            self._send_rp(rp_pong(int.from_bytes(event.data, "big")))
             rp["pings"] += 1
+
+    def _send_rp(self, message: bytes) -> None:
+        """One whole return-path message; the loader and the fault thread both send."""
+        with self._rp_lock:
+            self.channel.write_all(message)
+
+    # --- postcopy (QEMU's loadvm_postcopy_handle_*) ---------------------------------------
+    def _postcopy_event(self, event: Any) -> None:
+        cls = type(event)
+        if cls is PostcopyAdvise:
+            self._advise(event)
+            return
+        pc = self.postcopy
+        assert pc is not None  # the decoder allows nothing else before ADVISE
+        if cls is PostcopyDiscard:
+            assert self.ram is not None
+            pc.discard(self.ram[event.block], event.ranges)
+        elif cls is PostcopyListen:
+            if self.stats.return_path is None:
+                raise ProtocolError("postcopy without a return path: the source never opened "
+                                    "it, so it could never be asked for a page")
+            if self.channel_count is not None and self.channel_count():
+                raise SetupError("postcopy with multifd is not supported by mignet: turn off "
+                                 "multifd or postcopy-ram on the source")
+            pc.listen()
+            self._listening = True
+            self._bulk(False)
+        elif cls is PostcopyRun:
+            self._switchover()  # the guest runs here from now on
+            pc.run()
+        elif cls is not Packaged:
+            raise ProtocolError(f"unexpected {cls.__name__} in the stream")
+
+    def _advise(self, event: PostcopyAdvise) -> None:
+        if not self.postcopy_allowed:
+            raise SetupError("the source advised postcopy (postcopy-ram), which is off here: "
+                             "turn it on (recv --postcopy; postcopy-ram on serve) or off there")
+        if event.page_size_summary != PAGE_SIZE or event.target_page_size != PAGE_SIZE:
+            raise ProtocolError(
+                f"postcopy needs matching RAM page sizes: the source has "
+                f"{event.page_size_summary:#x} (target {event.target_page_size:#x}), mignet "
+                f"{PAGE_SIZE:#x} (huge-page guests cannot be postcopied here)")
+        if not self.channel.duplex_threads or self.channel.page_placement is not None:
+            raise SetupError(f"postcopy over {self.channel.name} is not supported by mignet: "
+                             "use plain tcp: without TLS, or turn off postcopy-ram")
+        self.postcopy = PostcopyIncoming(self._send_rp, vcpus=self.vcpus)
+        self.stats.postcopy = self.postcopy.stats
 
     # --- RAM -------------------------------------------------------------------------
     def _setup_blocks(self, event: RamBlocks) -> None:
@@ -295,6 +379,8 @@ class Loader:
                 block.pristine = None
             self.channel.page_placement.register_destination_ram(self.ram)
             self.stats.setup_seconds = time.monotonic() - t0
+        if self.postcopy is not None:
+            self.postcopy.prepare(self.ram)
         if self.on_blocks is not None:
             self.on_blocks(self.ram)
 
@@ -308,8 +394,31 @@ class Loader:
         return self._block
 
     def _zero_page(self, event: RamZero) -> None:
-        self._select_block(event.block).fill_page(event.offset, event.fill)
+        block = self._select_block(event.block)
+        if self._listening:
+            assert self.postcopy is not None
+            self.postcopy.place_zero(block, event.offset, event.fill)
+        else:
+            block.fill_page(event.offset, event.fill)
         self.stats.zero_pages += 1
+
+    def _place_postcopy_page(self, event: RamPage) -> None:
+        """After LISTEN: the payload into a bounce page, then placed whole (UFFDIO_COPY),
+        never read into RAM the guest may be reading."""
+        block = self._select_block(event.block)
+        dec = self.decoder
+        got = dec.take_payload_into(self._bounce_view) if dec.buffered else 0
+        while got < PAGE_SIZE:
+            n = self.channel.read_some_into([self._bounce_view[got:]])
+            if n == 0:
+                self._cancel.check()
+                dec.receive_eof()  # the next event reports the truncation
+                return
+            dec.payload_placed(n)
+            got += n
+        assert self.postcopy is not None
+        self.postcopy.place(block, event.offset, self._bounce.ctypes.data)
+        self.stats.normal_pages += 1
 
     def _place_page(self, event: RamPage) -> None:
         self._select_block(event.block)

@@ -264,6 +264,7 @@ class MultifdReceiver:
         self._loader = loader
         loader.on_blocks = self._blocks_ready
         loader.on_ram_eos = self._sync_main
+        loader.channel_count = lambda: self.channel_count
 
     @property
     def channel_count(self) -> int:

@@ -63,6 +63,8 @@ def _close_open_channels() -> None:
 class RdmaChannel(Channel):
     """A connected RDMA endpoint with QIOChannel semantics (see module docstring)."""
 
+    duplex_threads = False  # postcopy's concurrent page requests are not wired up here yet
+
     def __init__(self, conn: connection.Conn, name: str) -> None:
         super().__init__(name)
         import pyverbs.enums as e

@@ -32,6 +32,8 @@ class TlsChannel(SocketChannel):
     calls and no MSG_PEEK, so reads fill one buffer at a time, writes send one buffer, and
     the kernel's low-water hint is off (decrypted bytes may wait inside the SSL object)."""
 
+    duplex_threads = False  # one SSL object: a read and a write must not overlap
+
     def hint_bulk_reads(self, low_water: int) -> None:
         pass
 

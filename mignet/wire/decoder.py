@@ -43,13 +43,18 @@ from mignet.wire.decoder_states import (
     DecoderState,
     check_transition,
 )
-from mignet.wire.device_tail import split_device_tail
+from mignet.wire.device_tail import PACKAGE_FOLLOWERS, section_end_by_scan, split_device_tail
 from mignet.wire.events import (
     Command,
     Configuration,
     DeviceState,
     EndOfStream,
     Event,
+    Packaged,
+    PostcopyAdvise,
+    PostcopyDiscard,
+    PostcopyListen,
+    PostcopyRun,
     RamBlocks,
     RamEndOfSection,
     RamPage,
@@ -59,7 +64,27 @@ from mignet.wire.events import (
     StreamStart,
     VMDescription,
 )
-from mignet.wire.return_path import COMMAND_NAMES, SUPPORTED_COMMANDS
+from mignet.wire.postcopy import (
+    CMD_PACKAGED,
+    CMD_POSTCOPY_ADVISE,
+    CMD_POSTCOPY_LISTEN,
+    CMD_POSTCOPY_RAM_DISCARD,
+    CMD_POSTCOPY_RUN,
+    MAX_PACKAGE_BYTES,
+    PACKAGED_ONLY,
+    PostcopyState,
+    packaged_length,
+    parse_advise,
+    parse_discard,
+)
+from mignet.wire.postcopy import ORDER as POSTCOPY_ORDER
+from mignet.wire.postcopy import next_state as next_postcopy_state
+from mignet.wire.return_path import (
+    CMD_OPEN_RETURN_PATH,
+    CMD_PING,
+    COMMAND_NAMES,
+    SUPPORTED_COMMANDS,
+)
 from mignet.wire.vmstate import VMStateDescription
 
 
@@ -146,6 +171,8 @@ class StreamDecoder:
         self._tail_start = 0
         self._pending: list[Event] = []
         self._finished = False
+        self.postcopy = PostcopyState.NONE
+        self._package_end: int | None = None  # stream offset where a PACKAGED command ends
 
     # --- input -----------------------------------------------------------------------
     @property
@@ -307,6 +334,16 @@ class StreamDecoder:
         return StreamStart(version)
 
     def _top(self) -> Event | _NeedData:
+        if self._package_end is not None:
+            if self.offset >= self._package_end:
+                raise self._error("PACKAGED ended without POSTCOPY_RUN")
+            event = self._section()
+            if self._package_end is not None and self.offset > self._package_end:
+                raise self._error("a section runs past the end of its package")
+            return event
+        return self._section()
+
+    def _section(self) -> Event | _NeedData:
         if not self._have(1):
             return NEED_DATA
         kind = self._buf[self._pos]
@@ -316,6 +353,14 @@ class StreamDecoder:
             return self._ram_section_header(kind)
         if kind == SectionType.SECTION_FULL:
             return self._device_section()
+        if kind == SectionType.EOF and self.postcopy is PostcopyState.RUNNING:
+            # QEMU sends no VM description after postcopy: the stream is complete here, and
+            # its source waits for SHUT before it closes.
+            self._pos += 1
+            self._goto(DecoderState.DONE)
+            self._finished = True
+            self._pending = [StreamFinished()]
+            return EndOfStream()
         if kind == SectionType.EOF:
             self._pos += 1
             self._goto(DecoderState.AFTER_EOF)
@@ -330,8 +375,8 @@ class StreamDecoder:
         raise self._error(f"section type {name} is not supported here")
 
     def _command(self) -> Event | _NeedData:
-        """A QEMU_VM_COMMAND: the return-path ones are events; postcopy, COLO and packaged
-        streams are refused by name (the capability to turn off is in the message)."""
+        """A QEMU_VM_COMMAND: return-path and postcopy commands are events, in the order
+        :data:`mignet.wire.postcopy.TRANSITIONS` allows; COLO and the rest are refused by name."""
         if not self._have(5):
             return NEED_DATA
         cmd, length = struct.unpack_from(">HH", self._buf, self._pos + 1)
@@ -339,18 +384,72 @@ class StreamDecoder:
         if name is None:
             raise self._error(f"unknown stream command {cmd}")
         if cmd not in SUPPORTED_COMMANDS:
-            hint = ("postcopy is not supported by mignet: turn off the postcopy-ram capability"
-                    if name.startswith("POSTCOPY") or name == "PACKAGED" else
-                    "mignet does not implement it")
-            raise self._error(f"stream command {name}: {hint}")
-        if length != SUPPORTED_COMMANDS[cmd]:
+            raise self._error(f"stream command {name}: mignet does not implement it")
+        if cmd == CMD_POSTCOPY_ADVISE and length == 0:
+            raise self._error("POSTCOPY_ADVISE for dirty bitmaps alone: mignet migrates no "
+                              "block dirty bitmaps; turn off dirty-bitmaps on the source")
+        fixed = SUPPORTED_COMMANDS[cmd]
+        if fixed is not None and length != fixed:
             raise self._error(f"stream command {name} with {length} bytes of data")
         if not self._have(5 + length):
             return NEED_DATA
         data = bytes(self._buf[self._pos + 5:self._pos + 5 + length])
-        self._pos += 5 + length
+        if cmd in (CMD_OPEN_RETURN_PATH, CMD_PING):
+            self._pos += 5 + length
+            self._need = 1
+            return Command(cmd, data)
+        return self._postcopy_command(cmd, name, data)
+
+    def _postcopy_command(self, cmd: int, name: str, data: bytes) -> Event | _NeedData:
+        nxt = next_postcopy_state(self.postcopy, cmd)
+        if nxt is None:
+            raise self._error(f"stream command {name} in postcopy state {self.postcopy.value}: "
+                              f"QEMU's order is {POSTCOPY_ORDER}")
+        in_package = self._package_end is not None
+        if cmd in PACKAGED_ONLY and not in_package:
+            raise self._error(f"stream command {name} outside a PACKAGED command")
+        event: Event
+        if cmd == CMD_PACKAGED:
+            if in_package:
+                raise self._error("PACKAGED inside a package")
+            size = packaged_length(data)
+            if size > MAX_PACKAGE_BYTES:
+                raise self._error(f"a package of {human_bytes(size)} is not device state "
+                                  f"(mignet takes up to {human_bytes(MAX_PACKAGE_BYTES)})")
+            if not self._have(5 + 4 + size):  # QEMU too reads the whole package first
+                return NEED_DATA
+            self._package_end = self.offset + 5 + 4 + size
+            event = Packaged(size)
+        elif cmd == CMD_POSTCOPY_ADVISE:
+            event = PostcopyAdvise(*parse_advise(data))
+        elif cmd == CMD_POSTCOPY_RAM_DISCARD:
+            event = self._discard(data)
+        elif cmd == CMD_POSTCOPY_LISTEN:
+            event = PostcopyListen()
+        else:
+            event = PostcopyRun()
+        self._pos += 5 + len(data)
         self._need = 1
-        return Command(cmd, data)
+        self.postcopy = nxt
+        if cmd == CMD_POSTCOPY_RUN:
+            if self.offset != self._package_end:
+                raise self._error("POSTCOPY_RUN is not the last command of its package")
+            self._package_end = None
+        return event
+
+    def _discard(self, data: bytes) -> PostcopyDiscard:
+        try:
+            block, ranges = parse_discard(data)
+        except ValueError as exc:
+            raise self._error(str(exc)) from None
+        size = self.blocks.get(block)
+        if size is None:
+            raise self._error(f"RAM_DISCARD for unknown block {block!r}")
+        for start, length in ranges:
+            if start % PAGE_SIZE or length % PAGE_SIZE or not length or start + length > size:
+                raise self._error(f"RAM_DISCARD range {start:#x}+{length:#x} is not whole pages "
+                                  f"inside block {block!r} of {size:#x} bytes")
+        return PostcopyDiscard(block, ranges)
 
     def _configuration(self) -> Event | _NeedData:
         if not self._have(5):
@@ -537,6 +636,20 @@ class StreamDecoder:
         idstr = self._text(self._pos + 6, idlen)
         instance, version = struct.unpack_from(">II", self._buf, self._pos + 6 + idlen)
         desc = self.devices.get(idstr)
+        after = DecoderState.DEVICES if self._package_end is None else DecoderState.TOP
+        if desc is None and self._package_end is not None:
+            # In a package (postcopy): no VM description comes, but the package is all
+            # here, so the section ends at its footer before the next section or command.
+            head = self._pos + 6 + idlen + 8
+            end = self._package_end - self._base
+            body_end = section_end_by_scan(self._buf, head, end, sid, PACKAGE_FOLLOWERS)
+            if body_end is None:
+                raise self._error(f"cannot find the end of device section {idstr!r} (id {sid}) "
+                                  "in its package")
+            raw = bytes(self._buf[head:body_end])
+            self._pos = body_end
+            self._section_id = sid
+            return self._footer_then(after, DeviceState(sid, idstr, instance, version, raw))
         if desc is None:
             # Real QEMU's devices: no length on the wire. Keep everything from here to the
             # end and split it with the VM description once the input ends.
@@ -552,7 +665,7 @@ class StreamDecoder:
         fields = desc.decode(raw, version)
         self._pos += body + size
         self._section_id = sid
-        return self._footer_then(DecoderState.DEVICES, DeviceState(sid, idstr, instance, version, raw, fields))
+        return self._footer_then(after, DeviceState(sid, idstr, instance, version, raw, fields))
 
     def _vmdescription(self) -> Event | _NeedData:
         if not self._have(1):

@@ -141,14 +141,27 @@ def _footer_at(tail: bytes, pos: int, end: int, sid: int) -> bool:
             and _BE32.unpack_from(tail, pos + 1)[0] == sid)
 
 
+#: What may follow a device section: in a precopy tail, and in a postcopy package (whose
+#: devices are followed by PING and RUN commands, never by EOF).
+TAIL_FOLLOWERS = frozenset({SectionType.SECTION_FULL, SectionType.EOF})
+PACKAGE_FOLLOWERS = frozenset({SectionType.SECTION_FULL, SectionType.COMMAND})
+
+
 def _body_end_by_scan(tail: bytes, head: int, end: int, sid: int) -> int | None:
+    return section_end_by_scan(tail, head, end, sid, TAIL_FOLLOWERS)
+
+
+def section_end_by_scan(buf: bytes | bytearray, head: int, end: int, sid: int,
+                        followers: frozenset[int]) -> int | None:
+    """Where the body of section ``sid`` that starts at ``head`` ends: at its footer
+    (0x7E + id) that one of ``followers`` comes right after, before ``end``."""
     marker = bytes([SectionType.SECTION_FOOTER]) + _BE32.pack(sid)
     pos = head
     while True:
-        p = tail.find(marker, pos, end)
+        p = buf.find(marker, pos, end)
         if p < 0:
             return None
         nxt = p + 5
-        if nxt < end and tail[nxt] in (SectionType.SECTION_FULL, SectionType.EOF):
+        if nxt < end and buf[nxt] in followers:
             return p
         pos = p + 1

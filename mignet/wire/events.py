@@ -85,6 +85,41 @@ class Command:
 
 
 @dataclass(frozen=True, slots=True)
+class PostcopyAdvise:
+    """The source may switch to postcopy (capability ``postcopy-ram``); its page sizes."""
+
+    page_size_summary: int
+    target_page_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopyDiscard:
+    """Pages the source dirtied after sending them: throw them away, they come again.
+    ``ranges`` are (start, length) in bytes, checked to lie in ``block``."""
+
+    block: str
+    ranges: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Packaged:
+    """A PACKAGED command: the next ``length`` bytes (all buffered now) hold LISTEN, the
+    device state and RUN; their events follow this one."""
+
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopyListen:
+    """From here on pages arrive into a guest that faults on missing ones."""
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopyRun:
+    """The destination starts running; the rest of RAM keeps streaming."""
+
+
+@dataclass(frozen=True, slots=True)
 class VMDescription:
     """The JSON self-description QEMU appends after EOF."""
 
@@ -98,5 +133,6 @@ class StreamFinished:
 
 Event = (
     StreamStart | Configuration | RamBlocks | RamZero | RamPage | RamEndOfSection | DeviceState
-    | Command | EndOfStream | VMDescription | StreamFinished
+    | Command | EndOfStream | VMDescription | StreamFinished | PostcopyAdvise | PostcopyDiscard
+    | Packaged | PostcopyListen | PostcopyRun
 )

@@ -14,6 +14,15 @@ from __future__ import annotations
 import struct
 
 from mignet.wire.constants import SectionType
+from mignet.wire.postcopy import (
+    CMD_PACKAGED,
+    CMD_POSTCOPY_ADVISE,
+    CMD_POSTCOPY_LISTEN,
+    CMD_POSTCOPY_RAM_DISCARD,
+    CMD_POSTCOPY_RUN,
+    RP_REQ_PAGES,
+    RP_REQ_PAGES_ID,
+)
 
 CMD_OPEN_RETURN_PATH = 1
 CMD_PING = 2
@@ -21,12 +30,18 @@ CMD_PING = 2
 COMMAND_NAMES = {1: "OPEN_RETURN_PATH", 2: "PING", 3: "POSTCOPY_ADVISE", 4: "POSTCOPY_LISTEN",
                  5: "POSTCOPY_RUN", 6: "POSTCOPY_RAM_DISCARD", 7: "PACKAGED", 8: "ENABLE_COLO",
                  9: "POSTCOPY_RESUME", 10: "RECV_BITMAP"}
-#: The commands mignet implements, with their fixed payload length.
-SUPPORTED_COMMANDS = {CMD_OPEN_RETURN_PATH: 0, CMD_PING: 4}
+#: The commands mignet implements, with their payload length (None: variable, checked by
+#: the command's parser; ADVISE is 16 with postcopy-ram, 0 for dirty bitmaps alone).
+SUPPORTED_COMMANDS: dict[int, int | None] = {
+    CMD_OPEN_RETURN_PATH: 0, CMD_PING: 4, CMD_POSTCOPY_ADVISE: 16, CMD_POSTCOPY_LISTEN: 0,
+    CMD_POSTCOPY_RUN: 0, CMD_POSTCOPY_RAM_DISCARD: None, CMD_PACKAGED: 4}
 
 RP_SHUT = 1
 RP_PONG = 2
 _RP_LENGTHS = {RP_SHUT: 4, RP_PONG: 4}  # the messages a source of mignet's understands
+#: QEMU 7.2's MIG_RP_MSG_* names, for messages and errors.
+RP_NAMES = {RP_SHUT: "SHUT", RP_PONG: "PONG", RP_REQ_PAGES_ID: "REQ_PAGES_ID",
+            RP_REQ_PAGES: "REQ_PAGES", 5: "RECV_BITMAP", 6: "RESUME_ACK"}
 _HEAD = struct.Struct(">HH")
 _BE32 = struct.Struct(">I")
 

@@ -1,0 +1,187 @@
+"""Linux userfaultfd over guest RAM: what lets a destination run before its RAM is all here.
+
+A range registered in MISSING mode stops any thread that touches a page not yet present
+and queues a message on the descriptor instead; the page is then placed atomically with
+UFFDIO_COPY (or UFFDIO_ZEROPAGE), which also wakes the thread. Writing such a page any
+other way would race with the guest, which is why postcopy never ``recv``s into RAM.
+
+ctypes, not a C extension: four ioctls and one syscall. Every call goes through a ctypes
+foreign function, which releases the GIL, so a thread blocked in a fault never stops the
+Python thread that resolves it. Numbers from linux/userfaultfd.h (x86-64 and arm64 alike).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import struct
+from dataclasses import dataclass
+
+from mignet.errors import SetupError
+
+_SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
+UFFD_API = 0xAA
+UFFD_USER_MODE_ONLY = 1
+UFFD_EVENT_PAGEFAULT = 0x12
+UFFDIO_REGISTER_MODE_MISSING = 1
+_UFFDIO_COPY_BIT = 3
+_UFFDIO_ZEROPAGE_BIT = 4
+MADV_DONTNEED = 4
+MADV_REMOVE = 9
+MADV_HUGEPAGE = 14
+MADV_NOHUGEPAGE = 15
+
+
+def _iowr(nr: int, size: int) -> int:
+    return (3 << 30) | (size << 16) | (UFFD_API << 8) | nr
+
+
+def _ior(nr: int, size: int) -> int:
+    return (2 << 30) | (size << 16) | (UFFD_API << 8) | nr
+
+
+class _Api(ctypes.Structure):
+    _fields_ = [("api", ctypes.c_uint64), ("features", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
+
+
+class _Range(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Register(ctypes.Structure):
+    _fields_ = [("range", _Range), ("mode", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
+
+
+class _Copy(ctypes.Structure):
+    _fields_ = [("dst", ctypes.c_uint64), ("src", ctypes.c_uint64), ("len", ctypes.c_uint64),
+                ("mode", ctypes.c_uint64), ("copy", ctypes.c_int64)]
+
+
+class _Zeropage(ctypes.Structure):
+    _fields_ = [("range", _Range), ("mode", ctypes.c_uint64), ("zeropage", ctypes.c_int64)]
+
+
+UFFDIO_API = _iowr(0x3F, ctypes.sizeof(_Api))
+UFFDIO_REGISTER = _iowr(0x00, ctypes.sizeof(_Register))
+UFFDIO_UNREGISTER = _ior(0x01, ctypes.sizeof(_Range))
+UFFDIO_WAKE = _ior(0x02, ctypes.sizeof(_Range))
+UFFDIO_COPY = _iowr(0x03, ctypes.sizeof(_Copy))
+UFFDIO_ZEROPAGE = _iowr(0x04, ctypes.sizeof(_Zeropage))
+MSG_SIZE = 32
+_MSG = struct.Struct("<B7xQQ8x")  # event, pagefault.flags, pagefault.address
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+class PageExists(OSError):
+    """UFFDIO_COPY/ZEROPAGE found the page already there (EEXIST)."""
+
+
+def madvise(address: int, length: int, advice: int) -> None:
+    if _libc.madvise(address, length, advice) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"madvise({advice}): {os.strerror(err)}")
+
+
+def _ioctl(fd: int, request: int, arg: ctypes.Structure) -> int:
+    """The ioctl's errno, 0 on success (EINTR retried)."""
+    while True:
+        if _libc.ioctl(fd, request, ctypes.byref(arg)) == 0:
+            return 0
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            return err
+
+
+@dataclass(frozen=True)
+class Registration:
+    start: int
+    length: int
+    zeropage: bool  # UFFDIO_ZEROPAGE works here (anonymous, shmem), else copy zeros
+
+
+class Userfaultfd:
+    """One userfault descriptor: register ranges, read faults, place pages."""
+
+    def __init__(self) -> None:
+        nr = _SYS_USERFAULTFD.get(platform.machine())
+        if nr is None:
+            raise SetupError(f"postcopy: no userfaultfd system call number for {platform.machine()}")
+        flags = os.O_CLOEXEC | os.O_NONBLOCK
+        # User-mode faults only: an unprivileged process may use those, and a bug that made
+        # the kernel itself touch a missing page fails with EFAULT instead of hanging.
+        fd = _libc.syscall(nr, flags | UFFD_USER_MODE_ONLY)
+        if fd < 0 and ctypes.get_errno() == errno.EINVAL:
+            fd = _libc.syscall(nr, flags)  # a kernel before 5.11
+        if fd < 0:
+            err = ctypes.get_errno()
+            hint = (" (allow it with sysctl vm.unprivileged_userfaultfd=1 or run as root)"
+                    if err == errno.EPERM else "")
+            raise SetupError(f"postcopy needs userfaultfd, which this kernel refused: "
+                             f"{os.strerror(err)}{hint}")
+        self.fd = int(fd)
+        api = _Api(UFFD_API, 0, 0)
+        err = _ioctl(self.fd, UFFDIO_API, api)
+        if err:
+            os.close(self.fd)
+            raise SetupError(f"postcopy: userfaultfd API handshake failed: {os.strerror(err)}")
+
+    def register(self, address: int, length: int) -> Registration:
+        """Fault on missing pages of [address, address+length) from now on."""
+        reg = _Register(_Range(address, length), UFFDIO_REGISTER_MODE_MISSING, 0)
+        err = _ioctl(self.fd, UFFDIO_REGISTER, reg)
+        if err:
+            raise OSError(err, os.strerror(err))
+        if not reg.ioctls & (1 << _UFFDIO_COPY_BIT):
+            self.unregister(address, length)
+            raise OSError(errno.EINVAL, "the range does not support UFFDIO_COPY")
+        return Registration(address, length, bool(reg.ioctls & (1 << _UFFDIO_ZEROPAGE_BIT)))
+
+    def unregister(self, address: int, length: int) -> None:
+        """Stop faulting there; threads waiting in the range wake and fault normally."""
+        err = _ioctl(self.fd, UFFDIO_UNREGISTER, _Range(address, length))
+        if err:
+            raise OSError(err, f"UFFDIO_UNREGISTER: {os.strerror(err)}")
+
+    def copy(self, dst: int, src: int, length: int) -> None:
+        """Place ``length`` bytes at ``dst`` atomically and wake whoever waits for them."""
+        arg = _Copy(dst, src, length, 0, 0)
+        while True:
+            err = _ioctl(self.fd, UFFDIO_COPY, arg)
+            if err != errno.EAGAIN:  # EAGAIN: the mm changed under it, try again
+                break
+        if err == errno.EEXIST:
+            raise PageExists(err, "page already present")
+        if err:
+            raise OSError(err, f"UFFDIO_COPY: {os.strerror(err)}")
+
+    def zeropage(self, dst: int, length: int) -> None:
+        arg = _Zeropage(_Range(dst, length), 0, 0)
+        while True:
+            err = _ioctl(self.fd, UFFDIO_ZEROPAGE, arg)
+            if err != errno.EAGAIN:
+                break
+        if err == errno.EEXIST:
+            raise PageExists(err, "page already present")
+        if err:
+            raise OSError(err, f"UFFDIO_ZEROPAGE: {os.strerror(err)}")
+
+    def read_faults(self, max_messages: int = 64) -> list[int]:
+        """Addresses of the page faults queued now (none if nothing is pending)."""
+        try:
+            data = os.read(self.fd, MSG_SIZE * max_messages)
+        except BlockingIOError:
+            return []
+        return [addr for event, _flags, addr in _MSG.iter_unpack(data)
+                if event == UFFD_EVENT_PAGEFAULT]
+
+    def close(self) -> None:
+        """Close the descriptor: every range is unregistered and every waiter woken."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
