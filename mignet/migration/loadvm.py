@@ -164,6 +164,9 @@ class Loader:
         self.on_blocks: Callable[[GuestRam], None] | None = None
         self.on_ram_eos: Callable[[], None] | None = None
         self.channel_count: Callable[[], int] | None = None  # multifd channels connected
+        #: Postcopy's phases as they happen ("listen": RAM now faults, QEMU's postcopy-active;
+        #: "run": the guest runs here), called in the loader's thread.
+        self.on_postcopy: Callable[[str], None] | None = None
         self._eos_hooked = False
         #: postcopy-ram on here (QEMU refuses an ADVISE without it); vCPUs that read RAM
         #: once the guest runs, so its page faults pull pages.
@@ -322,9 +325,13 @@ class Loader:
             pc.listen()
             self._listening = True
             self._bulk(False)
+            if self.on_postcopy is not None:
+                self.on_postcopy("listen")
         elif cls is PostcopyRun:
             self._switchover()  # the guest runs here from now on
             pc.run()
+            if self.on_postcopy is not None:
+                self.on_postcopy("run")
         elif cls is not Packaged:
             raise ProtocolError(f"unexpected {cls.__name__} in the stream")
 
