@@ -129,11 +129,13 @@ class ScriptedSource:
     """QEMU's side of a postcopy: one precopy round, then ``dirty`` pages change, are
     discarded and are sent only on request (no background stream)."""
 
-    def __init__(self, sock: socket.socket, ram: GuestRam) -> None:
+    def __init__(self, sock: socket.socket, ram: GuestRam, preempt: socket.socket | None = None) -> None:
         self.sock = sock
         self.ram = ram
         self.block = ram[BLOCK]
         self.enc = StreamEncoder()
+        self.preempt = preempt  # QEMU's postcopy-preempt channel: asked-for pages go there
+        self.preempt_enc = StreamEncoder()  # its own CONTINUE state, as QEMU resets it per channel
         self.rp = b""
         self.requests: list[tuple[int, int, str | None]] = []
 
@@ -171,10 +173,14 @@ class ScriptedSource:
             self.requests.append((offset, length, name))
             want = [p for p in range(offset // PAGE_SIZE, (offset + length) // PAGE_SIZE) if p in owed]
             owed.difference_update(want)
-            if want:
+            if want and self.preempt is not None:
+                self.preempt.sendall(pages(self.preempt_enc, self.block, want))
+            elif want:
                 self.sock.sendall(self.enc.ram_section(False) + pages(self.enc, self.block, want)
                                   + self.enc.ram_section_close())
         self.sock.sendall(self.enc.ram_section(True) + self.enc.ram_section_close() + self.enc.eof())
+        if self.preempt is not None:  # QEMU ends the preempt channel after the main EOF
+            self.preempt.sendall(StreamEncoder.eos())
 
 
 def scripted_pair(**loader_kw: object) -> tuple[socket.socket, Loader]:
@@ -206,6 +212,33 @@ def test_pages_the_guest_touches_are_asked_for_and_placed_whole() -> None:
     assert len(pc.latencies) == pc.faults and max(pc.latencies) < 30
     assert loader.postcopy is not None and loader.postcopy.reader is not None
     assert loader.postcopy.reader.pages_read == PAGES  # every page read once, none lost
+
+
+def test_asked_for_pages_come_on_the_preempt_channel() -> None:
+    """postcopy-preempt: a second connection, RAM records only, up to one EOS after the
+    main stream's EOF; the loader reads it in its own thread from LISTEN on."""
+    rng = np.random.default_rng(8)
+    ram = GuestRam.generate(PAGES * PAGE_SIZE, "random", seed=5, name=BLOCK)
+    sock, loader = scripted_pair(vcpus=1)
+    pa, pb = socket.socketpair()
+    loader.attach_preempt(SocketChannel(pb, "preempt"))  # before LISTEN: kept until then
+    load = start_load_thread(loader)
+    src = ScriptedSource(sock, ram, preempt=pa)
+    dirty = list(range(0, PAGES, 5))
+    src.precopy_then_switch(dirty, rng)
+    src.serve(set(dirty))
+    result = load.join(30)
+    assert np.array_equal(result.ram[BLOCK].data, ram[BLOCK].data)
+    pc = result.stats.postcopy
+    assert pc is not None and pc.preempt_pages == len(dirty) and pc.pages_placed == len(dirty)
+    assert len(pc.request_latencies) == pc.requests >= 1
+
+
+def test_the_preempt_channel_carries_records_only() -> None:
+    dec = StreamDecoder.records({BLOCK: 4 * PAGE_SIZE})
+    dec.receive_data((4 * PAGE_SIZE | 0x04).to_bytes(8, "big"))
+    with pytest.raises(ProtocolError, match="name no page type"):
+        dec.next_event()
 
 
 def test_a_stream_that_ends_owing_pages_is_not_a_guest() -> None:
@@ -278,14 +311,18 @@ def finish_recv(recv: subprocess.Popen[str]) -> dict[str, object]:
 
 @pytest.mark.qemu
 @pytest.mark.skipif(qemu_skip_reason() is not None, reason=qemu_skip_reason() or "")
-@pytest.mark.parametrize("where", ["anonymous", "dev-shm"])
+@pytest.mark.parametrize("where", ["anonymous", "dev-shm", "preempt"])
 def test_qemu_postcopy_into_mignet_recv(mignet_cmd: list[str], subprocess_env: dict[str, str],
                                         tmp_path: Path, where: str) -> None:
     shm = Path("/dev/shm") / f"mignet-test-{tmp_path.name}"
     extra = ["--postcopy", "--vcpus", "2"] + (["--out", str(shm)] if where == "dev-shm" else [])
+    if where == "preempt":
+        extra.append("--postcopy-preempt")
     recv, uri = start_recv(mignet_cmd, subprocess_env, *extra)
     try:
         with QemuSource(tmp_path, mem_mib=64, fill="mixed", seed=11) as src:
+            if where == "preempt":
+                src.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
             info = qemu_postcopy(src, uri)
             source = np.fromfile(src.image_path, np.uint8)
         assert info["status"] == "completed"
@@ -299,6 +336,8 @@ def test_qemu_postcopy_into_mignet_recv(mignet_cmd: list[str], subprocess_env: d
         assert isinstance(ram_info, dict) and ram_info["postcopy-requests"] == pc["requests"]
         m0 = [name for name, _ in done["blocks"]].index("m0")  # type: ignore[attr-defined]
         assert done["block_digests"][m0] == xxhash.xxh3_128(source.data).hexdigest()  # type: ignore[index]
+        if where == "preempt" and pc["faults"]:
+            assert pc["preempt-pages"] >= 1  # QEMU sent the asked-for pages on it
         if where == "dev-shm":
             assert np.array_equal(np.fromfile(shm / block_filename("m0"), np.uint8), source)
     finally:

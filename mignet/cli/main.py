@@ -68,7 +68,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"event": "listening", "uri": str(address)})
     channel, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why),
-                                       channels=not args.tls_creds)
+                                       channels=not args.tls_creds, preempt=args.postcopy_preempt)
     if args.tls_creds:  # one connection, authenticated before a byte of the stream
         channel = tls_server(cast(SocketChannel, channel), Path(args.tls_creds),
                              args.tls_verify_peer, glob_rules(args.tls_authz))
@@ -76,6 +76,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
                     block_factory=out.block_factory if out else RamBlock.anonymous,
                     idle_timeout=args.idle_timeout, postcopy=args.postcopy, vcpus=args.vcpus)
     try:
+        if multifd is not None and args.postcopy_preempt:
+            multifd.take_preempt(loader.attach_preempt)
         if multifd is not None:
             multifd.idle_timeout = args.idle_timeout
             multifd.attach(loader)
@@ -226,7 +228,7 @@ def check_recv(args: argparse.Namespace) -> None:
     if args.tls_creds and parse_uri(args.listen).scheme != "tcp":
         raise UsageError("--tls-creds needs a tcp: URI (as QEMU's TLS migration)", options.prog(args))
     refuse_unless(args, bool(args.tls_creds), ["tls_authz", "tls_verify_peer"], "without --tls-creds")
-    refuse_unless(args, args.postcopy, ["vcpus"], "without --postcopy")
+    refuse_unless(args, args.postcopy, ["vcpus", "postcopy_preempt"], "without --postcopy")
     if args.postcopy and (args.tls_creds or parse_uri(args.listen).scheme == "rdma"):
         raise UsageError("--postcopy needs plain tcp: or unix: (mignet's postcopy does not run "
                          "over TLS or RDMA yet)", options.prog(args))
@@ -514,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="postcopy: threads that read every page once the guest runs here, "
                         "as its vCPUs would, so their faults pull pages; 0: none "
                         "(default: %(default)s)")
+    r.add_argument("--postcopy-preempt", action="store_true",
+                   help="postcopy: take QEMU's preempt channel (postcopy-preempt), a second "
+                        "connection that carries the asked-for pages past the rest")
     r.add_argument("--tls-creds", metavar="DIR",
                    help="TLS on tcp: as QEMU's tls-creds-x509 endpoint=server: DIR holds "
                         "ca-cert.pem, server-cert.pem, server-key.pem")

@@ -175,6 +175,8 @@ class Loader:
         self.postcopy: PostcopyIncoming | None = None
         self._listening = False  # pages go through userfaultfd from now on
         self._rp_lock = threading.Lock()  # PONG/SHUT (loader) and page requests (fault thread)
+        self._preempt_lock = threading.Lock()
+        self._preempt: Channel | None = None  # QEMU's postcopy preempt channel, once accepted
         self._bounce = np.zeros(PAGE_SIZE, dtype=np.uint8)
         self._bounce_view = self._bounce.data.cast("B")
 
@@ -198,6 +200,8 @@ class Loader:
         finally:
             if self.postcopy is not None:
                 self.postcopy.close()  # idempotent; on failure it wakes any stuck vCPU
+            if self._preempt is not None and not self._preempt.closed:
+                self._preempt.close()  # accepted, but postcopy never began
 
     def _load(self) -> LoadResult:
         dec = self.decoder
@@ -322,8 +326,11 @@ class Loader:
             if self.channel_count is not None and self.channel_count():
                 raise SetupError("postcopy with multifd is not supported by mignet: turn off "
                                  "multifd or postcopy-ram on the source")
-            pc.listen()
-            self._listening = True
+            with self._preempt_lock:
+                pc.listen()
+                self._listening = True
+                if self._preempt is not None:
+                    pc.attach_preempt(self._preempt)
             self._bulk(False)
             if self.on_postcopy is not None:
                 self.on_postcopy("listen")
@@ -334,6 +341,15 @@ class Loader:
                 self.on_postcopy("run")
         elif cls is not Packaged:
             raise ProtocolError(f"unexpected {cls.__name__} in the stream")
+
+    def attach_preempt(self, channel: Channel) -> None:
+        """The postcopy preempt channel was accepted (any thread, any time): its pages are
+        read from LISTEN on, whichever comes first."""
+        channel.set_idle_timeout(read=None)  # silent until a page is asked for
+        with self._preempt_lock:
+            self._preempt = channel
+            if self._listening and self.postcopy is not None:
+                self.postcopy.attach_preempt(channel)
 
     def _advise(self, event: PostcopyAdvise) -> None:
         if not self.postcopy_allowed:

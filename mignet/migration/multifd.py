@@ -114,6 +114,13 @@ class MultifdReceiver:
         self.settle_timeout = settle_timeout
         self.idle_timeout: float | None = IDLE_TIMEOUT  # a stalled channel fails the load
         self.bulk_threads = False  # channel threads below the main loop's priority (serve)
+        #: Set before accepting: the connection that follows the main one without a
+        #: multifd record is QEMU's postcopy preempt channel (capability postcopy-preempt),
+        #: silent until postcopy. It goes to the handler (:meth:`take_preempt`).
+        self.expect_preempt = False
+        self._on_preempt: Callable[[Channel], None] | None = None
+        self._preempt: Channel | None = None  # taken before anyone asked for it
+        self._preempt_taken = False
         self.refused: list[str] = []
         self._cond = threading.Condition()
         self._accept_lock = threading.Lock()
@@ -172,6 +179,8 @@ class MultifdReceiver:
 
     def _classify(self, ch: Channel) -> None:
         try:
+            if self.expect_preempt and self._take_as_preempt(ch):
+                return
             head = self._peek(ch, 4)
             if head == MAGIC_BYTES:
                 init = parse_init(self._peek(ch, INIT_SIZE, exact=True))
@@ -193,6 +202,36 @@ class MultifdReceiver:
                 self._unclassified.discard(ch)
                 self._cond.notify_all()
 
+    def _take_as_preempt(self, ch: Channel) -> bool:
+        """Whether ``ch`` is the preempt channel: QEMU connects it right after the main
+        one and sends nothing on it before postcopy, so it is the first connection that
+        stays silent once the main one is known. One that speaks is classified as usual."""
+        deadline = time.monotonic() + self.classify_timeout
+        while time.monotonic() < deadline and not self._stopping:
+            with self._cond:
+                take = self._main is not None and not self._preempt_taken
+                if take:
+                    self._preempt_taken = True
+                    handler = self._on_preempt
+                    if handler is None:
+                        self._preempt = ch
+            if take:
+                if handler is not None:
+                    handler(ch)
+                return True
+            if ch.wait_cond(IOCondition.IN, 0.05):
+                return False
+        return False
+
+    def take_preempt(self, handler: Callable[[Channel], None]) -> None:
+        """Hand the preempt channel to ``handler``: now if it came already, else when it
+        does (it may connect before or after whoever handles it exists)."""
+        with self._cond:
+            self._on_preempt = handler
+            ch, self._preempt = self._preempt, None
+        if ch is not None:
+            handler(ch)
+
     def _peek(self, ch: Channel, size: int, exact: bool = False) -> bytes:
         """The first ``size`` bytes without consuming them (fewer if the peer closed first,
         unless ``exact``); ``TimeoutError`` after ``classify_timeout``."""
@@ -202,7 +241,10 @@ class MultifdReceiver:
                 raise ConnectionLostError("the receiver is stopping")
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"it sent {size} bytes in {self.classify_timeout:.0f} s")
+                raise TimeoutError(f"it sent {size} bytes in {self.classify_timeout:.0f} s"
+                                   + (" (a silent connection after the main one is QEMU's "
+                                      "postcopy preempt channel: accept it with "
+                                      "--postcopy-preempt)" if size == 4 else ""))
             if ch.wait_cond(IOCondition.IN, min(left, 0.5)):
                 data = ch.peek(size)
                 if len(data) == size or (not data and not exact):
@@ -720,16 +762,18 @@ class MultifdSender:
 
 
 def accept_incoming(listener: Any, timeout: float | None, on_refused: Callable[[str], None],
-                    channels: bool = True) -> tuple[Channel, MultifdReceiver | None]:
+                    channels: bool = True, preempt: bool = False) -> tuple[Channel, MultifdReceiver | None]:
     """Accept a migration's main connection, as ``recv`` and ``relay`` do: on tcp:/unix:
     keep listening, so a multifd source (QEMU's capability, a relay's link) can add its
     channels; elsewhere, or without ``channels`` (TLS: the first bytes are a handshake, not
     a stream to classify), take the one connection. The listener is closed unless the
-    returned receiver now owns it. A source that never comes is one line (TimedOut)."""
+    returned receiver now owns it. A source that never comes is one line (TimedOut).
+    ``preempt``: a postcopy preempt channel is expected (:meth:`MultifdReceiver.take_preempt`)."""
     multifd: MultifdReceiver | None = None
     try:
         if channels and listener.address.scheme in ("tcp", "unix"):
             multifd = MultifdReceiver(listener, on_refused=on_refused)
+            multifd.expect_preempt = preempt
             return multifd.accept_main(timeout=timeout), multifd
         return listener.accept(timeout=timeout), None
     except TimeoutError as exc:

@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import os
 import select
+import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from mignet.errors import ProtocolError, SetupError
+from mignet.channel import Channel
+from mignet.errors import ProtocolError, SetupError, TimedOut
 from mignet.guest.ram import GuestRam, RamBlock
 from mignet.guest.userfault import (
     MADV_NOHUGEPAGE,
@@ -37,15 +40,25 @@ from mignet.guest.userfault import (
 from mignet.guest.workload import Reader
 from mignet.runtime.threads import start_thread
 from mignet.units import PAGE_SIZE
+from mignet.wire import NEED_DATA, RamPage, RamZero, StreamDecoder, StreamFinished
 from mignet.wire.postcopy import req_pages
 from mignet.wire.return_path import rp_message
 
 FAULT_THREAD_NAME = "mig/dst/fault"
+PREEMPT_THREAD_NAME = "mig/dst/preempt"
+#: How long the end of the main stream waits for the preempt channel's EOS, which QEMU
+#: sends right after the main stream's EOF.
+PREEMPT_END_TIMEOUT = 30.0
 #: Pages asked for per fault: the faulting one and the next ones, which a guest that
 #: touched one page is likely to touch next. The source sends the faulting page first and
 #: skips those it has sent already.
 REQUEST_PAGES = 4
 _POLL_MS = 200
+#: The GIL's switch interval while postcopy runs. The fault and preempt threads wait for
+#: the GIL behind the loader, which holds it between its short system calls; CPython then
+#: hands it over only after the switch interval (5 ms by default), which would be most of
+#: a fault's latency. 0.2 ms bounds that wait; it costs the loader only when they want it.
+SWITCH_INTERVAL = 0.0002
 
 
 @dataclass
@@ -59,16 +72,27 @@ class PostcopyStats:
     local_zero_faults: int = 0  # never-touched zero pages filled here
     listen_at: float | None = None
     run_at: float | None = None
+    preempt_pages: int = 0  # of those, the ones that came on the preempt channel
     latencies: list[float] = field(default_factory=list)  # fault to placement, seconds
+    #: fault to request sent: this side's share of a fault's latency; the rest is the
+    #: source's turnaround and the wire
+    request_latencies: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        lat = np.array(self.latencies) * 1000
-        pct = (lambda q: round(float(np.percentile(lat, q)), 3)) if lat.size else (lambda q: None)
         return {"discarded-pages": self.discarded_pages, "pages-placed": self.pages_placed,
-                "faults": self.faults, "requests": self.requests,
-                "local-zero-faults": self.local_zero_faults,
-                "fault-latency-ms": {"p50": pct(50), "p99": pct(99),
-                                     "max": round(float(lat.max()), 3) if lat.size else None}}
+                "preempt-pages": self.preempt_pages, "faults": self.faults,
+                "requests": self.requests, "local-zero-faults": self.local_zero_faults,
+                "fault-latency-ms": percentiles_ms(self.latencies),
+                "request-latency-ms": percentiles_ms(self.request_latencies)}
+
+
+def percentiles_ms(seconds: list[float]) -> dict[str, float | None]:
+    """p50 / p99 / max in milliseconds (None each when nothing was measured)."""
+    if not seconds:
+        return {"p50": None, "p99": None, "max": None}
+    ms = np.array(seconds) * 1000
+    return {"p50": round(float(np.percentile(ms, 50)), 3),
+            "p99": round(float(np.percentile(ms, 99)), 3), "max": round(float(ms.max()), 3)}
 
 
 class PostcopyIncoming:
@@ -92,6 +116,10 @@ class PostcopyIncoming:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._fault_thread: threading.Thread | None = None
         self._fault_future: Any = None
+        self._place_lock = threading.Lock()  # the main and the preempt channel both place
+        self._preempt: Channel | None = None
+        self._preempt_future: Any = None
+        self._switch_interval: float | None = None  # the process's, while ours is set
         self._closed = False
 
     # --- setup, in stream order ----------------------------------------------------------
@@ -135,7 +163,53 @@ class PostcopyIncoming:
         for block in self.ram:
             self._regs[block.name] = self.uffd.register(block.data.ctypes.data, block.size)
         self.stats.listen_at = time.monotonic()
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL))
         self._fault_thread, self._fault_future = start_thread(self._fault_loop, FAULT_THREAD_NAME)
+
+    def attach_preempt(self, channel: Channel) -> None:
+        """QEMU's postcopy preempt channel (capability postcopy-preempt): a second
+        connection carrying only the pages asked for, so they never queue behind the
+        background stream. Read in its own thread once listening."""
+        assert self._regs, "the preempt channel is read only after LISTEN"
+        self._preempt = channel
+        _, self._preempt_future = start_thread(lambda: self._preempt_loop(channel),
+                                               PREEMPT_THREAD_NAME)
+
+    def _preempt_loop(self, channel: Channel) -> None:
+        assert self.ram is not None
+        dec = StreamDecoder.records({b.name: b.size for b in self.ram})
+        page = np.zeros(PAGE_SIZE, dtype=np.uint8)
+        view = page.data.cast("B")
+        small = memoryview(bytearray(1 << 16))
+        while True:
+            event = dec.next_event()
+            if event is NEED_DATA:
+                n = channel.read_some_into([small[:min(dec.wanted(), len(small))]])
+                if n == 0:
+                    dec.receive_eof()  # the next event says the channel was cut short
+                else:
+                    dec.receive_data(small[:n])
+            elif type(event) is RamPage:
+                got = dec.take_payload_into(view) if dec.buffered else 0
+                while got < PAGE_SIZE:
+                    n = channel.read_some_into([view[got:]])
+                    if n == 0:
+                        break
+                    dec.payload_placed(n)
+                    got += n
+                if got < PAGE_SIZE:
+                    dec.receive_eof()
+                    continue
+                assert self.ram is not None
+                self.place(self.ram[event.block], event.offset, page.ctypes.data)
+                self.stats.preempt_pages += 1
+            elif type(event) is RamZero:
+                assert self.ram is not None
+                self.place_zero(self.ram[event.block], event.offset, event.fill)
+                self.stats.preempt_pages += 1
+            elif type(event) is StreamFinished:
+                return
 
     def run(self) -> None:
         """The guest runs (QEMU's RUN): start its vCPUs."""
@@ -167,11 +241,12 @@ class PostcopyIncoming:
         self._placed(block, offset)
 
     def _placed(self, block: RamBlock, offset: int) -> None:
-        self._needed[block.name][offset // PAGE_SIZE] = False
-        self.stats.pages_placed += 1
-        asked = self._requested.pop((block.name, offset), None)
-        if asked is not None:
-            self.stats.latencies.append(time.perf_counter() - asked)
+        with self._place_lock:
+            self._needed[block.name][offset // PAGE_SIZE] = False
+            self.stats.pages_placed += 1
+            asked = self._requested.pop((block.name, offset), None)
+            if asked is not None:
+                self.stats.latencies.append(time.perf_counter() - asked)
 
     def _twice(self, block: RamBlock, offset: int) -> ProtocolError:
         return ProtocolError(f"postcopy: the source sent page {offset:#x} of {block.name!r}, "
@@ -206,7 +281,7 @@ class PostcopyIncoming:
         if key in self._requested:
             return  # asked already; several vCPUs stopped on one page
         self.stats.faults += 1
-        self._requested[key] = time.perf_counter()
+        self._requested[key] = faulted = time.perf_counter()
         count = 1
         while count < REQUEST_PAGES and page + count < len(needed) and needed[page + count]:
             count += 1
@@ -215,13 +290,21 @@ class PostcopyIncoming:
         kind, data = req_pages(offset, count * PAGE_SIZE, name)
         self.send_rp(rp_message(kind, data))
         self.stats.requests += 1
+        self.stats.request_latencies.append(time.perf_counter() - faulted)
 
     # --- the end --------------------------------------------------------------------------
     def missing_pages(self) -> int:
         return int(sum(int(n.sum()) for n in self._needed.values()))
 
     def finish(self) -> None:
-        """The stream ended: every discarded page must be back."""
+        """The stream ended: every discarded page must be back (the preempt channel ends
+        with its own EOS just after the main stream's EOF)."""
+        if self._preempt_future is not None:
+            try:
+                self._preempt_future.result(PREEMPT_END_TIMEOUT)
+            except FutureTimeout:
+                raise TimedOut(f"the postcopy preempt channel did not end within "
+                               f"{PREEMPT_END_TIMEOUT:.0f} s of the main stream") from None
         missing = self.missing_pages()
         if missing:
             raise ProtocolError(f"postcopy ended with {missing} discarded pages never sent "
@@ -235,14 +318,24 @@ class PostcopyIncoming:
             return
         self._closed = True
         self._stop.set()
+        if self._switch_interval is not None:
+            sys.setswitchinterval(self._switch_interval)
         try:
             os.write(self._wake_w, b"x")
         except OSError:
             pass
+        if self._preempt is not None:
+            self._preempt.shutdown()  # wakes its reader
         try:
             if self._fault_future is not None:
                 self._fault_future.result()  # re-raises what the fault thread hit
         finally:
+            if self._preempt is not None:
+                try:
+                    self._preempt_future.result(5)
+                except BaseException:  # noqa: BLE001 - the main stream's error is the one to report
+                    pass
+                self._preempt.close()
             self.uffd.close()
             if self.reader is not None:
                 self.reader.stop()

@@ -173,6 +173,17 @@ class StreamDecoder:
         self._finished = False
         self.postcopy = PostcopyState.NONE
         self._package_end: int | None = None  # stream offset where a PACKAGED command ends
+        self._records_only = False
+
+    @classmethod
+    def records(cls, blocks: Mapping[str, int]) -> StreamDecoder:
+        """A decoder for a channel that carries RAM records and nothing else, up to one
+        EOS: QEMU's postcopy preempt channel, which the main stream's blocks govern."""
+        dec = cls()
+        dec.blocks = dict(blocks)
+        dec.state = DecoderState.RAM_RECORDS
+        dec._records_only = True
+        return dec
 
     # --- input -----------------------------------------------------------------------
     @property
@@ -523,18 +534,23 @@ class StreamDecoder:
                 if flags & flag:
                     raise self._error(f"RAM record with {meaning}")
             raise self._error(f"unknown RAM record flags {flags:#x}")
-        if flags & RamFlag.MEM_SIZE:
+        if flags & RamFlag.MEM_SIZE and not self._records_only:
             return self._mem_size(offset, flags)
         if flags & RamFlag.EOS:
             if flags != RamFlag.EOS or offset:
                 raise self._error(f"EOS record with extra bits {word:#x}")
             self._pos += 8
+            if self._records_only:  # the channel's end: no footer, nothing after
+                self._goto(DecoderState.DONE)
+                self._finished = True
+                self._pending = [StreamFinished()]
+                return RamEndOfSection(self._section_id, "part")
             self._goto(DecoderState.RAM_FOOTER)
             self._need = 5
             return self._footer_then(DecoderState.TOP, RamEndOfSection(
                 self._section_id, self._section_kind))
         kind = flags & (RamFlag.ZERO | RamFlag.PAGE)
-        if kind not in (RamFlag.ZERO, RamFlag.PAGE):
+        if kind not in (RamFlag.ZERO, RamFlag.PAGE) or flags & RamFlag.MEM_SIZE:
             raise self._error(f"RAM record flags {flags:#x} name no page type")
         head = 8
         if flags & RamFlag.CONTINUE:

@@ -35,9 +35,11 @@ TRANSITIONS: dict[DecoderState, frozenset[DecoderState]] = {
                        _S.ERROR}),
     _S.DEVICES: frozenset({_S.TOP, _S.DEVICES, _S.RAM_RECORDS, _S.DEVICE_TAIL, _S.AFTER_EOF,
                            _S.DONE, _S.ERROR}),
+    # -> DONE: a records-only channel (postcopy preempt) ends at its EOS
     _S.RAM_RECORDS: frozenset({_S.RAM_RECORDS, _S.ZERO_RECORDS, _S.PAGE_PAYLOAD, _S.RAM_FOOTER,
-                               _S.ERROR}),
-    _S.ZERO_RECORDS: frozenset({_S.ZERO_RECORDS, _S.PAGE_PAYLOAD, _S.RAM_FOOTER, _S.ERROR}),
+                               _S.DONE, _S.ERROR}),
+    _S.ZERO_RECORDS: frozenset({_S.ZERO_RECORDS, _S.PAGE_PAYLOAD, _S.RAM_FOOTER, _S.DONE,
+                                _S.ERROR}),
     _S.PAGE_PAYLOAD: frozenset({_S.RAM_RECORDS, _S.ERROR}),
     _S.RAM_FOOTER: frozenset({_S.TOP, _S.ERROR}),
     _S.DEVICE_TAIL: frozenset({_S.DONE, _S.ERROR}),
