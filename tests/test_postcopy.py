@@ -289,17 +289,8 @@ def test_a_destination_without_postcopy_refuses_the_advise() -> None:
 
 # --- real QEMU 7.2 as the source -----------------------------------------------------------
 def qemu_postcopy(src: QemuSource, uri: str, timeout: float = 120) -> dict[str, object]:
-    """Migrate with postcopy-ram, switching to postcopy during the first round: 16 MiB/s
-    in precopy makes that round last seconds, so the switch always comes mid-round."""
-    src.set_capabilities(postcopy_ram=True)
-    src.set_parameters(max_bandwidth=16 << 20)
-    src.qmp("migrate", {"uri": uri})
-    deadline = time.monotonic() + 30
-    while src.query_migrate().get("ram", {}).get("transferred", 0) < 4 << 20:
-        assert time.monotonic() < deadline, src.query_migrate()
-        time.sleep(0.05)
-    src.qmp("migrate-start-postcopy")
-    return src.wait_migration(timeout=timeout)
+    """Migrate with postcopy-ram, switching to postcopy during the first round."""
+    return src.migrate_postcopy(uri, timeout=timeout)
 
 
 def finish_recv(recv: subprocess.Popen[str]) -> dict[str, object]:

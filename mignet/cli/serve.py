@@ -53,6 +53,10 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--recv-model", choices=["thread", "coroutine"], default="thread",
                    help="destination: load in the mig/dst/main thread or as a coroutine "
                         "of the main loop holding the big lock (QEMU's old model)")
+    s.add_argument("--vcpus", type=options.count_range(0, 64), default=1, metavar="N",
+                   help="destination with postcopy-ram: threads that read every page once the "
+                        "guest runs here, as its vCPUs would, so their faults pull pages; 0: none "
+                        "(default: %(default)s)")
     s.add_argument("--json", action="store_true", help="print the QMP addresses as one JSON "
                                                         "line; a failure as an \"error\" object")
     s.set_defaults(func=cmd_serve, _check=check_serve)
@@ -77,7 +81,7 @@ def check_serve(args: argparse.Namespace) -> None:
     source = args.incoming is None
     refuse_unless(args, source, ["fill", "seed", "block_name", "no_devices", "dirty_rate"],
                   "on a destination (--incoming)")
-    refuse_unless(args, not source, ["out", "max_ram", "recv_model", "digest"],
+    refuse_unless(args, not source, ["out", "max_ram", "recv_model", "digest", "vcpus"],
                   "on a source (--size or --image); they are for --incoming")
     refuse_unless(args, bool(args.out), ["digest"], "without --out (it names the manifest's digests)")
     refuse_unless(args, not args.image, ["fill"], "with --image")
@@ -96,7 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.incoming is not None:
         guest = Guest(ram=None, devices=DeviceSet.empty(), incoming_deferred=True,
                       out=GuestDir(Path(args.out), digest=args.digest) if args.out else None,
-                      max_ram=args.max_ram, recv_model=args.recv_model)
+                      max_ram=args.max_ram, recv_model=args.recv_model, vcpus=args.vcpus)
         runstate = "inmigrate"
     else:
         ram = (GuestRam.from_image(Path(args.image), name=args.block_name) if args.image

@@ -23,10 +23,11 @@ from typing import Any, cast
 from mignet.channel import Channel
 from mignet.control.objects import Objects, TlsCredsX509
 from mignet.control.options import OptionSet
-from mignet.errors import MignetError, MigrationCancelled, RequestRefused
+from mignet.errors import MignetError, MigrationCancelled, RequestRefused, SetupError
 from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir
 from mignet.guest.ram import GuestRam, RamBlock
+from mignet.guest.userfault import Userfaultfd
 from mignet.guest.workload import Workload
 from mignet.migration.loadvm import Loader, LoadThread, load_in_coroutine, start_load_thread
 from mignet.migration.multifd import MultifdReceiver, MultifdSender, PollableListener, open_channels
@@ -63,6 +64,9 @@ class Guest:
     # main loop, holding the big lock except while yielded (QEMU before the loader thread).
     recv_model: str = "thread"
     workload: Workload | None = None  # the source's running vCPUs (None: a paused guest)
+    # postcopy (incoming): threads that read every page once the guest runs here, as its
+    # vCPUs would, so that their faults ask the source for pages; 0: none
+    vcpus: int = 1
     description: dict[str, Any] | None = field(default=None, repr=False)
 
 
@@ -101,6 +105,9 @@ class Migrations:
         parse_uri(uri)  # a malformed URI is the caller's error, answered now (as QEMU does)
         snapshot = self.options.begin("outgoing", config)
         try:
+            if snapshot.capabilities["postcopy-ram"]:
+                raise RequestRefused("postcopy-ram is supported on an incoming migration only: "
+                                     "mignet's source does not switch to postcopy; turn it off")
             channels = _multifd_channels(uri, snapshot.capabilities, snapshot.parameters)
             tls = self._tls(uri, snapshot.parameters, "client", multifd=channels > 0)
         except BaseException:
@@ -214,6 +221,9 @@ class Migrations:
         try:
             multifd = bool(_multifd_channels(uri, snapshot.capabilities, snapshot.parameters))
             tls = self._tls(uri, snapshot.parameters, "server", multifd=multifd)
+            postcopy = bool(snapshot.capabilities["postcopy-ram"])
+            if postcopy:
+                self._postcopy_check(uri, tls is not None)
             if retry and self.guest.out is not None:  # the failed attempt's files go
                 out = self.guest.out
                 self.guest.out = GuestDir(out.path, force=True, digest=out.digest)
@@ -236,17 +246,19 @@ class Migrations:
         else:
             inc.socket_address = [{"type": "inet" if addr.scheme == "tcp" else addr.scheme,
                                    "host": str(addr.host), "port": str(addr.port)}]
-        t = threading.Thread(target=self._incoming_main, args=(listener, multifd, tls),
+        t = threading.Thread(target=self._incoming_main, args=(listener, multifd, tls, postcopy),
                              name=ACCEPT_THREAD, daemon=True)
         self._threads.append(t)
         t.start()
         return inc.socket_address
 
     @bottom_half
-    def _incoming_main(self, listener: Listener, multifd_on: bool, tls: _Tls | None) -> None:
+    def _incoming_main(self, listener: Listener, multifd_on: bool, tls: _Tls | None,
+                       postcopy: bool) -> None:
         inc = self.state.incoming
         channel: Channel | None = None
         multifd: MultifdReceiver | None = None
+        pc = _PostcopySeen()
         # (phase, error) published only after everything of this attempt is released, so a
         # client that sees the end may retry at once (same port, new references).
         outcome: tuple[Phase, str | None] | None = None
@@ -276,16 +288,29 @@ class Migrations:
             block_factory = self.guest.out.block_factory if self.guest.out else RamBlock.anonymous
 
             def switchover() -> None:  # loader thread, big lock held
+                if inc.phase is Phase.POSTCOPY:
+                    # postcopy's RUN: the guest starts here with RAM still arriving; it stays
+                    # postcopy-active until the stream ends (QEMU's loadvm_postcopy_handle_run_bh)
+                    pc.run = True
+                    self.state.runstate = "running" if self.state.autostart else "paused"
+                    return
                 if not inc.move(frozenset({Phase.RAM, Phase.DEVICES}), Phase.SWITCHOVER):
                     raise MigrationCancelled("incoming migration cancelled")
+
+            def on_postcopy(what: str) -> None:  # loader thread
+                if what == "listen":  # RAM faults from now on: QEMU's active -> postcopy-active
+                    pc.listen_offset = loader.decoder.offset
+                    if not inc.move(frozenset({Phase.RAM}), Phase.POSTCOPY):
+                        raise MigrationCancelled("incoming migration cancelled")
             loader = Loader(channel, ram=self.guest.ram, devices=self.guest.devices,
                             max_ram_bytes=self.guest.max_ram, block_factory=block_factory,
-                            on_switchover=switchover)
+                            on_switchover=switchover, postcopy=postcopy, vcpus=self.guest.vcpus)
+            loader.on_postcopy = on_postcopy
             if multifd is not None:
                 multifd.attach(loader)
             with self._mutex:
                 self._loader = loader
-            inc.counters = lambda: _load_counters(loader, multifd)
+            inc.counters = lambda: _load_counters(loader, multifd, pc)
             if not inc.move(frozenset({Phase.LISTENING}), Phase.RAM):
                 raise MigrationCancelled("incoming migration cancelled")
             if self.guest.recv_model == "coroutine":
@@ -305,7 +330,8 @@ class Migrations:
                                      {"machine_type": result.stats.machine_type},
                                      result.stats.ram_section_id)
             self.guest.incoming_deferred = False
-            self.state.runstate = "running" if self.state.autostart else "paused"
+            if not pc.run:  # after postcopy's RUN the guest runs (or was stopped) already
+                self.state.runstate = "running" if self.state.autostart else "paused"
             outcome = (Phase.DONE, None)
         except MigrationCancelled:
             outcome = (Phase.CANCELLED, None)
@@ -330,6 +356,10 @@ class Migrations:
                 self._multifd_seen["incoming"] = lambda: seen
             if channel is not None:
                 channel.close()
+            if pc.run and (outcome is None or outcome[0] is not Phase.DONE):
+                # the guest that started at RUN lacks pages it will never get: it is gone,
+                # and this process waits for a new migrate-incoming (QEMU 7.2 exits instead)
+                self.state.runstate = "inmigrate"
             if outcome is not None:
                 self._end(inc, "incoming", *outcome)
 
@@ -354,6 +384,21 @@ class Migrations:
         authorize = self.objects.authz(authz_id).allows if authz_id and endpoint == "server" else None
         hostname = str(params.get("tls-hostname", "")) or str(address.host)
         return _Tls(creds, authorize, hostname)
+
+    def _postcopy_check(self, uri: str, tls: bool) -> None:
+        """postcopy-ram on an incoming migration: what mignet's postcopy cannot do is refused
+        at ``migrate-incoming``, not when the source switches, with the guest half here."""
+        scheme = parse_uri(uri).scheme
+        if scheme not in ("tcp", "unix"):
+            raise RequestRefused(f"postcopy-ram is not supported on {scheme}: URIs by mignet: "
+                                 "use tcp: or unix:, or turn postcopy-ram off")
+        if tls:
+            raise RequestRefused("postcopy-ram with TLS is not supported by mignet: page "
+                                 "requests need a channel two threads use at once; turn one off")
+        if self.guest.recv_model != "thread":
+            raise RequestRefused("postcopy-ram needs the loader thread: start serve with "
+                                 "--recv-model thread, or turn postcopy-ram off")
+        postcopy_host_check()
 
     def _refused(self, why: str) -> None:
         """A stray connection was turned away from a multifd listener; the migration goes on."""
@@ -394,6 +439,24 @@ class Migrations:
             t.join(timeout)
 
 
+def postcopy_host_check() -> None:
+    """QEMU's postcopy_ram_supported_by_host, checked when a destination turns postcopy-ram
+    on: without userfaultfd, RAM could not fault, and the failure would come only at the
+    source's switch, with the guest split between the hosts."""
+    try:
+        Userfaultfd().close()
+    except SetupError as exc:
+        raise RequestRefused(f"Postcopy is not supported: {exc}") from None
+
+
+@dataclass
+class _PostcopySeen:
+    """What the controller saw of an incoming postcopy (written by the loader's thread)."""
+
+    listen_offset: int | None = None  # stream offset at LISTEN: later bytes are postcopy's
+    run: bool = False  # RUN came: the guest runs here
+
+
 def _failed_or_cancelled(side: DirectionState) -> Phase:
     return Phase.CANCELLED if side.phase is Phase.CANCELLING else Phase.FAILED
 
@@ -419,19 +482,29 @@ def _multifd_channels(uri: str, caps: Mapping[str, bool], params: Mapping[str, A
     return int(params.get("multifd-channels", 2))
 
 
-def _load_counters(loader: Loader, multifd: MultifdReceiver | None = None) -> RamCounters:
+def _load_counters(loader: Loader, multifd: MultifdReceiver | None = None,
+                   pc: _PostcopySeen | None = None) -> RamCounters:
     s = loader.stats
     done = s.ram_done
     # decoder.offset moves with every read; stats.bytes_received only at section ends.
     # Pages RDMA wrote into our RAM never pass the stream: count them as the source reports.
     mf_bytes = multifd.bytes_received if multifd is not None else 0
     mf_pages = multifd.pages if multifd is not None else 0
-    return RamCounters(transferred=max(s.bytes_received, loader.decoder.offset) + s.placed_bytes + mf_bytes,
-                       remaining=max(0, s.ram_total - done - mf_pages * PAGE_SIZE), total=s.ram_total,
+    stream = max(s.bytes_received, loader.decoder.offset)
+    remaining = max(0, s.ram_total - done - mf_pages * PAGE_SIZE)
+    precopy_bytes, postcopy_bytes = s.bytes_received, 0
+    listen = pc.listen_offset if pc is not None else None
+    if listen is not None:
+        precopy_bytes, postcopy_bytes = listen, max(0, stream - listen)
+        if loader.postcopy is not None:  # exactly the discarded pages not back yet
+            remaining = loader.postcopy.missing_pages() * PAGE_SIZE
+    return RamCounters(transferred=stream + s.placed_bytes + mf_bytes,
+                       remaining=remaining, total=s.ram_total,
                        duplicate=s.zero_pages,
                        normal=s.normal_pages + s.placed_bytes // PAGE_SIZE + mf_pages,
-                       dirty_sync_count=s.sections, precopy_bytes=s.bytes_received,
-                       multifd_bytes=mf_bytes)
+                       dirty_sync_count=s.sections, precopy_bytes=precopy_bytes,
+                       multifd_bytes=mf_bytes, postcopy_bytes=postcopy_bytes,
+                       postcopy_requests=s.postcopy.requests if s.postcopy is not None else 0)
 
 
 __all__ = ["Guest", "Migrations", "OUTGOING_THREAD", "ACCEPT_THREAD", "PAGE_SIZE"]

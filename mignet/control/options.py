@@ -42,8 +42,17 @@ CAPABILITIES: tuple[str, ...] = (
 # auto-converge throttles the source's vCPUs (mignet.live); rdma-pin-all, on the source,
 # picks the RDMA registration mode, which the destination follows (as in QEMU).
 # multifd: N connections besides the main stream on tcp:/unix: (QEMU 7.2's framing).
+# postcopy-ram: an incoming migration takes a source's switch to postcopy; mignet's own
+# source never switches, so ``migrate`` refuses it (control/migrations.py).
 SUPPORTED_CAPABILITIES = frozenset({"events", "late-block-activate", "auto-converge", "rdma-pin-all",
-                                    "multifd"})
+                                    "multifd", "postcopy-ram"})
+# Why some refused capabilities are refused, beyond "not supported": the ones a user of a
+# supported neighbour is likely to try.
+_UNSUPPORTED_WHY = {
+    "postcopy-blocktime": "mignet does not measure how long each vCPU waits for pages; "
+                          "postcopy-ram works without it",
+    "postcopy-preempt": "page requests share the main stream; postcopy-ram works without it",
+}
 
 
 @dataclass(frozen=True)
@@ -265,7 +274,9 @@ def parse_capabilities(caps: Any) -> dict[str, bool]:
         if not isinstance(state, bool):
             raise InvalidOptionError(f"Invalid parameter type for '{where}.state', expected: boolean")
         if state and name not in SUPPORTED_CAPABILITIES:
-            raise InvalidOptionError(f"Capability '{name}' is not supported by mignet")
+            why = _UNSUPPORTED_WHY.get(name)
+            raise InvalidOptionError(f"Capability '{name}' is not supported by mignet"
+                                     + (f": {why}" if why else ""))
         out[name] = state
     return out
 

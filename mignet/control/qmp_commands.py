@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mignet import __version__
-from mignet.control.migrations import Migrations
-from mignet.control.options import OptionSet
+from mignet.control.migrations import Migrations, postcopy_host_check
+from mignet.control.options import OptionSet, parse_capabilities
 from mignet.control.qmp_server import QEMU_VERSION, Handler, QmpError
 from mignet.errors import RequestRefused
 from mignet.migration.status import MigrationState, query_migrate
@@ -111,6 +111,12 @@ class Commands:
     # --- options -----------------------------------------------------------------------
     def migrate_set_capabilities(self, args: dict[str, Any]) -> dict[str, Any]:
         check_args(args, {"capabilities": list})
+        caps = parse_capabilities(args["capabilities"])
+        # As QEMU's migrate_caps_check: a destination checks that its host can fault on
+        # missing pages when postcopy-ram is first turned on, not when the source switches.
+        if caps.get("postcopy-ram") and not self.options.capability("postcopy-ram") \
+                and self.state.runstate == "inmigrate":
+            postcopy_host_check()
         self.options.set_capabilities(args["capabilities"])
         return {}
 

@@ -56,6 +56,9 @@ class Phase(enum.Enum):
     RAM = enum.auto()  # the stream carries RAM
     DEVICES = enum.auto()  # RAM is done; device state is in flight
     SWITCHOVER = enum.auto()  # EOF seen / sent; the guest changes hosts
+    # incoming: the source switched to postcopy (LISTEN): RAM faults here and missing pages
+    # are asked for; the guest starts here at RUN, before all of its RAM came
+    POSTCOPY = enum.auto()
     DONE = enum.auto()
     CANCELLING = enum.auto()
     CANCELLED = enum.auto()
@@ -71,6 +74,7 @@ PUBLIC_STATUS: dict[Phase, MigrationStatus] = {
     # it device state travels while the status is still "active".
     Phase.DEVICES: MigrationStatus.ACTIVE,
     Phase.SWITCHOVER: MigrationStatus.ACTIVE,
+    Phase.POSTCOPY: MigrationStatus.POSTCOPY_ACTIVE,
     Phase.DONE: MigrationStatus.COMPLETED,
     Phase.CANCELLING: MigrationStatus.CANCELLING,
     Phase.CANCELLED: MigrationStatus.CANCELLED,
@@ -78,7 +82,8 @@ PUBLIC_STATUS: dict[Phase, MigrationStatus] = {
 }
 
 _ENDED = frozenset({Phase.DONE, Phase.CANCELLED, Phase.FAILED})
-_RUNNING = frozenset({Phase.CONNECTING, Phase.LISTENING, Phase.RAM, Phase.DEVICES, Phase.SWITCHOVER})
+_RUNNING = frozenset({Phase.CONNECTING, Phase.LISTENING, Phase.RAM, Phase.DEVICES, Phase.SWITCHOVER,
+                      Phase.POSTCOPY})
 
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.IDLE: frozenset({Phase.CONNECTING, Phase.LISTENING}),
@@ -86,10 +91,15 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.LISTENING: frozenset({Phase.RAM, Phase.CANCELLING, Phase.FAILED}),
     # RAM -> SWITCHOVER: a data plane that gives no signal between its last RAM and its
     # device sections (the Sender writes both in one go, the Loader has no hook) skips DEVICES.
-    Phase.RAM: frozenset({Phase.DEVICES, Phase.SWITCHOVER, Phase.CANCELLING, Phase.FAILED}),
+    # RAM -> POSTCOPY: the destination's LISTEN (QEMU's active -> postcopy-active).
+    Phase.RAM: frozenset({Phase.DEVICES, Phase.SWITCHOVER, Phase.POSTCOPY, Phase.CANCELLING,
+                          Phase.FAILED}),
     Phase.DEVICES: frozenset({Phase.SWITCHOVER, Phase.CANCELLING, Phase.FAILED}),
     # Past switchover the guest has moved: too late to cancel, as in QEMU.
     Phase.SWITCHOVER: frozenset({Phase.DONE, Phase.FAILED}),
+    # Postcopy cannot be cancelled either: pages of the running guest exist only at the
+    # source and here. Without recovery (postcopy-paused), a lost stream is "failed".
+    Phase.POSTCOPY: frozenset({Phase.DONE, Phase.FAILED}),
     # Once cancelling, the end is "cancelled" even if the last bytes made it (QEMU does the
     # same: its completion is a compare-and-swap from active that then fails).
     Phase.CANCELLING: frozenset({Phase.CANCELLED}),
@@ -122,6 +132,8 @@ class RamCounters:
     pages_per_second: int | None = None
     cpu_throttle_percentage: int = 0
     multifd_bytes: int = 0  # of ``transferred``, on multifd channels
+    postcopy_bytes: int = 0  # of ``transferred``, after the switch to postcopy
+    postcopy_requests: int = 0  # page requests (REQ_PAGES): the source counts those it got
 
     def to_qapi(self, mbps: float, pages_per_second: float) -> dict[str, Any]:
         """query-migrate's ``ram`` member, QEMU 7.2's field names."""
@@ -130,10 +142,10 @@ class RamCounters:
             "duplicate": self.duplicate, "skipped": 0, "normal": self.normal,
             "normal-bytes": self.normal * PAGE_SIZE, "dirty-pages-rate": self.dirty_pages_rate,
             "mbps": round(mbps, 3), "dirty-sync-count": self.dirty_sync_count,
-            "postcopy-requests": 0, "page-size": PAGE_SIZE,
+            "postcopy-requests": self.postcopy_requests, "page-size": PAGE_SIZE,
             "multifd-bytes": self.multifd_bytes,
             "pages-per-second": int(pages_per_second), "precopy-bytes": self.precopy_bytes,
-            "downtime-bytes": self.downtime_bytes, "postcopy-bytes": 0,
+            "downtime-bytes": self.downtime_bytes, "postcopy-bytes": self.postcopy_bytes,
             "dirty-sync-missed-zero-copy": 0,
         }
 
@@ -249,7 +261,7 @@ class MigrationState:
 
 
 _SHOWS_RAM = frozenset({MigrationStatus.ACTIVE, MigrationStatus.CANCELLING, MigrationStatus.DEVICE,
-                        MigrationStatus.COMPLETED})
+                        MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.COMPLETED})
 
 
 def query_migrate(side: DirectionState, downtime_limit_ms: int) -> dict[str, Any]:
