@@ -92,16 +92,18 @@ def test_postcopy_ram_is_taken_on_a_destination_and_refused_where_mignet_cannot(
 # --- real QEMU 7.2 as the source ----------------------------------------------------------------
 @pytest.mark.qemu
 @qemu
-@pytest.mark.parametrize("vcpus", [2, 0])
-def test_real_qemu_postcopy_into_serve(tmp_path: Path, vcpus: int) -> None:
+@pytest.mark.parametrize("vcpus, preempt", [(2, False), (0, False), (2, True)])
+def test_real_qemu_postcopy_into_serve(tmp_path: Path, vcpus: int, preempt: bool) -> None:
     """QEMU switches to postcopy after ~4 MiB of a 64 MiB guest: serve goes active ->
     postcopy-active -> completed, starts the guest at RUN (query-status), counts the
     page requests exactly as the source does, and ends with the source's RAM. With no
     vCPUs (``--vcpus 0``) nothing faults, so nothing is requested: the source pushes every
-    owed page unasked."""
+    owed page unasked. With postcopy-preempt the requested pages come on QEMU's second
+    connection, which serve takes as the preempt channel."""
     async def main() -> None:
         async with serve(tmp_path, "dst", "--incoming", "defer", "--vcpus", str(vcpus)) as dst:
-            await dst.x("migrate-set-capabilities", caps(postcopy_ram=True, events=True))
+            await dst.x("migrate-set-capabilities",
+                        caps(postcopy_ram=True, events=True, postcopy_preempt=preempt))
             uri = await dst.incoming_uri()
             with QemuSource(tmp_path / "qemu", mem_mib=64, fill="mixed", seed=21) as src:
                 seen: list[dict[str, Any]] = []
@@ -111,7 +113,7 @@ def test_real_qemu_postcopy_into_serve(tmp_path: Path, vcpus: int) -> None:
                     # with vCPUs, owed pages trickle (8 MiB/s), so the vCPUs surely
                     # fault on some before the source pushes them
                     info = await asyncio.to_thread(src.migrate_postcopy, uri, 180,
-                                                   8 * MiB if vcpus else 0)
+                                                   8 * MiB if vcpus else 0, preempt)
                 finally:
                     got = await dst.wait_status(*FINAL, timeout=120)
                     stop.set()

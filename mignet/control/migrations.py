@@ -222,6 +222,7 @@ class Migrations:
             multifd = bool(_multifd_channels(uri, snapshot.capabilities, snapshot.parameters))
             tls = self._tls(uri, snapshot.parameters, "server", multifd=multifd)
             postcopy = bool(snapshot.capabilities["postcopy-ram"])
+            preempt = postcopy and bool(snapshot.capabilities["postcopy-preempt"])
             if postcopy:
                 self._postcopy_check(uri, tls is not None)
             if retry and self.guest.out is not None:  # the failed attempt's files go
@@ -246,7 +247,7 @@ class Migrations:
         else:
             inc.socket_address = [{"type": "inet" if addr.scheme == "tcp" else addr.scheme,
                                    "host": str(addr.host), "port": str(addr.port)}]
-        t = threading.Thread(target=self._incoming_main, args=(listener, multifd, tls, postcopy),
+        t = threading.Thread(target=self._incoming_main, args=(listener, multifd, tls, postcopy, preempt),
                              name=ACCEPT_THREAD, daemon=True)
         self._threads.append(t)
         t.start()
@@ -254,7 +255,7 @@ class Migrations:
 
     @bottom_half
     def _incoming_main(self, listener: Listener, multifd_on: bool, tls: _Tls | None,
-                       postcopy: bool) -> None:
+                       postcopy: bool, preempt: bool) -> None:
         inc = self.state.incoming
         channel: Channel | None = None
         multifd: MultifdReceiver | None = None
@@ -264,9 +265,10 @@ class Migrations:
         outcome: tuple[Phase, str | None] | None = None
         try:
             try:
-                if multifd_on:  # keep listening: the source adds one connection per channel
-                    # multifd is only on tcp:/unix:, whose listeners are pollable (fileno)
+                if multifd_on or preempt:  # keep listening: more connections come
+                    # multifd and preempt are only on tcp:/unix:, whose listeners are pollable
                     multifd = MultifdReceiver(cast(PollableListener, listener), on_refused=self._refused)
+                    multifd.expect_preempt = preempt
                     multifd.bulk_threads = True  # as the loader: QMP answers first
                     self._multifd_seen["incoming"] = multifd.describe
                     with self._mutex:
@@ -308,6 +310,8 @@ class Migrations:
             loader.on_postcopy = on_postcopy
             if multifd is not None:
                 multifd.attach(loader)
+                if preempt:
+                    multifd.take_preempt(loader.attach_preempt)
             with self._mutex:
                 self._loader = loader
             inc.counters = lambda: _load_counters(loader, multifd, pc)

@@ -44,14 +44,14 @@ CAPABILITIES: tuple[str, ...] = (
 # multifd: N connections besides the main stream on tcp:/unix: (QEMU 7.2's framing).
 # postcopy-ram: an incoming migration takes a source's switch to postcopy; mignet's own
 # source never switches, so ``migrate`` refuses it (control/migrations.py).
+# postcopy-preempt: with it, the incoming side takes QEMU's second, preempt connection.
 SUPPORTED_CAPABILITIES = frozenset({"events", "late-block-activate", "auto-converge", "rdma-pin-all",
-                                    "multifd", "postcopy-ram"})
+                                    "multifd", "postcopy-ram", "postcopy-preempt"})
 # Why some refused capabilities are refused, beyond "not supported": the ones a user of a
 # supported neighbour is likely to try.
 _UNSUPPORTED_WHY = {
     "postcopy-blocktime": "mignet does not measure how long each vCPU waits for pages; "
                           "postcopy-ram works without it",
-    "postcopy-preempt": "page requests share the main stream; postcopy-ram works without it",
 }
 
 

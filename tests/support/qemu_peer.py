@@ -519,13 +519,14 @@ class QemuSource(QemuVM):
         return self.wait_migration(timeout=timeout)
 
     def start_postcopy(self, uri: str, switch_after: int = 4 << 20, timeout: float = 60,
-                       postcopy_bandwidth: int = 0) -> None:
+                       postcopy_bandwidth: int = 0, preempt: bool = False) -> None:
         """Migrate with postcopy-ram and switch to postcopy once ``switch_after`` bytes went
         (``migrate-start-postcopy``); returns at the switch. 16 MiB/s in precopy makes the
         first round last seconds, so the switch always comes mid-round, with pages still
         owed. ``postcopy_bandwidth``: max-postcopy-bandwidth (0: unlimited), to make the
-        postcopy phase last."""
-        self.set_capabilities(postcopy_ram=True)
+        postcopy phase last. ``preempt``: capability postcopy-preempt (a second connection
+        for the requested pages)."""
+        self.set_capabilities(postcopy_ram=True, postcopy_preempt=preempt)
         self.set_parameters(max_bandwidth=16 << 20, max_postcopy_bandwidth=postcopy_bandwidth)
         self.qmp("migrate", {"uri": uri})
         deadline = time.monotonic() + timeout
@@ -537,9 +538,9 @@ class QemuSource(QemuVM):
         self.qmp("migrate-start-postcopy")
 
     def migrate_postcopy(self, uri: str, timeout: float = 120,
-                         postcopy_bandwidth: int = 0) -> dict[str, Any]:
+                         postcopy_bandwidth: int = 0, preempt: bool = False) -> dict[str, Any]:
         """:meth:`start_postcopy`, then wait for the end: the final ``query-migrate``."""
-        self.start_postcopy(uri, postcopy_bandwidth=postcopy_bandwidth)
+        self.start_postcopy(uri, postcopy_bandwidth=postcopy_bandwidth, preempt=preempt)
         return self.wait_migration(timeout=timeout)
 
 
