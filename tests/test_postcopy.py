@@ -288,11 +288,6 @@ def test_a_destination_without_postcopy_refuses_the_advise() -> None:
 
 
 # --- real QEMU 7.2 as the source -----------------------------------------------------------
-def qemu_postcopy(src: QemuSource, uri: str, timeout: float = 120) -> dict[str, object]:
-    """Migrate with postcopy-ram, switching to postcopy during the first round."""
-    return src.migrate_postcopy(uri, timeout=timeout)
-
-
 def finish_recv(recv: subprocess.Popen[str]) -> dict[str, object]:
     stdout, stderr = recv.communicate(timeout=120)
     assert recv.returncode == 0, stderr
@@ -312,9 +307,8 @@ def test_qemu_postcopy_into_mignet_recv(mignet_cmd: list[str], subprocess_env: d
     recv, uri = start_recv(mignet_cmd, subprocess_env, *extra)
     try:
         with QemuSource(tmp_path, mem_mib=64, fill="mixed", seed=11) as src:
-            if where == "preempt":
-                src.set_capabilities(postcopy_ram=True, postcopy_preempt=True)
-            info = qemu_postcopy(src, uri)
+            # owed pages trickle at 8 MiB/s, so the vCPUs surely fault on unsent ones
+            info = src.migrate_postcopy(uri, postcopy_bandwidth=8 << 20, preempt=where == "preempt")
             source = np.fromfile(src.image_path, np.uint8)
         assert info["status"] == "completed"
         done = finish_recv(recv)
@@ -365,3 +359,49 @@ def test_postcopy_into_out_on_a_disk_file_system_is_refused_in_one_line(
         assert recv.returncode == 3
         one_line(stderr, "cannot fault on missing pages here")
         assert "/dev/shm" in stderr
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(qemu_skip_reason() is not None, reason=qemu_skip_reason() or "")
+def test_a_lost_connection_pauses_postcopy_and_the_source_resumes_it(
+        mignet_cmd: list[str], subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    """QEMU's postcopy recovery: the link fails mid-postcopy (a proxy resets both sides);
+    the destination pauses with its RAM (postcopy-paused) instead of failing; QEMU's
+    ``migrate`` with ``resume`` to the destination's own address reconnects: RECV_BITMAP,
+    RESUME, and the pages still owed come; the guest's RAM ends identical."""
+    from tests.support.proxy import CuttableProxy
+    recv, uri = start_recv(mignet_cmd, subprocess_env, "--postcopy", "--vcpus", "1")
+    host, port = uri.removeprefix("tcp:").rsplit(":", 1)
+    proxy = CuttableProxy((host, int(port)))
+    assert recv.stdout is not None
+    try:
+        with QemuSource(tmp_path, mem_mib=64, fill="mixed", seed=13) as src:
+            # 2 MiB/s after the switch: tens of seconds of postcopy, ample time to cut it
+            src.start_postcopy(proxy.uri, postcopy_bandwidth=2 << 20)
+            deadline = time.monotonic() + 60
+            while src.query_migrate()["status"] != "postcopy-active":
+                assert time.monotonic() < deadline, src.query_migrate()
+                time.sleep(0.05)
+            time.sleep(1)
+            proxy.cut()
+            event = json.loads(recv.stdout.readline())
+            assert event["event"] == "postcopy-paused" and event["reason"], event
+            while src.query_migrate()["status"] != "postcopy-paused":
+                assert time.monotonic() < deadline + 60, src.query_migrate()
+                time.sleep(0.05)
+            assert recv.poll() is None  # paused, not failed
+            src.set_parameters(max_postcopy_bandwidth=0)
+            src.qmp("migrate", {"uri": uri, "resume": True})
+            info = src.wait_migration(timeout=120)
+            source = np.fromfile(src.image_path, np.uint8)
+        events = [json.loads(line) for line in recv.communicate(timeout=120)[0].splitlines()]
+        assert recv.returncode == 0
+        assert [e["event"] for e in events] == ["postcopy-recover", "postcopy-active", "completed"]
+        done = events[-1]
+        pc = done["stats"]["postcopy"]
+        assert pc["pauses"] == 1 and pc["pages-placed"] == pc["discarded-pages"] > 0
+        assert info["status"] == "completed"
+        m0 = [name for name, _ in done["blocks"]].index("m0")
+        assert done["block_digests"][m0] == xxhash.xxh3_128(source.data).hexdigest()
+    finally:
+        proxy.close()

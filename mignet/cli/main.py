@@ -78,6 +78,11 @@ def cmd_recv(args: argparse.Namespace) -> int:
     try:
         if multifd is not None and args.postcopy_preempt:
             multifd.take_preempt(loader.attach_preempt)
+        if multifd is not None and args.postcopy:
+            # a lost connection pauses postcopy; the source resumes to this same address
+            loader.recoverable = True
+            multifd.on_recovery = loader.offer_recovery
+            loader.on_postcopy = lambda phase: _postcopy_phase(args, loader, phase)
         if multifd is not None:
             multifd.idle_timeout = args.idle_timeout
             multifd.attach(loader)
@@ -144,6 +149,21 @@ def _refused(args: argparse.Namespace, why: str) -> None:
         emit_json({"event": "refused", "reason": why})
     elif not args.quiet:
         console.print(f"mignet: {escape(why)}", soft_wrap=True)
+
+
+def _postcopy_phase(args: argparse.Namespace, loader: Loader, phase: str) -> None:
+    """Say when postcopy pauses (the source's connection was lost: the guest waits here
+    with its RAM) and when a source resumes it, as QEMU's postcopy-paused/-recover."""
+    if phase not in ("paused", "recover", "active"):
+        return
+    status = {"paused": "postcopy-paused", "recover": "postcopy-recover",
+              "active": "postcopy-active"}[phase]
+    if args.json:
+        emit_json({"event": status, **({"reason": loader.pause_reason} if phase == "paused" else {})})
+    elif not args.quiet:
+        why = f" ({loader.pause_reason}); resume with the source's migrate -r to this address" \
+            if phase == "paused" else ""
+        console.print(f"mignet: {status}{escape(why)}", soft_wrap=True)
 
 
 def _cancel_on_sigterm() -> None:

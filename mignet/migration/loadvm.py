@@ -22,6 +22,7 @@ time, never correctness.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from mignet.channel import Channel
-from mignet.errors import MignetError, ProtocolError, SetupError
+from mignet.errors import ConnectionLostError, MignetError, ProtocolError, SetupError, TimedOut
 from mignet.guest.devices import KNOWN_DEVICES, DeviceSet
 from mignet.guest.ram import GuestRam, RamBlock
 from mignet.migration.postcopy import PostcopyIncoming, PostcopyStats
@@ -65,8 +66,11 @@ from mignet.wire.events import (
     PostcopyAdvise,
     PostcopyDiscard,
     PostcopyListen,
+    PostcopyRecvBitmap,
+    PostcopyResume,
     PostcopyRun,
 )
+from mignet.wire.postcopy import PostcopyState, recv_bitmap_reply, resume_ack
 from mignet.wire.return_path import CMD_OPEN_RETURN_PATH, CMD_PING, rp_pong, rp_shut
 
 MAX_RUN = 511  # (1 + 2 * 511 + 1) buffers fit Linux's IOV_MAX of 1024
@@ -139,6 +143,8 @@ class Loader:
                  postcopy: bool = False, vcpus: int = 1) -> None:
         self.channel = channel
         channel.set_idle_timeout(read=idle_timeout)  # a stalled source ends the load
+        self._idle_timeout = idle_timeout
+        self.pause_reason: str | None = None  # why postcopy last paused
         self.ram = ram
         self.devices = devices if devices is not None else DeviceSet.empty()
         self.decoder = StreamDecoder(devices=KNOWN_DEVICES, max_ram_bytes=max_ram_bytes)
@@ -147,7 +153,7 @@ class Loader:
         self.on_switchover = on_switchover
         self.block_factory = block_factory
         self.threaded = threaded
-        self._cancel = Cancel("incoming migration", on_cancel=channel.shutdown)
+        self._cancel = Cancel("incoming migration", on_cancel=self._wake)
         self._small = bytearray(1 << 16)
         self._small_view = memoryview(self._small)
         self._words = np.zeros(MAX_RUN + 1, dtype=">u8")
@@ -176,11 +182,20 @@ class Loader:
         self._listening = False  # pages go through userfaultfd from now on
         self._rp_lock = threading.Lock()  # PONG/SHUT (loader) and page requests (fault thread)
         self._preempt_lock = threading.Lock()
+        #: Postcopy recovery: a connection that replaces a lost one arrives here
+        #: (:meth:`offer_recovery`); without ``recoverable`` a loss fails the load.
+        self.recoverable = False
+        self._recovery: queue.Queue[Channel | None] = queue.Queue()
+        self._awaiting_recovery = False
         self._preempt: Channel | None = None  # QEMU's postcopy preempt channel, once accepted
         self._bounce = np.zeros(PAGE_SIZE, dtype=np.uint8)
         self._bounce_view = self._bounce.data.cast("B")
 
     # --- control ---------------------------------------------------------------------
+    def _wake(self) -> None:
+        self.channel.shutdown()
+        self._recovery.put(None)
+
     def cancel(self) -> None:
         """Stop loading from any thread: the channel is shut down, a blocked read wakes."""
         self._cancel.cancel()
@@ -196,7 +211,13 @@ class Loader:
         if self.threaded:
             assert_bql_not_held("the threaded loader")
         try:
-            return self._load()
+            while True:
+                try:
+                    return self._load()
+                except (ConnectionLostError, TimedOut) as exc:
+                    if not self._may_pause():
+                        raise
+                    self._pause_and_recover(exc)
         finally:
             if self.postcopy is not None:
                 self.postcopy.close()  # idempotent; on failure it wakes any stuck vCPU
@@ -303,6 +324,47 @@ class Loader:
             self._send_rp(rp_pong(int.from_bytes(event.data, "big")))
             rp["pings"] += 1
 
+    # --- postcopy recovery (QEMU's postcopy-paused, migrate-recover, migrate -r) ----------
+    def offer_recovery(self, channel: Channel) -> None:
+        """A connection that starts with a stream command: a source resuming postcopy
+        (any thread). Taken at once if paused; if the old connection still looks alive,
+        it is given up for the new one (the source would not reconnect otherwise)."""
+        self._recovery.put(channel)
+        if not self._awaiting_recovery:
+            self.channel.shutdown()
+
+    def _may_pause(self) -> bool:
+        pc = self.postcopy
+        return (self.recoverable and self._listening and pc is not None and not pc.closed
+                and not pc.has_preempt and not self._cancel.requested
+                and self.decoder.postcopy is PostcopyState.RUNNING)
+
+    def _pause_and_recover(self, lost: BaseException) -> None:
+        """The source's connection broke in postcopy: the guest keeps its RAM and waits
+        (postcopy-paused) until a source resumes on a new connection (postcopy-recover)."""
+        assert self.postcopy is not None
+        self.postcopy.pause()
+        self.pause_reason = str(lost)
+        if self.on_postcopy is not None:
+            self.on_postcopy("paused")
+        self.channel.close()
+        self._awaiting_recovery = True
+        while True:
+            try:
+                channel = self._recovery.get(timeout=0.5)
+            except queue.Empty:
+                channel = None
+            self._cancel.check()
+            if channel is not None:
+                break
+        self._awaiting_recovery = False
+        channel.set_idle_timeout(read=self._idle_timeout)
+        self.channel = channel
+        self.decoder = self.decoder.resumed()
+        self._block_name = None
+        if self.on_postcopy is not None:
+            self.on_postcopy("recover")
+
     def _send_rp(self, message: bytes) -> None:
         """One whole return-path message; the loader and the fault thread both send."""
         with self._rp_lock:
@@ -339,6 +401,13 @@ class Loader:
             pc.run()
             if self.on_postcopy is not None:
                 self.on_postcopy("run")
+        elif cls is PostcopyRecvBitmap:
+            self._send_rp(recv_bitmap_reply(event.block, pc.received(event.block)))
+        elif cls is PostcopyResume:
+            self._send_rp(resume_ack())
+            pc.resume()
+            if self.on_postcopy is not None:
+                self.on_postcopy("active")
         elif cls is not Packaged:
             raise ProtocolError(f"unexpected {cls.__name__} in the stream")
 

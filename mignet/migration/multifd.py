@@ -46,7 +46,7 @@ from mignet.migration.loadvm import IDLE_TIMEOUT, Loader, LoadStats
 from mignet.runtime.threads import start_thread
 from mignet.uri import Address
 from mignet.wire import PAGE_SIZE
-from mignet.wire.constants import QEMU_VM_FILE_MAGIC
+from mignet.wire.constants import QEMU_VM_FILE_MAGIC, SectionType
 from mignet.wire.multifd import (
     FLAG_SYNC,
     INIT_SIZE,
@@ -121,6 +121,9 @@ class MultifdReceiver:
         self._on_preempt: Callable[[Channel], None] | None = None
         self._preempt: Channel | None = None  # taken before anyone asked for it
         self._preempt_taken = False
+        #: Given a connection that starts with a stream command (0x08): a source resuming
+        #: a postcopy on a new connection (QEMU's migrate with resume=true).
+        self.on_recovery: Callable[[Channel], None] | None = None
         self.refused: list[str] = []
         self._cond = threading.Condition()
         self._accept_lock = threading.Lock()
@@ -186,6 +189,10 @@ class MultifdReceiver:
                 init = parse_init(self._peek(ch, INIT_SIZE, exact=True))
                 ch.read_exactly(INIT_SIZE)
                 self._register(ch, init)
+                return
+            if head[:1] == bytes([SectionType.COMMAND]) and self.on_recovery is not None \
+                    and self._main is not None:
+                self.on_recovery(ch)
                 return
             with self._cond:
                 if self._main is None:  # QEVM, or something the loader will name

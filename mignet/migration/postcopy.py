@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from mignet.channel import Channel
-from mignet.errors import ProtocolError, SetupError, TimedOut
+from mignet.errors import MignetError, ProtocolError, SetupError, TimedOut
 from mignet.guest.ram import GuestRam, RamBlock
 from mignet.guest.userfault import (
     MADV_NOHUGEPAGE,
@@ -73,6 +73,7 @@ class PostcopyStats:
     listen_at: float | None = None
     run_at: float | None = None
     preempt_pages: int = 0  # of those, the ones that came on the preempt channel
+    pauses: int = 0  # connections lost and recovered from (QEMU's postcopy-paused)
     latencies: list[float] = field(default_factory=list)  # fault to placement, seconds
     #: fault to request sent: this side's share of a fault's latency; the rest is the
     #: source's turnaround and the wire
@@ -82,6 +83,7 @@ class PostcopyStats:
         return {"discarded-pages": self.discarded_pages, "pages-placed": self.pages_placed,
                 "preempt-pages": self.preempt_pages, "faults": self.faults,
                 "requests": self.requests, "local-zero-faults": self.local_zero_faults,
+                "pauses": self.pauses,
                 "fault-latency-ms": percentiles_ms(self.latencies),
                 "request-latency-ms": percentiles_ms(self.request_latencies)}
 
@@ -120,6 +122,10 @@ class PostcopyIncoming:
         self._preempt: Channel | None = None
         self._preempt_future: Any = None
         self._switch_interval: float | None = None  # the process's, while ours is set
+        # Paused (the source's connection was lost): faults are recorded, not asked for,
+        # until a recovery resumes; the lock orders that against the fault thread.
+        self._paused = False
+        self._request_lock = threading.Lock()
         self._closed = False
 
     # --- setup, in stream order ----------------------------------------------------------
@@ -211,6 +217,14 @@ class PostcopyIncoming:
             elif type(event) is StreamFinished:
                 return
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def has_preempt(self) -> bool:
+        return self._preempt is not None
+
     def run(self) -> None:
         """The guest runs (QEMU's RUN): start its vCPUs."""
         assert self.ram is not None
@@ -285,12 +299,42 @@ class PostcopyIncoming:
         count = 1
         while count < REQUEST_PAGES and page + count < len(needed) and needed[page + count]:
             count += 1
-        name = None if block.name == self._last_block else block.name
-        self._last_block = block.name
+        with self._request_lock:
+            if self._paused:
+                return  # asked for again when the migration resumes
+            try:
+                self._request(block.name, offset, count)
+            except (MignetError, OSError):
+                return  # the connection is gone: the loader pauses, the page stays owed
+        self.stats.request_latencies.append(time.perf_counter() - faulted)
+
+    def _request(self, block: str, offset: int, count: int) -> None:
+        name = None if block == self._last_block else block
         kind, data = req_pages(offset, count * PAGE_SIZE, name)
         self.send_rp(rp_message(kind, data))
+        self._last_block = block
         self.stats.requests += 1
-        self.stats.request_latencies.append(time.perf_counter() - faulted)
+
+    # --- recovery ------------------------------------------------------------------------
+    def pause(self) -> None:
+        """The source's connection is lost: keep the guest's faults, ask for nothing."""
+        with self._request_lock:
+            self._paused = True
+        self.stats.pauses += 1
+
+    def received(self, name: str) -> np.ndarray:
+        """Pages of block ``name`` that are here for good: all but the ones still owed."""
+        return ~self._needed[name]
+
+    def resume(self) -> None:
+        """The source is back (after its RESUME): ask again for every page a vCPU still
+        waits for, since the lost connection may have lost those requests too."""
+        with self._request_lock:
+            self._last_block = None  # the source forgot it with the old connection
+            for name, offset in list(self._requested):
+                if self._needed[name][offset // PAGE_SIZE]:
+                    self._request(name, offset, 1)
+            self._paused = False
 
     # --- the end --------------------------------------------------------------------------
     def missing_pages(self) -> int:

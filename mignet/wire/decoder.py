@@ -54,6 +54,8 @@ from mignet.wire.events import (
     PostcopyAdvise,
     PostcopyDiscard,
     PostcopyListen,
+    PostcopyRecvBitmap,
+    PostcopyResume,
     PostcopyRun,
     RamBlocks,
     RamEndOfSection,
@@ -69,13 +71,17 @@ from mignet.wire.postcopy import (
     CMD_POSTCOPY_ADVISE,
     CMD_POSTCOPY_LISTEN,
     CMD_POSTCOPY_RAM_DISCARD,
+    CMD_POSTCOPY_RESUME,
     CMD_POSTCOPY_RUN,
+    CMD_RECV_BITMAP,
     MAX_PACKAGE_BYTES,
     PACKAGED_ONLY,
+    RECOVERY_ONLY,
     PostcopyState,
     packaged_length,
     parse_advise,
     parse_discard,
+    parse_recv_bitmap,
 )
 from mignet.wire.postcopy import ORDER as POSTCOPY_ORDER
 from mignet.wire.postcopy import next_state as next_postcopy_state
@@ -174,6 +180,21 @@ class StreamDecoder:
         self.postcopy = PostcopyState.NONE
         self._package_end: int | None = None  # stream offset where a PACKAGED command ends
         self._records_only = False
+        self._recovering = False
+
+    def resumed(self) -> StreamDecoder:
+        """A decoder for the connection that replaces a lost one in postcopy recovery:
+        QEMU goes on there at a section boundary, with no header, the same blocks and
+        section ids, and no CONTINUE across the break."""
+        if self.postcopy is not PostcopyState.RUNNING:
+            raise MisuseError("only a running postcopy can resume on a new connection")
+        dec = StreamDecoder(devices=self.devices, max_ram_bytes=self.max_ram_bytes)
+        dec.state = DecoderState.TOP
+        dec.blocks = dict(self.blocks)
+        dec._sections = dict(self._sections)
+        dec.postcopy = self.postcopy
+        dec._recovering = True
+        return dec
 
     @classmethod
     def records(cls, blocks: Mapping[str, int]) -> StreamDecoder:
@@ -419,6 +440,8 @@ class StreamDecoder:
         in_package = self._package_end is not None
         if cmd in PACKAGED_ONLY and not in_package:
             raise self._error(f"stream command {name} outside a PACKAGED command")
+        if cmd in RECOVERY_ONLY and not self._recovering:
+            raise self._error(f"stream command {name} outside a postcopy recovery")
         event: Event
         if cmd == CMD_PACKAGED:
             if in_package:
@@ -437,6 +460,16 @@ class StreamDecoder:
             event = self._discard(data)
         elif cmd == CMD_POSTCOPY_LISTEN:
             event = PostcopyListen()
+        elif cmd == CMD_RECV_BITMAP:
+            try:
+                block = parse_recv_bitmap(data)
+            except ValueError as exc:
+                raise self._error(str(exc)) from None
+            if block not in self.blocks:
+                raise self._error(f"RECV_BITMAP for unknown block {block!r}")
+            event = PostcopyRecvBitmap(block)
+        elif cmd == CMD_POSTCOPY_RESUME:
+            event = PostcopyResume()
         else:
             event = PostcopyRun()
         self._pos += 5 + len(data)

@@ -120,6 +120,20 @@ class PostcopyRun:
 
 
 @dataclass(frozen=True, slots=True)
+class PostcopyRecvBitmap:
+    """Recovery: the source asks which pages of ``block`` arrived (answered on the return
+    path); it re-sends all others."""
+
+    block: str
+
+
+@dataclass(frozen=True, slots=True)
+class PostcopyResume:
+    """Recovery: the source is ready to go on; acknowledge, and ask again for what the
+    guest still waits for."""
+
+
+@dataclass(frozen=True, slots=True)
 class VMDescription:
     """The JSON self-description QEMU appends after EOF."""
 
@@ -134,5 +148,5 @@ class StreamFinished:
 Event = (
     StreamStart | Configuration | RamBlocks | RamZero | RamPage | RamEndOfSection | DeviceState
     | Command | EndOfStream | VMDescription | StreamFinished | PostcopyAdvise | PostcopyDiscard
-    | Packaged | PostcopyListen | PostcopyRun
+    | Packaged | PostcopyListen | PostcopyRun | PostcopyRecvBitmap | PostcopyResume
 )

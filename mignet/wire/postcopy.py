@@ -18,6 +18,8 @@ from __future__ import annotations
 import enum
 import struct
 
+import numpy as np
+
 from mignet.units import PAGE_SIZE
 
 CMD_POSTCOPY_ADVISE = 3
@@ -25,9 +27,15 @@ CMD_POSTCOPY_LISTEN = 4
 CMD_POSTCOPY_RUN = 5
 CMD_POSTCOPY_RAM_DISCARD = 6
 CMD_PACKAGED = 7
+CMD_POSTCOPY_RESUME = 9
+CMD_RECV_BITMAP = 10
 
 RP_REQ_PAGES_ID = 3
 RP_REQ_PAGES = 4
+RP_RECV_BITMAP = 5
+RP_RESUME_ACK = 6
+RESUME_ACK_VALUE = 1  # QEMU's MIGRATION_RESUME_ACK_VALUE
+RECV_BITMAP_ENDING = 0x0123456789ABCDEF  # QEMU's RAMBLOCK_RECV_BITMAP_ENDING
 
 DISCARD_VERSION = 0  # QEMU's postcopy_ram_discard_version
 #: QEMU refuses larger packages (MAX_VM_CMD_PACKAGED_SIZE is 4 GiB); real device state is
@@ -35,6 +43,8 @@ DISCARD_VERSION = 0  # QEMU's postcopy_ram_discard_version
 MAX_PACKAGE_BYTES = 256 << 20
 
 _ADVISE = struct.Struct(">QQ")
+_HEAD = struct.Struct(">HH")
+_BE64 = struct.Struct(">Q")
 _RANGE = struct.Struct(">QQ")
 _REQ = struct.Struct(">QI")
 
@@ -60,9 +70,14 @@ TRANSITIONS: dict[tuple[PostcopyState, int], PostcopyState] = {
     (_P.ADVISE, CMD_POSTCOPY_LISTEN): _P.LISTENING,
     (_P.DISCARD, CMD_POSTCOPY_LISTEN): _P.LISTENING,
     (_P.LISTENING, CMD_POSTCOPY_RUN): _P.RUNNING,
+    # postcopy recovery, on the connection that replaces a lost one (QEMU's migrate -r)
+    (_P.RUNNING, CMD_RECV_BITMAP): _P.RUNNING,
+    (_P.RUNNING, CMD_POSTCOPY_RESUME): _P.RUNNING,
 }
 #: The commands only a package may carry (QEMU reads RUN's effect as "quit the package").
 PACKAGED_ONLY = frozenset({CMD_POSTCOPY_LISTEN, CMD_POSTCOPY_RUN})
+#: The commands only a recovery connection may carry.
+RECOVERY_ONLY = frozenset({CMD_RECV_BITMAP, CMD_POSTCOPY_RESUME})
 ORDER = "ADVISE, RAM_DISCARD..., PACKAGED(LISTEN, devices, RUN)"
 
 
@@ -108,6 +123,28 @@ def parse_discard(data: bytes) -> tuple[str, tuple[tuple[int, int], ...]]:
     if not rest or len(rest) % _RANGE.size:
         raise ValueError(f"RAM_DISCARD carries {len(rest)} bytes of ranges, not 16-byte pairs")
     return name, tuple(_RANGE.iter_unpack(rest))
+
+
+def parse_recv_bitmap(data: bytes) -> str:
+    """RECV_BITMAP's block name (a counted string)."""
+    if not data or len(data) != 1 + data[0]:
+        raise ValueError(f"RECV_BITMAP of {len(data)} bytes does not match its name length")
+    return data[1:].decode("utf-8", "replace")
+
+
+def recv_bitmap_reply(block: str, received: np.ndarray) -> bytes:
+    """The RECV_BITMAP answer: the return-path message naming ``block``, then (outside the
+    message framing, as QEMU reads it) be64 size, the received pages as a little-endian
+    bitmap padded to 8 bytes, and the end mark. The source re-sends every page not in it."""
+    name = block.encode()
+    bits = np.packbits(received.astype(bool), bitorder="little").tobytes()
+    bits += bytes(-len(bits) % 8)
+    head = _HEAD.pack(RP_RECV_BITMAP, 1 + len(name)) + bytes([len(name)]) + name
+    return head + _BE64.pack(len(bits)) + bits + _BE64.pack(RECV_BITMAP_ENDING)
+
+
+def resume_ack() -> bytes:
+    return _HEAD.pack(RP_RESUME_ACK, 4) + RESUME_ACK_VALUE.to_bytes(4, "big")
 
 
 def packaged_length(data: bytes) -> int:
