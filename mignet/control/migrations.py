@@ -47,7 +47,8 @@ ACCEPT_THREAD = "mig/dst/accept"
 CHANNEL_REPORT_WAIT = 0.5  # s: a failed main stream waits this long for a channel's cause
 
 EventSink = Callable[[str, dict[str, Any]], None]
-_CANCELLABLE = frozenset({Phase.CONNECTING, Phase.LISTENING, Phase.RAM, Phase.DEVICES})
+_CANCELLABLE = frozenset({Phase.CONNECTING, Phase.LISTENING, Phase.RAM, Phase.DEVICES,
+                          Phase.POSTCOPY_PAUSED})
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Migrations:
         self._sender: Sender | None = None
         self._loader: Loader | None = None
         self._listener: Listener | None = None
+        self._recover_listener: Listener | None = None  # migrate-recover's, while it waits
         self._multifd_in: MultifdReceiver | None = None
         self.objects = Objects()  # object-add's tls-creds-x509 and authz-list, by id
         # Each direction's channels as last seen (MultifdSender/Receiver.describe), kept
@@ -304,10 +306,17 @@ class Migrations:
                     pc.listen_offset = loader.decoder.offset
                     if not inc.move(frozenset({Phase.RAM}), Phase.POSTCOPY):
                         raise MigrationCancelled("incoming migration cancelled")
+                elif what == "paused":  # the source's connection is lost: wait for a resume
+                    inc.move(frozenset({Phase.POSTCOPY, Phase.POSTCOPY_RECOVER}), Phase.POSTCOPY_PAUSED)
+                elif what == "recover":
+                    inc.move(frozenset({Phase.POSTCOPY_PAUSED}), Phase.POSTCOPY_RECOVER)
+                elif what == "active":
+                    inc.move(frozenset({Phase.POSTCOPY_RECOVER}), Phase.POSTCOPY)
             loader = Loader(channel, ram=self.guest.ram, devices=self.guest.devices,
                             max_ram_bytes=self.guest.max_ram, block_factory=block_factory,
                             on_switchover=switchover, postcopy=postcopy, vcpus=self.guest.vcpus)
             loader.on_postcopy = on_postcopy
+            loader.recoverable = True  # a connection lost in postcopy waits for migrate-recover
             if multifd is not None:
                 multifd.attach(loader)
                 if preempt:
@@ -352,8 +361,14 @@ class Migrations:
             raise
         finally:
             with self._mutex:
+                last = self._loader
                 self._loader = None
                 self._multifd_in = None
+                if self._recover_listener is not None:
+                    self._recover_listener.close()
+                    self._recover_listener = None
+            if last is not None and last.channel is not channel:
+                last.channel.close()  # the connection a postcopy recovery brought
             if multifd is not None:
                 multifd.close()
                 seen = multifd.describe()  # figures only: the receiver (and its RAM) can go
@@ -435,10 +450,50 @@ class Migrations:
                 if self._multifd_in is not None:
                     self._multifd_in.stop()  # wakes accept_main() and the channels; no joins here
 
+    @upper_half
+    def recover(self, uri: str) -> None:
+        """``migrate-recover``: a destination whose postcopy paused listens on ``uri`` for the
+        source that resumes (QEMU's ``migrate`` with ``resume``); the first connection
+        there is handed to the paused loader."""
+        inc = self.state.incoming
+        if inc.phase is not Phase.POSTCOPY_PAUSED:
+            raise RequestRefused("Migrate recover can only be run when postcopy is paused.")
+        with self._mutex:
+            if self._recover_listener is not None:
+                raise RequestRefused("Migrate recovery is triggered already")
+            loader = self._loader
+            if loader is None:
+                raise RequestRefused("Migrate recover can only be run when postcopy is paused.")
+            listener = listen(uri)
+            self._recover_listener = listener
+        addr = listener.address
+        inc.socket_address = [{"type": "unix", "path": str(addr.path)}] if addr.scheme == "unix" \
+            else [{"type": "inet", "host": str(addr.host), "port": str(addr.port)}]
+
+        def accept() -> None:
+            try:
+                channel = listener.accept()
+            except (MignetError, OSError, TimeoutError):
+                return  # closed: the migration ended or the process quits
+            finally:
+                with self._mutex:
+                    if self._recover_listener is listener:
+                        self._recover_listener = None
+                listener.close()
+            loader.offer_recovery(channel)
+        t = threading.Thread(target=accept, name="mig/dst/recover", daemon=True)
+        self._threads.append(t)
+        t.start()
+
     def shutdown(self, timeout: float = 5.0) -> None:
         """Cancel what runs and wait for the threads (at quit). Never call with the big
         lock held: a loader may need it to finish a device section."""
         self.cancel()
+        with self._mutex:  # quit ends a postcopy too, paused or not, whatever cancel allows
+            if self._loader is not None:
+                self._loader.cancel()
+            if self._recover_listener is not None:
+                self._recover_listener.close()
         for t in self._threads:
             t.join(timeout)
 

@@ -57,6 +57,7 @@ class Commands:
         return {
             "migrate": self.migrate,
             "migrate-incoming": self.migrate_incoming,
+            "migrate-recover": self.migrate_recover,
             "migrate-cancel": self.migrate_cancel,
             "migrate-set-capabilities": self.migrate_set_capabilities,
             "query-migrate-capabilities": self.query_migrate_capabilities,
@@ -90,6 +91,11 @@ class Commands:
     def migrate_incoming(self, args: dict[str, Any]) -> dict[str, Any]:
         check_args(args, {"uri": str}, {"config": dict})
         self.migrations.start_incoming(args["uri"], args.get("config"))
+        return {}
+
+    def migrate_recover(self, args: dict[str, Any]) -> dict[str, Any]:
+        check_args(args, {"uri": str})
+        self.migrations.recover(args["uri"])
         return {}
 
     def object_add(self, args: dict[str, Any]) -> dict[str, Any]:

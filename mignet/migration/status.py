@@ -59,6 +59,10 @@ class Phase(enum.Enum):
     # incoming: the source switched to postcopy (LISTEN): RAM faults here and missing pages
     # are asked for; the guest starts here at RUN, before all of its RAM came
     POSTCOPY = enum.auto()
+    # incoming postcopy lost its source's connection: the guest waits here with its RAM
+    # until a source resumes (migrate-recover here, migrate resume=true there)
+    POSTCOPY_PAUSED = enum.auto()
+    POSTCOPY_RECOVER = enum.auto()  # a resuming source connected; the handshake runs
     DONE = enum.auto()
     CANCELLING = enum.auto()
     CANCELLED = enum.auto()
@@ -75,6 +79,8 @@ PUBLIC_STATUS: dict[Phase, MigrationStatus] = {
     Phase.DEVICES: MigrationStatus.ACTIVE,
     Phase.SWITCHOVER: MigrationStatus.ACTIVE,
     Phase.POSTCOPY: MigrationStatus.POSTCOPY_ACTIVE,
+    Phase.POSTCOPY_PAUSED: MigrationStatus.POSTCOPY_PAUSED,
+    Phase.POSTCOPY_RECOVER: MigrationStatus.POSTCOPY_RECOVER,
     Phase.DONE: MigrationStatus.COMPLETED,
     Phase.CANCELLING: MigrationStatus.CANCELLING,
     Phase.CANCELLED: MigrationStatus.CANCELLED,
@@ -83,7 +89,7 @@ PUBLIC_STATUS: dict[Phase, MigrationStatus] = {
 
 _ENDED = frozenset({Phase.DONE, Phase.CANCELLED, Phase.FAILED})
 _RUNNING = frozenset({Phase.CONNECTING, Phase.LISTENING, Phase.RAM, Phase.DEVICES, Phase.SWITCHOVER,
-                      Phase.POSTCOPY})
+                      Phase.POSTCOPY, Phase.POSTCOPY_PAUSED, Phase.POSTCOPY_RECOVER})
 
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.IDLE: frozenset({Phase.CONNECTING, Phase.LISTENING}),
@@ -98,8 +104,12 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     # Past switchover the guest has moved: too late to cancel, as in QEMU.
     Phase.SWITCHOVER: frozenset({Phase.DONE, Phase.FAILED}),
     # Postcopy cannot be cancelled either: pages of the running guest exist only at the
-    # source and here. Without recovery (postcopy-paused), a lost stream is "failed".
-    Phase.POSTCOPY: frozenset({Phase.DONE, Phase.FAILED}),
+    # source and here. A lost connection pauses it (QEMU's postcopy recovery) where the
+    # destination can take a resuming source; otherwise it is "failed".
+    Phase.POSTCOPY: frozenset({Phase.DONE, Phase.FAILED, Phase.POSTCOPY_PAUSED}),
+    # A paused guest whose source is gone for good can be given up (migrate-cancel).
+    Phase.POSTCOPY_PAUSED: frozenset({Phase.POSTCOPY_RECOVER, Phase.FAILED, Phase.CANCELLING}),
+    Phase.POSTCOPY_RECOVER: frozenset({Phase.POSTCOPY, Phase.POSTCOPY_PAUSED, Phase.FAILED}),
     # Once cancelling, the end is "cancelled" even if the last bytes made it (QEMU does the
     # same: its completion is a compare-and-swap from active that then fails).
     Phase.CANCELLING: frozenset({Phase.CANCELLED}),
