@@ -56,6 +56,7 @@ class Phase(enum.Enum):
     RAM = enum.auto()  # the stream carries RAM
     DEVICES = enum.auto()  # RAM is done; device state is in flight
     SWITCHOVER = enum.auto()  # EOF seen / sent; the guest changes hosts
+    POSTCOPY = enum.auto()  # outgoing: the guest runs on the destination; RAM still flows
     DONE = enum.auto()
     CANCELLING = enum.auto()
     CANCELLED = enum.auto()
@@ -71,6 +72,7 @@ PUBLIC_STATUS: dict[Phase, MigrationStatus] = {
     # it device state travels while the status is still "active".
     Phase.DEVICES: MigrationStatus.ACTIVE,
     Phase.SWITCHOVER: MigrationStatus.ACTIVE,
+    Phase.POSTCOPY: MigrationStatus.POSTCOPY_ACTIVE,
     Phase.DONE: MigrationStatus.COMPLETED,
     Phase.CANCELLING: MigrationStatus.CANCELLING,
     Phase.CANCELLED: MigrationStatus.CANCELLED,
@@ -78,7 +80,8 @@ PUBLIC_STATUS: dict[Phase, MigrationStatus] = {
 }
 
 _ENDED = frozenset({Phase.DONE, Phase.CANCELLED, Phase.FAILED})
-_RUNNING = frozenset({Phase.CONNECTING, Phase.LISTENING, Phase.RAM, Phase.DEVICES, Phase.SWITCHOVER})
+_RUNNING = frozenset({Phase.CONNECTING, Phase.LISTENING, Phase.RAM, Phase.DEVICES, Phase.SWITCHOVER,
+                      Phase.POSTCOPY})
 
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.IDLE: frozenset({Phase.CONNECTING, Phase.LISTENING}),
@@ -86,10 +89,14 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.LISTENING: frozenset({Phase.RAM, Phase.CANCELLING, Phase.FAILED}),
     # RAM -> SWITCHOVER: a data plane that gives no signal between its last RAM and its
     # device sections (the Sender writes both in one go, the Loader has no hook) skips DEVICES.
-    Phase.RAM: frozenset({Phase.DEVICES, Phase.SWITCHOVER, Phase.CANCELLING, Phase.FAILED}),
+    # RAM -> POSTCOPY: a postcopy source stops its guest and hands it over before all RAM came.
+    Phase.RAM: frozenset({Phase.DEVICES, Phase.SWITCHOVER, Phase.POSTCOPY, Phase.CANCELLING,
+                          Phase.FAILED}),
     Phase.DEVICES: frozenset({Phase.SWITCHOVER, Phase.CANCELLING, Phase.FAILED}),
     # Past switchover the guest has moved: too late to cancel, as in QEMU.
     Phase.SWITCHOVER: frozenset({Phase.DONE, Phase.FAILED}),
+    # The guest runs on the destination: nothing to cancel back to (QEMU: postcopy-active).
+    Phase.POSTCOPY: frozenset({Phase.DONE, Phase.FAILED}),
     # Once cancelling, the end is "cancelled" even if the last bytes made it (QEMU does the
     # same: its completion is a compare-and-swap from active that then fails).
     Phase.CANCELLING: frozenset({Phase.CANCELLED}),
@@ -122,6 +129,8 @@ class RamCounters:
     pages_per_second: int | None = None
     cpu_throttle_percentage: int = 0
     multifd_bytes: int = 0  # of ``transferred``, on multifd channels
+    postcopy_requests: int = 0  # page requests received (a postcopy source)
+    postcopy_bytes: int = 0  # stream bytes after the switch to postcopy
 
     def to_qapi(self, mbps: float, pages_per_second: float) -> dict[str, Any]:
         """query-migrate's ``ram`` member, QEMU 7.2's field names."""
@@ -130,10 +139,10 @@ class RamCounters:
             "duplicate": self.duplicate, "skipped": 0, "normal": self.normal,
             "normal-bytes": self.normal * PAGE_SIZE, "dirty-pages-rate": self.dirty_pages_rate,
             "mbps": round(mbps, 3), "dirty-sync-count": self.dirty_sync_count,
-            "postcopy-requests": 0, "page-size": PAGE_SIZE,
+            "postcopy-requests": self.postcopy_requests, "page-size": PAGE_SIZE,
             "multifd-bytes": self.multifd_bytes,
             "pages-per-second": int(pages_per_second), "precopy-bytes": self.precopy_bytes,
-            "downtime-bytes": self.downtime_bytes, "postcopy-bytes": 0,
+            "downtime-bytes": self.downtime_bytes, "postcopy-bytes": self.postcopy_bytes,
             "dirty-sync-missed-zero-copy": 0,
         }
 
@@ -249,7 +258,7 @@ class MigrationState:
 
 
 _SHOWS_RAM = frozenset({MigrationStatus.ACTIVE, MigrationStatus.CANCELLING, MigrationStatus.DEVICE,
-                        MigrationStatus.COMPLETED})
+                        MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.COMPLETED})
 
 
 def query_migrate(side: DirectionState, downtime_limit_ms: int) -> dict[str, Any]:
