@@ -20,6 +20,7 @@ import pytest
 import xxhash
 
 from mignet.cli import exits
+from mignet.errors import MignetError, ProtocolError
 from mignet.guest.devices import DeviceSet
 from mignet.guest.ram import GuestRam
 from mignet.guest.workload import Workload
@@ -50,7 +51,7 @@ class ScriptedDestination:
     """QEMU's destination side, reduced to what the source's behaviour shows: it keeps its
     own copy of the guest's RAM, records the discarded pages and the order of the pages that
     come after RUN, asks (at RUN) for the last discarded page and, once the first page after
-    RUN arrived, for that page again (already sent: the source must ignore it)."""
+    RUN other than that one arrived, for that page again (already sent: the source must ignore it)."""
 
     def __init__(self, sock: socket.socket, ram_size: int) -> None:
         self.sock = sock
@@ -62,6 +63,7 @@ class ScriptedDestination:
         self.asked_arrived = threading.Event()
         self.error: BaseException | None = None
         self._run = False
+        self._asked_again = False
 
     def serve(self) -> None:
         try:
@@ -115,7 +117,8 @@ class ScriptedDestination:
             return
         n = offset // PAGE_SIZE
         self.after_run.append(n)
-        if len(self.after_run) == 1 and n != self.asked:
+        if n != self.asked and not self._asked_again:
+            self._asked_again = True
             self._ask(n, None)  # sent already: must be ignored, never sent twice
         if n == self.asked:
             self.asked_arrived.set()
@@ -164,6 +167,47 @@ def test_requested_page_jumps_the_slow_stream_and_every_page_comes_once() -> Non
     assert info["ram"]["postcopy-bytes"] > len(dst.discarded) * 8  # at least the page words
     assert info["ram"]["precopy-bytes"] + info["ram"]["postcopy-bytes"] == info["ram"]["transferred"]
     assert not workload.running  # stopped at the switch, never restarted here
+    a.close()
+
+
+class VanishingDestination(ScriptedDestination):
+    """Asks for a page outside guest RAM (``bad_request``) or just goes away at RUN."""
+
+    def __init__(self, sock: socket.socket, ram_size: int, bad_request: bool) -> None:
+        super().__init__(sock, ram_size)
+        self.bad_request = bad_request
+
+    def _ask(self, page: int, block: str | None) -> None:
+        if self.bad_request:
+            kind, data = req_pages(self.ram.size, PAGE_SIZE, BLOCK)  # one page past the end
+            self.sock.sendall(rp_message(kind, data))
+        else:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        raise ConnectionError("gone")
+
+
+@pytest.mark.parametrize("bad_request, error", [(False, MignetError), (True, ProtocolError)],
+                         ids=["connection-lost", "request-outside-ram"])
+def test_failure_after_the_switch_fails_and_never_restarts_the_vcpus(bad_request: bool,
+                                                                      error: type[Exception]) -> None:
+    """Once the package is out the guest belongs to the destination: a broken connection or
+    a nonsense request ends the migration failed, and the vCPUs here stay stopped (running
+    them again would give the guest two lives)."""
+    ram = page_aligned(GuestRam.generate(4 * MiB, "random", seed=5, name=BLOCK))
+    a, b = socket.socketpair()
+    a.settimeout(120)
+    dst = VanishingDestination(a, ram.total, bad_request)
+    threading.Thread(target=dst.serve, daemon=True).start()
+    workload = Workload(ram, 64 * MiB, seed=5)
+    source = PostcopySource(Sender(SocketChannel(b, "to-vanishing"), ram, DeviceSet.example(5)),
+                            workload, PostcopyParams(max_bandwidth=8 * MiB,
+                                                     max_postcopy_bandwidth=256 << 10))
+    with pytest.raises(error) as caught:
+        source.run()
+    if bad_request:
+        assert "not whole pages inside it" in str(caught.value)
+    assert source.status == "failed"
+    assert not workload.running
     a.close()
 
 

@@ -102,7 +102,8 @@ class ReturnPathReader:
     the migration to SHUT: PONGs (timestamped), page requests (queued for the sender) and
     SHUT. ``on_request`` runs in this thread after each request is queued (the sender's
     wake-up). An error — a malformed message, a request outside guest RAM, the connection
-    lost before SHUT — is kept and ends the thread; the sender raises it."""
+    lost before SHUT — is kept and ends the thread, which shuts the channel down so a sender
+    blocked writing wakes; the sender raises it as the cause."""
 
     def __init__(self, channel: Channel, ram: GuestRam, on_request: Callable[[], None]) -> None:
         self.channel = channel
@@ -143,6 +144,10 @@ class ReturnPathReader:
                     self._message(kind, data)
         except MignetError as exc:
             self.error = exc
+            try:  # wakes a sender blocked writing to a destination that stopped reading
+                self.channel.shutdown()
+            except MignetError:
+                pass
         finally:
             self._ended.set()
             self.attention.set()
@@ -260,11 +265,16 @@ class PostcopySource(Precopy):
         self.reader.start()
         try:
             return super().run()
-        except BaseException:
+        except BaseException as exc:
             try:
                 self.sender.channel.shutdown()  # ends the reader's read
             except MignetError:
                 pass
+            cause = self.reader.error
+            if isinstance(exc, MignetError) and cause is not None and cause is not exc:
+                # The reader failed first and shut the channel: its error is the cause.
+                self.error = self.state.error_desc = str(cause)
+                raise cause from None
             raise
         finally:
             self.reader.join(10)
