@@ -32,7 +32,7 @@ BAD_SENDS = [
     (["--size", "16M", "--dirty-rate", "64MiB/s"], "--dirty-rate has no effect without --live"),
     (["--size", "16M", "--auto-converge"], "--auto-converge has no effect without --live"),
     (["--size", "16M", "--channels", "256"], "--channels: takes 1 to 255, not 256"),
-    (["--image", "/dev/null", "--live"], "--live migrates a running synthetic guest"),
+    (["--image", "/dev/null", "--live"], "--live migrates a running guest: give --size, or --snapshot"),
     (["--image", "/dev/null", "--fill", "zero"], "--fill has no effect without --size"),
     (["--stream", "/dev/null", "--max-bandwidth", "1M"], "--max-bandwidth has no effect with --stream"),
     (["--size", "16M", "--rdma-pin-all"], "--rdma-pin-all has no effect without an rdma: URI"),

@@ -26,4 +26,4 @@ def test_send_live_refuses_an_image(mignet_cmd: list[str], subprocess_env: dict[
     image.write_bytes(b"\0" * 8192)
     r = subprocess.run([*mignet_cmd, "send", "tcp:127.0.0.1:1", "--image", str(image), "--live"],
                        capture_output=True, text=True, env=subprocess_env, timeout=60)
-    one_line_error(r, "--live migrates a running synthetic guest")
+    one_line_error(r, "--live migrates a running guest: give --size, or --snapshot")

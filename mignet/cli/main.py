@@ -40,7 +40,7 @@ from mignet.errors import (
 )
 from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir, open_snapshot
-from mignet.guest.ram import DIGESTS, GuestRam, RamBlock, RamDigests
+from mignet.guest.ram import DIGESTS, GuestRam, RamBlock, RamDigests, allocate_guest_memory
 from mignet.migration.loadvm import IDLE_TIMEOUT, Loader, LoadResult, LoadStats, start_load_thread
 from mignet.migration.multifd import MultifdReceiver, MultifdSender, accept_incoming, open_channels
 from mignet.migration.savevm import Sender, SendStats
@@ -271,12 +271,24 @@ def check_send(args: argparse.Namespace) -> None:
     if args.tls_creds and parse_uri(args.uri).scheme != "tcp":
         raise UsageError("--tls-creds needs a tcp: URI (as QEMU's TLS migration)", prog)
     refuse_unless(args, bool(args.tls_creds), ["tls_hostname"], "without --tls-creds")
-    if args.live and not args.size:
-        raise UsageError("--live migrates a running synthetic guest: give --size (a snapshot, "
-                         "an image or a stream file is not running)", prog)
+    if args.live and not (args.size or args.snapshot):
+        raise UsageError("--live migrates a running guest: give --size, or --snapshot to run a "
+                         "received one (an image or a stream file is not running)", prog)
     refuse_unless(args, bool(args.live), ["dirty_rate", "auto_converge", "downtime_limit"],
                   "without --live")
-    refuse_unless(args, not args.live, ["return_path"], "with --live (live precopy has no return path)")
+    refuse_unless(args, not args.live, ["return_path"],
+                  "with --live (live precopy has no return path; --postcopy always opens one)")
+    refuse_unless(args, bool(args.postcopy), ["postcopy_after", "max_postcopy_bandwidth"],
+                  "without --postcopy")
+    if args.postcopy:
+        if not args.live:
+            raise UsageError("--postcopy switches a running guest over: add --live", prog)
+        if args.channels > 1:
+            raise UsageError("--postcopy with --channels (multifd) is not supported by mignet: "
+                             "drop one of them", prog)
+        if args.tls_creds or parse_uri(args.uri).scheme == "rdma":
+            raise UsageError("--postcopy needs plain tcp: or unix: (mignet's postcopy does not "
+                             "run over TLS or RDMA yet)", prog)
     refuse_unless(args, bool(args.size), ["fill"], "without --size")
     refuse_unless(args, bool(args.image), ["block_name"], "without --image")
     refuse_unless(args, bool(args.size or args.image), ["seed", "no_devices"],
@@ -394,37 +406,63 @@ def _send_stream(args: argparse.Namespace) -> int:
 
 
 def _live_params(args: argparse.Namespace) -> Any:
+    from mignet.migration.postcopy_source import PostcopyParams
     from mignet.migration.precopy import PrecopyParams
 
-    return PrecopyParams(downtime_limit_ms=args.downtime_limit, max_bandwidth=args.max_bandwidth,
-                         auto_converge=args.auto_converge)
+    common = {"downtime_limit_ms": args.downtime_limit, "max_bandwidth": args.max_bandwidth,
+              "auto_converge": args.auto_converge}
+    if getattr(args, "postcopy", False):
+        return PostcopyParams(**common, postcopy_after=args.postcopy_after,
+                              max_postcopy_bandwidth=args.max_postcopy_bandwidth)
+    return PrecopyParams(**common)
+
+
+def _live_guest(args: argparse.Namespace) -> tuple[GuestRam, DeviceSet, dict[str, Any]]:
+    """The running guest of --live: synthetic (--size), or a received one (--snapshot) whose
+    RAM is copied into private memory for its vCPUs to write, sent with its own machine
+    type, device state and section id so that QEMU takes it."""
+    from mignet.migration.dirty import page_aligned
+
+    if not args.snapshot:
+        devices = DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed)
+        return page_aligned(_source_ram(args)), devices, {}
+    snap = open_snapshot(Path(args.snapshot))
+    ram = GuestRam()
+    for block in snap.ram:  # writable and page-aligned, off the read-only files
+        data = allocate_guest_memory(block.size)
+        data[:] = block.data
+        ram.add(RamBlock(block.name, data))
+    return ram, snap.devices, {
+        "machine_type": snap.machine_type, "ram_section_id": snap.ram_section_id,
+        "description": snap.description}
 
 
 def _send_live(args: argparse.Namespace) -> int:
-    """Live precopy of a running synthetic guest (its vCPUs write at --dirty-rate)."""
-    from mignet.migration.dirty import page_aligned
+    """Live migration of a running guest (its vCPUs write at --dirty-rate): precopy, or
+    with --postcopy precopy rounds and then postcopy."""
     from mignet.ui.live import print_live_table, run_live
 
-    ram = page_aligned(_source_ram(args))
-    devices = DeviceSet.empty() if args.no_devices else DeviceSet.example(args.seed)
+    ram, devices, sender_options = _live_guest(args)
     channel = _connect_main(args)
     try:
         with _channels_for(args) as multifd:  # each round's dirty pages, synced per round
             precopy, workload = run_live(channel, ram, devices, dirty_rate=args.dirty_rate,
                                          params=_live_params(args), quiet=args.quiet, seed=args.seed,
                                          rdma_pin_all=args.rdma_pin_all, pages_to=multifd,
-                                         idle_timeout=args.idle_timeout)
+                                         idle_timeout=args.idle_timeout, sender_options=sender_options)
     finally:
         channel.close()
     digests = ram.digests(args.digest) if args.json or not args.quiet else None
     if not args.quiet:
         print_live_table(precopy, workload)
         row = _digest_row(digests)
-        console.print(f"source {row[0]} at stop-and-copy: {row[1]}")
+        when = "the switch to postcopy" if args.postcopy else "stop-and-copy"
+        console.print(f"source {row[0]} at {when}: {row[1]}")
     if args.json:
         info = precopy.query_migrate()
         emit_json(_send_completed(digests, info["ram"]["transferred"], info["total-time"] / 1000,
-                                   migration=info, multifd=multifd.describe() if multifd else None))
+                                   confirmed=precopy.sender.stats.confirmed, migration=info,
+                                   multifd=multifd.describe() if multifd else None))
     return 0
 
 
@@ -592,6 +630,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dirty-rate", default="200MiB/s", metavar="RATE", type=options.rate,
                    help="with --live: the vCPUs' write rate, bytes per second")
     _add_live_options(s, "with --live: ")
+    s.add_argument("--postcopy", action="store_true",
+                   help="with --live: switch to postcopy (QEMU's postcopy-ram) unless precopy "
+                        "converged first: the guest moves to the destination, which asks for "
+                        "the pages it touches while the rest streams behind (the destination "
+                        "needs postcopy-ram / recv --postcopy)")
+    s.add_argument("--postcopy-after", type=options.count1, default=1, metavar="ROUNDS",
+                   help="with --postcopy: precopy rounds (dirty syncs) before the switch")
+    s.add_argument("--max-postcopy-bandwidth", default="0", metavar="RATE", type=options.rate,
+                   help="with --postcopy: bytes per second of the stream after the switch; "
+                        "requested pages are not limited; 0 = unlimited")
     options.add_digest(s, "the sent RAM's digest (table, --json)")
     _add_output_options(s)
     s.set_defaults(func=cmd_send, _check=check_send)

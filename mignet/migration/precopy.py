@@ -199,7 +199,8 @@ class Precopy:
                     st.to(Phase.FAILED, str(exc))
             if self.workload is not None:
                 self.workload.set_throttle(0)  # as QEMU: a failed migration leaves the guest
-                if not self.workload.running and c.stopped is not None:  # running, unthrottled
+                if not self.workload.running and c.stopped is not None \
+                        and self._source_may_resume():  # running, unthrottled
                     self.workload.start()
             raise
         finally:
@@ -239,7 +240,7 @@ class Precopy:
             c.expected_downtime = remaining / c.bandwidth if c.bandwidth else None
             if self.on_round is not None:
                 self.on_round(round_stats)
-            if self._converged(remaining) or self._force.is_set():
+            if self._converged(remaining) or self._force.is_set() or self._leave_precopy():
                 self._pending = masks
                 return
             self._maybe_throttle(dirty * PAGE_SIZE, sent)
@@ -248,6 +249,16 @@ class Precopy:
             for block in ram:
                 sender.send_page_list(block, np.flatnonzero(masks[block.name]))
             sender.close_section()
+
+    def _leave_precopy(self) -> bool:
+        """End the rounds now although precopy has not converged: never in precopy; a
+        postcopy source (:mod:`.postcopy_source`) switches after its rounds."""
+        return False
+
+    def _source_may_resume(self) -> bool:
+        """Whether a failed migration may restart the vCPUs here: always in precopy; not
+        once a postcopy source has handed the guest to the destination."""
+        return True
 
     def _converged(self, remaining: int) -> bool:
         """QEMU: switch over once the rest fits in downtime-limit at the measured bandwidth."""
@@ -304,7 +315,7 @@ class Precopy:
     def counters(self) -> RamCounters:
         """This migration's figures, from the sender's record and the rounds (any thread)."""
         c, s = self._c, self.sender.stats
-        in_rounds = self.state.phase in (Phase.CONNECTING, Phase.RAM, Phase.SWITCHOVER)
+        in_rounds = self.state.phase in (Phase.CONNECTING, Phase.RAM, Phase.SWITCHOVER, Phase.POSTCOPY)
         if in_rounds or c.stopped is None:
             remaining = max(0, c.remaining_pages - (s.pages_scanned - c.round_scanned_at))
         else:

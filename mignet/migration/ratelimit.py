@@ -50,6 +50,12 @@ class RateLimiter:
         self._window_start = self._clock()
         self._wake.set()
 
+    def wake(self) -> None:
+        """End a sender's current sleep early without changing the limit or the window:
+        for a caller whose ``should_stop`` just became set (a postcopy page request must
+        not wait out a window of the background stream)."""
+        self._wake.set()
+
     def consume(self, nbytes: int, should_stop: threading.Event | None = None) -> float:
         """Account ``nbytes`` just sent; sleep while over budget. Returns seconds slept."""
         slept = 0.0
@@ -66,10 +72,10 @@ class RateLimiter:
                 self._window_start = now
             if not limit or self._used < limit * WINDOW:
                 return slept
+            self._wake.clear()  # before the check: a wake() after it ends the wait below
             if should_stop is not None and should_stop.is_set():
                 return slept
             delay = self._window_start + WINDOW - now
-            self._wake.clear()
             t0 = self._clock()
             self._wait(self._wake, max(0.0, delay))
             slept += self._clock() - t0

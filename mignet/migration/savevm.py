@@ -33,6 +33,7 @@ from mignet.runtime.halves import bottom_half, upper_half
 from mignet.units import PAGE_SIZE
 from mignet.wire import StreamEncoder
 from mignet.wire.constants import PAGE_RECORD_SIZE
+from mignet.wire.postcopy import CMD_POSTCOPY_ADVISE, advise_payload
 from mignet.wire.return_path import CMD_OPEN_RETURN_PATH, CMD_PING, RP_SHUT, command, parse_rp_messages
 
 MACHINE_TYPE = "mignet-pc-1.0"
@@ -99,6 +100,11 @@ class Sender:
         # QEMU's return path: completed only once the destination confirms with SHUT.
         self.return_path = return_path
         self.confirm_timeout = confirm_timeout
+        # Postcopy: ADVISE after the return path opens, so the destination prepares to fault.
+        self.postcopy_advise = False
+        # Who reads the destination's SHUT (given the timeout, returns its value): None reads
+        # the return path here at the end; a postcopy source's reader thread owns it throughout.
+        self.shut_from: Callable[[float], int] | None = None
         self._cancel = Cancel("outgoing migration", on_cancel=self._shutdown_all)
         self.placement = channel.page_placement
         self.rdma_pin_all = rdma_pin_all  # QEMU's rdma-pin-all; None: the transport's default
@@ -165,6 +171,8 @@ class Sender:
         bufs: list[object] = [enc.header(), enc.configuration(self.machine_type)]
         if self.return_path:  # as QEMU's migration_thread: right after the header
             bufs += [command(CMD_OPEN_RETURN_PATH), command(CMD_PING, (1).to_bytes(4, "big"))]
+        if self.postcopy_advise:  # as QEMU's migration_thread: before the setup section
+            bufs.append(command(CMD_POSTCOPY_ADVISE, advise_payload()))
         bufs.append(enc.ram_start(self.ram.layout(), self.ram_section_id))
         if self.pages_to is not None:
             tail = len(enc.ram_section_close())  # EOS + footer end the setup section
@@ -247,26 +255,59 @@ class Sender:
             self.placement.fence()  # every page has landed before device state is sent
         if before_devices is not None:
             before_devices()
-        parts: list[object] = [
-            enc.device_section(s.idstr, s.instance_id, s.version_id, s.data, s.section_id)
-            for s in self.devices.sections()]
+        parts: list[object] = list(self.device_sections())
         description = self.description
         if description is None:
             description = {"page_size": PAGE_SIZE, "devices": [
                 dev.vmsd.describe(dev.idstr, dev.instance_id) for dev in self.devices.devices]}
         parts += [enc.eof(), enc.vmdescription(description)]
         self._write(parts)
+        self._end()
+
+    def device_sections(self) -> list[bytes]:
+        """Every device's state as SECTION_FULL records: the stream's tail in precopy, the
+        body of postcopy's package."""
+        return [self.encoder.device_section(s.idstr, s.instance_id, s.version_id, s.data, s.section_id)
+                for s in self.devices.sections()]
+
+    def write_commands(self, bufs: list[bytes]) -> None:
+        """QEMU_VM_COMMAND sections between RAM sections (postcopy's discards and package)."""
+        self.close_section()
+        self._write(list(bufs))
+
+    def finish_postcopy(self) -> None:
+        """Postcopy's end (QEMU's qemu_savevm_state_complete_postcopy): the last RAM section
+        (END) and EOF. The device state went in the package and no VM description follows."""
+        enc = self.encoder
+        self.close_section()
+        self._write([enc.ram_section(final=True), enc.ram_section_close(), enc.eof()])
+        self._end()
+
+    def _end(self) -> None:
+        """Nothing more to send: half-close, then wait for the destination's SHUT."""
         try:
             self.channel.shutdown(ShutdownHow.WRITE)
         except ConnectionLostError:
             pass
         if self.return_path:
             with self._cancel.guard():
-                self._await_shut()
+                if self.shut_from is not None:
+                    self._shut(self.shut_from(self.confirm_timeout))
+                else:
+                    self._await_shut()
         self.stats.finished = time.monotonic()
 
+    def _shut(self, value: int) -> None:
+        """The destination's SHUT: 0 means it loaded the guest."""
+        if value != 0:
+            self.stats.confirmed = False
+            raise PeerFailedError(
+                f"the destination could not load the stream (it answered SHUT "
+                f"{value} on the return path); its log says why")
+        self.stats.confirmed = True
+
     def _await_shut(self) -> None:
-        """Read the return path until the destination's SHUT: 0 means it loaded the guest."""
+        """Read the return path until the destination's SHUT."""
         deadline = time.monotonic() + self.confirm_timeout
         buf = bytearray(4096)
         pending = b""
@@ -286,12 +327,7 @@ class Sender:
                 raise ProtocolError(f"return path: {exc}") from None
             for kind, value in messages:
                 if kind == RP_SHUT:
-                    if value != 0:
-                        self.stats.confirmed = False
-                        raise PeerFailedError(
-                            f"the destination could not load the stream (it answered SHUT "
-                            f"{value} on the return path); its log says why")
-                    self.stats.confirmed = True
+                    self._shut(value)
                     return
 
 

@@ -56,8 +56,9 @@ class Phase(enum.Enum):
     RAM = enum.auto()  # the stream carries RAM
     DEVICES = enum.auto()  # RAM is done; device state is in flight
     SWITCHOVER = enum.auto()  # EOF seen / sent; the guest changes hosts
-    # incoming: the source switched to postcopy (LISTEN): RAM faults here and missing pages
-    # are asked for; the guest starts here at RUN, before all of its RAM came
+    # the guest runs on the destination before all of its RAM came. Outgoing: the source
+    # stopped it and streams what is owed; incoming: from LISTEN, RAM faults here and
+    # missing pages are asked for (the guest starts at RUN)
     POSTCOPY = enum.auto()
     # incoming postcopy lost its source's connection: the guest waits here with its RAM
     # until a source resumes (migrate-recover here, migrate resume=true there)
@@ -97,7 +98,8 @@ TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.LISTENING: frozenset({Phase.RAM, Phase.CANCELLING, Phase.FAILED}),
     # RAM -> SWITCHOVER: a data plane that gives no signal between its last RAM and its
     # device sections (the Sender writes both in one go, the Loader has no hook) skips DEVICES.
-    # RAM -> POSTCOPY: the destination's LISTEN (QEMU's active -> postcopy-active).
+    # RAM -> POSTCOPY: a postcopy source hands its stopped guest over before all RAM
+    # went; a destination's LISTEN (QEMU's active -> postcopy-active).
     Phase.RAM: frozenset({Phase.DEVICES, Phase.SWITCHOVER, Phase.POSTCOPY, Phase.CANCELLING,
                           Phase.FAILED}),
     Phase.DEVICES: frozenset({Phase.SWITCHOVER, Phase.CANCELLING, Phase.FAILED}),

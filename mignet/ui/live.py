@@ -15,6 +15,7 @@ from mignet.guest.devices import DeviceSet
 from mignet.guest.ram import GuestRam
 from mignet.guest.workload import Workload
 from mignet.migration.loadvm import IDLE_TIMEOUT
+from mignet.migration.postcopy_source import PostcopyParams, PostcopySource
 from mignet.migration.precopy import Precopy, PrecopyParams
 from mignet.migration.savevm import PageChannels, Sender
 from mignet.ui.terminal import run_with_progress, stats_table
@@ -27,6 +28,8 @@ def progress_note(info: dict[str, Any]) -> str:
     parts = [f"round {info.get('x-mignet', {}).get('rounds', 0) + 1}"]
     if info.get("x-mignet", {}).get("stop-and-copy"):
         parts = ["stop-and-copy"]
+    elif info.get("status") == "postcopy-active":
+        parts = [f"postcopy · {ram.get('postcopy-requests', 0)} requests"]
     elif info.get("status") == "completed":
         rounds = info["x-mignet"]["rounds"]
         parts = [f"completed after {rounds} round{'s' if rounds != 1 else ''}"]
@@ -45,14 +48,17 @@ def run_live(channel: Channel, ram: GuestRam, devices: DeviceSet, *, dirty_rate:
              force_after: float | None = None, quiet: bool = False,
              seed: int = 0, rdma_pin_all: bool | None = None,
              pages_to: PageChannels | None = None,
-             idle_timeout: float | None = IDLE_TIMEOUT) -> tuple[Precopy, Workload]:
+             idle_timeout: float | None = IDLE_TIMEOUT,
+             sender_options: dict[str, Any] | None = None) -> tuple[Precopy, Workload]:
     """Migrate ``ram`` live over ``channel`` while a workload dirties it at ``dirty_rate``
-    bytes/s. ``force_after`` seconds: switch over even if not converged (benchmarks)."""
+    bytes/s; :class:`PostcopyParams` make it a postcopy source. ``force_after`` seconds:
+    switch over even if not converged (benchmarks). ``sender_options``: more of
+    :class:`Sender`'s keywords (a snapshot's machine type, section id, description)."""
     workload = Workload(ram, dirty_rate, hot_fraction=hot_fraction, seed=seed)
-    precopy = Precopy(Sender(channel, ram, devices, rdma_pin_all=rdma_pin_all, pages_to=pages_to,
-                             idle_timeout=idle_timeout),
-                      workload, params,
-                      destination_loaded=destination_loaded)
+    sender = Sender(channel, ram, devices, rdma_pin_all=rdma_pin_all, pages_to=pages_to,
+                    idle_timeout=idle_timeout, **(sender_options or {}))
+    driver = PostcopySource if isinstance(params, PostcopyParams) else Precopy
+    precopy = driver(sender, workload, params, destination_loaded=destination_loaded)  # type: ignore[arg-type]
     def poll() -> tuple[int, int | None, str]:
         info = precopy.query_migrate()
         return info.get("ram", {}).get("transferred", 0), None, progress_note(info)
@@ -65,8 +71,12 @@ def print_live_table(precopy: Precopy, workload: Workload, title: str = "live mi
     info = precopy.query_migrate()
     ram = info["ram"]
     where = info["x-mignet"]["downtime-measured-at"]
-    how = ("vCPU stop → destination loaded" if where == "destination"
-           else "vCPU stop → last byte sent; the destination's side is not visible from here")
+    postcopy = info["x-mignet"].get("postcopy")
+    how = {"destination": "vCPU stop → destination " + ("runs" if postcopy else "loaded"),
+           "source-pong": "vCPU stop → the destination's answer to the ping just before RUN",
+           }.get(where, "vCPU stop → last byte sent; the destination's side is not visible from here")
+    tail = (f"{human_bytes(ram['postcopy-bytes'])} after the switch to postcopy" if postcopy
+            else f"{human_bytes(ram['downtime-bytes'])} while stopped")
     rows: list[tuple[str, Any]] = [
         ("RAM", human_bytes(ram["total"])),
         ("dirty tracking", info["x-mignet"]["dirty-tracking"]),
@@ -76,8 +86,17 @@ def print_live_table(precopy: Precopy, workload: Workload, title: str = "live mi
         ("total time", f"{info['total-time']} ms (setup {info.get('setup-time', 0)} ms)"),
         ("downtime", f"{info['downtime']} ms, limit {precopy.params.downtime_limit_ms} ms ({how})"),
         ("sent", f"{human_bytes(ram['transferred'])} = {ram['transferred'] / ram['total']:.2f} × RAM "
-                 f"({human_bytes(ram['downtime-bytes'])} while stopped)"),
+                 f"({tail})"),
         ("pages: normal / zero", f"{ram['normal']} / {ram['duplicate']}"),
         ("bandwidth (last round)", f"{human_bytes(int(ram['mbps'] * 1e6 / 8))}/s"),
     ]
+    if postcopy:
+        rows += [
+            ("postcopy", f"after {postcopy['after-rounds']} round(s): {postcopy['discarded-pages']} "
+                         f"pages discarded, then sent once each"),
+            ("page requests", f"{ram['postcopy-requests']} ({postcopy['requested-pages-sent']} pages "
+                              f"sent on request, {postcopy['ignored-requests']} for pages already sent)"),
+            ("max-postcopy-bandwidth", f"{human_bytes(postcopy['max-postcopy-bandwidth'])}/s"
+             if postcopy["max-postcopy-bandwidth"] else "unlimited"),
+        ]
     stats_table(title, rows)

@@ -42,6 +42,9 @@ SUPPORTED_COMMANDS: dict[int, int | None] = {
 RP_SHUT = 1
 RP_PONG = 2
 _RP_LENGTHS = {RP_SHUT: 4, RP_PONG: 4}  # the messages a source of mignet's understands
+#: Page requests (postcopy): fixed, and a counted block name of 1-255 bytes after the head
+#: (QEMU's rp_cmd_args: REQ_PAGES 12, REQ_PAGES_ID variable).
+_RP_REQ_LENGTHS = {RP_REQ_PAGES: range(12, 13), RP_REQ_PAGES_ID: range(14, 13 + 256)}
 #: QEMU 7.2's MIG_RP_MSG_* names, for messages and errors.
 RP_NAMES = {RP_SHUT: "SHUT", RP_PONG: "PONG", RP_REQ_PAGES_ID: "REQ_PAGES_ID",
             RP_REQ_PAGES: "REQ_PAGES", 5: "RECV_BITMAP", 6: "RESUME_ACK"}
@@ -67,19 +70,33 @@ def rp_pong(value: int) -> bytes:
     return rp_message(RP_PONG, _BE32.pack(value))
 
 
+def parse_rp_frames(data: bytes, *, requests: bool = False) -> tuple[list[tuple[int, bytes]], bytes]:
+    """Whole messages at the front of ``data`` as (type, payload), and the rest. SHUT and
+    PONG always; page requests (a postcopy source's) with ``requests``.
+
+    Raises ValueError for a type or length QEMU's own table would refuse."""
+    out: list[tuple[int, bytes]] = []
+    pos = 0
+    while len(data) - pos >= _HEAD.size:
+        kind, length = _HEAD.unpack_from(data, pos)
+        allowed = _RP_REQ_LENGTHS.get(kind) if requests else None
+        if _RP_LENGTHS.get(kind) != length and (allowed is None or length not in allowed):
+            raise ValueError(f"return-path message type {kind} with {length} bytes")
+        if len(data) - pos < _HEAD.size + length:
+            break
+        out.append((kind, data[pos + _HEAD.size:pos + _HEAD.size + length]))
+        pos += _HEAD.size + length
+    return out, data[pos:]
+
+
+def rp_value(data: bytes) -> int:
+    """The be32 of a SHUT or PONG."""
+    return int(_BE32.unpack(data)[0])
+
+
 def parse_rp_messages(data: bytes) -> tuple[list[tuple[int, int]], bytes]:
     """Whole SHUT/PONG messages at the front of ``data`` as (type, value), and the rest.
 
     Raises ValueError for a type or length QEMU's own table would refuse."""
-    out: list[tuple[int, int]] = []
-    pos = 0
-    while len(data) - pos >= _HEAD.size:
-        kind, length = _HEAD.unpack_from(data, pos)
-        if _RP_LENGTHS.get(kind) != length:
-            raise ValueError(f"return-path message type {kind} with {length} bytes")
-        if len(data) - pos < _HEAD.size + length:
-            break
-        (value,) = _BE32.unpack_from(data, pos + _HEAD.size)
-        out.append((kind, value))
-        pos += _HEAD.size + length
-    return out, data[pos:]
+    frames, rest = parse_rp_frames(data)
+    return [(kind, rp_value(payload)) for kind, payload in frames], rest
