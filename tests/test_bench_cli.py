@@ -109,3 +109,16 @@ def test_a_json_out_path_that_cannot_be_written_is_refused_before_the_run(
                        capture_output=True, text=True, env=subprocess_env, timeout=60)
     assert r.returncode == exits.USAGE
     one_line(r.stderr, "is not a folder you can write")
+
+
+def test_bench_postcopy_runs_each_mode_side_by_side_whole_at_80_columns(
+        mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    r = subprocess.run([*mignet_cmd, "bench", "postcopy", "--size", "16M", "--rates", "256M",
+                        "--max-bandwidth", "32MiB/s", "--give-up", "3"],
+                       capture_output=True, text=True, env={**subprocess_env, "COLUMNS": "80"}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith("mignet bench postcopy: 3 migrations of a 16.0 MiB guest")
+    assert "FAILED" not in r.stderr and r.stderr.count("RAM identical │ yes") == 3, r.stderr
+    table = [line for line in r.stderr.splitlines() if line.startswith("│")]
+    assert table and all(len(line) <= 80 and "…" not in line for line in table), r.stderr
+    assert sum("fault latency p50/p99/max" in line for line in table) == 2  # the postcopy runs

@@ -405,3 +405,35 @@ def test_a_lost_connection_pauses_postcopy_and_the_source_resumes_it(
         assert done["block_digests"][m0] == xxhash.xxh3_128(source.data).hexdigest()
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_discard_drops_exactly_the_ranges(tmp_path: Path, shared: bool) -> None:
+    """RAM_DISCARD's ranges, many at once (process_madvise where the kernel has it): those
+    pages read zero afterwards, in anonymous memory and in a tmpfs file; no other page
+    changes."""
+    import os
+    pages = 64
+    if shared:
+        path = Path("/dev/shm") / f"mignet-discard-{os.getpid()}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, pages * PAGE_SIZE)
+            block = RamBlock.mapped(BLOCK, fd, pages * PAGE_SIZE)
+        finally:
+            os.close(fd)
+            path.unlink()
+    else:
+        block = RamBlock.anonymous(BLOCK, pages * PAGE_SIZE)
+    block.data[:] = np.random.default_rng(0).integers(1, 256, block.size, dtype=np.uint8)
+    before = block.data.copy()
+    gone = [3, 4, 5, 10, 40, 63]
+    block.discard(np.array([(3 * PAGE_SIZE, 3 * PAGE_SIZE), (10 * PAGE_SIZE, PAGE_SIZE),
+                            (40 * PAGE_SIZE, PAGE_SIZE), (63 * PAGE_SIZE, PAGE_SIZE)]))
+    words = block.page_words()
+    for p in range(pages):
+        page = block.data[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]
+        if p in gone:
+            assert not words[p].any(), p
+        else:
+            assert np.array_equal(page, before[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]), p

@@ -235,6 +235,22 @@ def test_cli_postcopy_into_mignet_recv(mignet_cmd: list[str], subprocess_env: di
     assert 1.0 < info["x-mignet"]["sent-per-ram"] <= 2.5  # each page once after the switch
 
 
+def test_cli_postcopy_with_preempt_sends_requested_pages_on_the_second_connection(
+        mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    """send --postcopy-preempt opens a second connection after the main one; the return-path
+    thread writes each requested page there at once, and recv --postcopy-preempt reads it:
+    the pages both sides count on it agree, and the guest arrives whole."""
+    recv, uri = start_recv(mignet_cmd, subprocess_env, "--postcopy", "--vcpus", "1",
+                           "--postcopy-preempt")
+    sent, got = send_into(mignet_cmd, subprocess_env, recv, uri, "--size", "64M", "--live", "--postcopy",
+                          "--postcopy-preempt", "--dirty-rate", "200M", "--max-bandwidth", "32M",
+                          "--max-postcopy-bandwidth", "16M", timeout=240, recv_timeout=120)
+    assert sent["ram_digest"] == got["ram_digest"]
+    pc_src, pc_dst = sent["migration"]["x-mignet"]["postcopy"], got["stats"]["postcopy"]
+    assert pc_dst["faults"] > 0 and pc_src["preempt-pages"] > 0
+    assert pc_src["preempt-pages"] == pc_dst["preempt-pages"] == pc_src["requested-pages-sent"]
+
+
 def test_cli_postcopy_that_converges_first_ends_as_precopy(mignet_cmd: list[str],
                                                            subprocess_env: dict[str, str]) -> None:
     """An idle guest converges in its first round: no switch, a precopy end (QEMU's too)."""

@@ -60,6 +60,25 @@ def add_parser(sub: Any) -> None:
     v.add_argument("--json-out", metavar="FILE", type=_json_out, help="also write the figures as JSON")
     v.set_defaults(func=cmd_bench_live)
 
+    pc = bsub.add_parser(
+        "postcopy", help="precopy vs postcopy (with and without preempt) at dirty rates below "
+                         "and above the link: downtime, time, bytes, fault latency")
+    pc.add_argument("--size", default="256M", type=options.size, metavar="SIZE", help="guest RAM (binary)")
+    pc.add_argument("--max-bandwidth", default="64MiB/s", metavar="RATE", type=_link_rate,
+                    help="the link (max-bandwidth and max-postcopy-bandwidth), bytes per second")
+    pc.add_argument("--rates", default="16M,256M", metavar="LIST", type=_rates,
+                    help="vCPU write rates, bytes per second, comma separated")
+    pc.add_argument("--downtime-limit", type=options.count0, default=300, metavar="MS",
+                    help="milliseconds, as QEMU's downtime-limit")
+    pc.add_argument("--give-up", type=options.seconds, default=10.0, metavar="S",
+                    help="force the switchover of a precopy run that has not converged after S s")
+    pc.add_argument("--vcpus", type=options.count_range(1, 16), default=1, metavar="N",
+                    help="destination threads reading every page once the guest runs there")
+    pc.add_argument("--repeat", type=options.count1, default=1, metavar="N",
+                    help="times each (rate, mode) runs, the modes alternating")
+    pc.add_argument("--json-out", metavar="FILE", type=_json_out, help="also write the figures as JSON")
+    pc.set_defaults(func=cmd_bench_postcopy)
+
     c = bsub.add_parser(
         "channels", help="multifd: mignet send/recv with N channels vs a raw N-connection loop, CPU s/GiB")
     c.add_argument("--size", default="1G", type=options.size, metavar="SIZE",
@@ -169,6 +188,15 @@ def cmd_bench_live(args: argparse.Namespace) -> int:
 
     result = bench_live(args.size, args.max_bandwidth, args.rates, args.downtime_limit,
                         args.give_up, args.track_size)
+    _write_json(args.json_out, result)
+    return 0
+
+
+def cmd_bench_postcopy(args: argparse.Namespace) -> int:
+    from mignet.bench.postcopy import bench_postcopy
+
+    result = bench_postcopy(args.size, args.max_bandwidth, args.rates, args.downtime_limit,
+                            args.give_up, args.vcpus, args.repeat)
     _write_json(args.json_out, result)
     return 0
 

@@ -278,8 +278,8 @@ def check_send(args: argparse.Namespace) -> None:
                   "without --live")
     refuse_unless(args, not args.live, ["return_path"],
                   "with --live (live precopy has no return path; --postcopy always opens one)")
-    refuse_unless(args, bool(args.postcopy), ["postcopy_after", "max_postcopy_bandwidth"],
-                  "without --postcopy")
+    refuse_unless(args, bool(args.postcopy), ["postcopy_after", "max_postcopy_bandwidth",
+                                              "postcopy_preempt"], "without --postcopy")
     if args.postcopy:
         if not args.live:
             raise UsageError("--postcopy switches a running guest over: add --live", prog)
@@ -444,14 +444,20 @@ def _send_live(args: argparse.Namespace) -> int:
 
     ram, devices, sender_options = _live_guest(args)
     channel = _connect_main(args)
+    preempt: Channel | None = None
     try:
+        if getattr(args, "postcopy_preempt", False):
+            preempt = connect(args.uri)  # right after the main one, silent until postcopy
         with _channels_for(args) as multifd:  # each round's dirty pages, synced per round
             precopy, workload = run_live(channel, ram, devices, dirty_rate=args.dirty_rate,
                                          params=_live_params(args), quiet=args.quiet, seed=args.seed,
                                          rdma_pin_all=args.rdma_pin_all, pages_to=multifd,
-                                         idle_timeout=args.idle_timeout, sender_options=sender_options)
+                                         idle_timeout=args.idle_timeout, sender_options=sender_options,
+                                         preempt=preempt)
     finally:
         channel.close()
+        if preempt is not None:
+            preempt.close()
     digests = ram.digests(args.digest) if args.json or not args.quiet else None
     if not args.quiet:
         print_live_table(precopy, workload)
@@ -640,6 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-postcopy-bandwidth", default="0", metavar="RATE", type=options.rate,
                    help="with --postcopy: bytes per second of the stream after the switch; "
                         "requested pages are not limited; 0 = unlimited")
+    s.add_argument("--postcopy-preempt", action="store_true",
+                   help="with --postcopy: requested pages go on a second connection, past the "
+                        "rest (QEMU's postcopy-preempt; recv --postcopy-preempt)")
     options.add_digest(s, "the sent RAM's digest (table, --json)")
     _add_output_options(s)
     s.set_defaults(func=cmd_send, _check=check_send)

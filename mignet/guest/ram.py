@@ -26,7 +26,7 @@ import numpy as np
 import xxhash
 
 from mignet.errors import MisuseError, SetupError
-from mignet.guest.userfault import MADV_DONTNEED, MADV_REMOVE, madvise
+from mignet.guest.userfault import MADV_DONTNEED, MADV_REMOVE, madvise_ranges
 from mignet.units import PAGE_SIZE
 
 Fill = Literal["random", "zero", "mixed"]
@@ -192,12 +192,15 @@ class RamBlock:
         if self.pristine is not None:
             self.pristine[offset // PAGE_SIZE] = value == 0 and self.pristine[offset // PAGE_SIZE]
 
-    def discard(self, offset: int, length: int) -> None:
-        """Drop the pages' contents so that they read as missing (postcopy's RAM_DISCARD):
-        anonymous memory gives its pages back; a shared file (tmpfs) gets a hole, since
-        unmapping alone would leave the old page in the file."""
+    def discard(self, ranges: np.ndarray) -> None:
+        """Drop the contents of the (offset, length) byte ranges (an (n, 2) array) so that
+        they read as missing (postcopy's RAM_DISCARD): anonymous memory gives its pages
+        back; a shared file (tmpfs) gets a hole, since unmapping alone would leave the old
+        page in the file."""
         shared = self.mapping is not None or isinstance(self.data, np.memmap)
-        madvise(self.data.ctypes.data + offset, length, MADV_REMOVE if shared else MADV_DONTNEED)
+        spans = np.array(ranges, dtype=np.uint64).reshape(-1, 2)
+        spans[:, 0] += np.uint64(self.data.ctypes.data)
+        madvise_ranges(spans, MADV_REMOVE if shared else MADV_DONTNEED)
 
     def digest(self, algorithm: str = "sha256") -> str:
         """The block's bytes hashed: what the algorithm's standard tool prints for its file."""

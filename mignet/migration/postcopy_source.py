@@ -32,6 +32,7 @@ of PONG 3, the destination's answer to the ping just before RUN in the package.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import deque
@@ -49,15 +50,17 @@ from mignet.errors import (
     ProtocolError,
     TimedOut,
 )
-from mignet.guest.ram import GuestRam, RamBlock
+from mignet.guest.ram import GuestRam, RamBlock, zero_pages
 from mignet.guest.workload import Workload
 from mignet.migration.dirty import DirtyLog
+from mignet.migration.postcopy import SWITCH_INTERVAL
 from mignet.migration.precopy import Precopy, PrecopyParams, RoundStats
 from mignet.migration.savevm import Sender
 from mignet.migration.status import DirectionState, Phase, RamCounters
 from mignet.runtime.halves import bottom_half, upper_half
 from mignet.runtime.threads import start_thread
 from mignet.units import PAGE_SIZE
+from mignet.wire import StreamEncoder
 from mignet.wire.postcopy import (
     CMD_PACKAGED,
     CMD_POSTCOPY_LISTEN,
@@ -115,6 +118,9 @@ class ReturnPathReader:
         self.shut: int | None = None
         self.error: MignetError | None = None
         self.attention = threading.Event()  # a request, SHUT or an error: look now
+        #: With a preempt channel: requests are served here, in this thread, as they come
+        #: (QEMU 8.0 moved it to its return-path thread for the latency), not queued.
+        self.on_urgent: Callable[[PageRequest], None] | None = None
         self._ended = threading.Event()
         self._last: RamBlock | None = None
         self._thread: threading.Thread | None = None
@@ -160,7 +166,11 @@ class ReturnPathReader:
             self.shut = rp_value(data)
         elif kind in (RP_REQ_PAGES, RP_REQ_PAGES_ID):
             self.received += 1
-            self.requests.append(self._request(kind, data))
+            request = self._request(kind, data)
+            if self.on_urgent is not None:
+                self.on_urgent(request)
+                return
+            self.requests.append(request)
             self.attention.set()
             self.on_request()
 
@@ -207,6 +217,7 @@ class _Switch:
     package_bytes: int = 0
     package_sent: float | None = None  # monotonic
     requested_pages_sent: int = 0  # pages sent because they were asked for
+    preempt_pages: int = 0  # of those, the ones sent on the preempt channel
     ignored_requests: int = 0  # requests for pages already sent (all of them)
     background_pages: int = 0
 
@@ -224,7 +235,8 @@ class PostcopySource(Precopy):
                  on_round: Callable[[RoundStats], None] | None = None,
                  on_stop: Callable[[], None] | None = None,
                  force_fallback: bool = False, state: DirectionState | None = None,
-                 on_active: Callable[[], None] | None = None) -> None:
+                 on_active: Callable[[], None] | None = None,
+                 preempt: Channel | None = None) -> None:
         super().__init__(sender, workload, params or PostcopyParams(),
                          destination_loaded=destination_loaded, on_round=on_round,
                          on_stop=on_stop, force_fallback=force_fallback, state=state,
@@ -236,6 +248,14 @@ class PostcopySource(Precopy):
         self._switch = _Switch()
         self._start_now = threading.Event()
         self._handed_over = False  # the package went out: the guest is the destination's
+        # postcopy-preempt: a second connection for the requested pages only, written by the
+        # return-path thread; ``_claim`` makes each owed page go out once, on either channel
+        self.preempt = preempt
+        self._preempt_enc = StreamEncoder()  # its own CONTINUE state, as QEMU's per channel
+        self._preempt_done = False
+        self._claim = threading.Lock()
+        self._owed: dict[str, np.ndarray] = {}
+        self._switch_interval: float | None = None
 
     # --- control from other threads ---------------------------------------------------
     @upper_half
@@ -278,6 +298,8 @@ class PostcopySource(Precopy):
             raise
         finally:
             self.reader.join(10)
+            if self._switch_interval is not None:
+                sys.setswitchinterval(self._switch_interval)
 
     def _leave_precopy(self) -> bool:
         due = len(self.rounds) >= self.params.postcopy_after or self._start_now.is_set()
@@ -317,6 +339,11 @@ class PostcopySource(Precopy):
             command(CMD_POSTCOPY_LISTEN), *sender.device_sections(),
             command(CMD_PING, PING_BEFORE_RUN.to_bytes(4, "big")), command(CMD_POSTCOPY_RUN)])
         sw.package_bytes = len(body)
+        self._owed = owed
+        if self.preempt is not None:
+            self.reader.on_urgent = self._urgent
+            self._switch_interval = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL))
         sender.write_commands([*discards, command(CMD_PING, PING_BEFORE_PACKAGE.to_bytes(4, "big")),
                                command(CMD_PACKAGED, len(body).to_bytes(4, "big")), body])
         self._handed_over = True  # from here the destination may run the guest
@@ -324,7 +351,7 @@ class PostcopySource(Precopy):
         sender.write_commands([command(CMD_PING, PING_AFTER_PACKAGE.to_bytes(4, "big"))])
         sender.limiter.set_limit(self.params.max_postcopy_bandwidth)
         self._stream(owed)
-        sender.finish_postcopy()
+        sender.finish_postcopy(after_eof=self._end_preempt)
         c.sent_all = time.monotonic()
         c.remaining_pages = 0
         loaded = self.destination_loaded() if self.destination_loaded is not None else None
@@ -347,10 +374,11 @@ class PostcopySource(Precopy):
             for start in range(0, len(order), STREAM_PAGES):
                 self._serve_requests(owed)
                 idx = order[start:start + STREAM_PAGES]
-                idx = idx[mask[idx]]  # less what requests took meanwhile
+                with self._claim:
+                    idx = idx[mask[idx]]  # less what requests took meanwhile
+                    mask[idx] = False
                 if not len(idx):
                     continue
-                mask[idx] = False
                 before = sender.stats.transferred
                 sender.send_page_list(block, idx)
                 sw.background_pages += len(idx)
@@ -377,15 +405,54 @@ class PostcopySource(Precopy):
             raise reader.error
         while reader.requests:
             req = reader.requests.popleft()
-            mask = owed[req.block.name]
-            pages = np.arange(req.first, req.first + req.count)
-            want = pages[mask[pages]]
+            want = self._take(req)
             if not len(want):
                 sw.ignored_requests += 1  # sent already: it is on its way (QEMU ignores it too)
                 continue
-            mask[want] = False
             self.sender.send_page_list(req.block, want)
             sw.requested_pages_sent += len(want)
+
+    def _take(self, req: PageRequest) -> np.ndarray:
+        """The requested pages still owed, now no longer owed (claimed to be sent)."""
+        mask = self._owed[req.block.name]
+        pages = np.arange(req.first, req.first + req.count)
+        with self._claim:
+            want = pages[mask[pages]]
+            mask[want] = False
+        return want
+
+    # --- postcopy-preempt (return-path thread) ------------------------------------------
+    def _urgent(self, req: PageRequest) -> None:
+        """A request, served at once on the preempt channel by the thread that read it."""
+        sw = self._switch
+        with self._claim:  # the end of the channel must not come between its records
+            if self._preempt_done:
+                return
+            mask = self._owed[req.block.name]
+            pages = np.arange(req.first, req.first + req.count)
+            want = pages[mask[pages]]
+            mask[want] = False
+            if not len(want):
+                sw.ignored_requests += 1
+                return
+            block = req.block
+            zero = zero_pages(block.page_words(), want)
+            offsets = want.astype(np.uint64) * PAGE_SIZE
+            bufs: list[Any] = [self._preempt_enc.zero_records(block.name, offsets[zero])]
+            bufs += self._preempt_enc.page_records(block.name, block.data, offsets[~zero])
+            assert self.preempt is not None
+            self.preempt.writev_all(bufs)
+        sw.requested_pages_sent += len(want)
+        sw.preempt_pages += len(want)
+
+    def _end_preempt(self) -> None:
+        """After the main stream's EOF: the preempt channel's EOS (as QEMU's
+        postcopy_preempt_shutdown_file), then nothing more on it."""
+        if self.preempt is None:
+            return
+        with self._claim:
+            self._preempt_done = True
+            self.preempt.write_all(StreamEncoder.eos())
 
     # --- statistics -------------------------------------------------------------------
     @upper_half
@@ -409,6 +476,7 @@ class PostcopySource(Precopy):
             "discard-commands": sw.discard_commands, "package-bytes": sw.package_bytes,
             "requests": self.reader.received, "requested-pages-sent": sw.requested_pages_sent,
             "ignored-requests": sw.ignored_requests, "background-pages": sw.background_pages,
+            "preempt-pages": sw.preempt_pages if self.preempt is not None else None,
             "max-postcopy-bandwidth": self.params.max_postcopy_bandwidth,
             "package-sent-ms": (round((sw.package_sent - c.stopped) * 1000, 3)
                                 if sw.package_sent is not None and c.stopped is not None else None),

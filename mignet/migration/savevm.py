@@ -275,12 +275,15 @@ class Sender:
         self.close_section()
         self._write(list(bufs))
 
-    def finish_postcopy(self) -> None:
+    def finish_postcopy(self, after_eof: Callable[[], None] | None = None) -> None:
         """Postcopy's end (QEMU's qemu_savevm_state_complete_postcopy): the last RAM section
-        (END) and EOF. The device state went in the package and no VM description follows."""
+        (END) and EOF. The device state went in the package and no VM description follows.
+        ``after_eof`` runs before waiting for SHUT (the preempt channel's own end)."""
         enc = self.encoder
         self.close_section()
         self._write([enc.ram_section(final=True), enc.ram_section_close(), enc.eof()])
+        if after_eof is not None:
+            after_eof()
         self._end()
 
     def _end(self) -> None:

@@ -49,16 +49,22 @@ def run_live(channel: Channel, ram: GuestRam, devices: DeviceSet, *, dirty_rate:
              seed: int = 0, rdma_pin_all: bool | None = None,
              pages_to: PageChannels | None = None,
              idle_timeout: float | None = IDLE_TIMEOUT,
-             sender_options: dict[str, Any] | None = None) -> tuple[Precopy, Workload]:
+             sender_options: dict[str, Any] | None = None,
+             preempt: Channel | None = None) -> tuple[Precopy, Workload]:
     """Migrate ``ram`` live over ``channel`` while a workload dirties it at ``dirty_rate``
     bytes/s; :class:`PostcopyParams` make it a postcopy source. ``force_after`` seconds:
     switch over even if not converged (benchmarks). ``sender_options``: more of
-    :class:`Sender`'s keywords (a snapshot's machine type, section id, description)."""
+    :class:`Sender`'s keywords (a snapshot's machine type, section id, description).
+    ``preempt``: postcopy's second connection, for the requested pages."""
     workload = Workload(ram, dirty_rate, hot_fraction=hot_fraction, seed=seed)
     sender = Sender(channel, ram, devices, rdma_pin_all=rdma_pin_all, pages_to=pages_to,
                     idle_timeout=idle_timeout, **(sender_options or {}))
-    driver = PostcopySource if isinstance(params, PostcopyParams) else Precopy
-    precopy = driver(sender, workload, params, destination_loaded=destination_loaded)  # type: ignore[arg-type]
+    precopy: Precopy
+    if isinstance(params, PostcopyParams):
+        precopy = PostcopySource(sender, workload, params, destination_loaded=destination_loaded,
+                                 preempt=preempt)
+    else:
+        precopy = Precopy(sender, workload, params, destination_loaded=destination_loaded)
     def poll() -> tuple[int, int | None, str]:
         info = precopy.query_migrate()
         return info.get("ram", {}).get("transferred", 0), None, progress_note(info)
@@ -96,6 +102,8 @@ def print_live_table(precopy: Precopy, workload: Workload, title: str = "live mi
                          f"pages discarded, then sent once each"),
             ("page requests", f"{ram['postcopy-requests']} ({postcopy['requested-pages-sent']} pages "
                               f"sent on request, {postcopy['ignored-requests']} for pages already sent)"),
+            *([("on the preempt connection", f"{postcopy['preempt-pages']} pages")]
+              if postcopy.get("preempt-pages") is not None else []),
             ("max-postcopy-bandwidth", f"{human_bytes(postcopy['max-postcopy-bandwidth'])}/s"
              if postcopy["max-postcopy-bandwidth"] else "unlimited"),
         ]
