@@ -96,9 +96,10 @@ def bench_postcopy(size: int, link: int, rates: list[int], limit_ms: int, give_u
                    vcpus: int, repeat: int) -> dict[str, Any]:
     count = len(rates) * len(MODES) * repeat
     longest = give_up + 2 * size / link + 5
+    total = count * longest
     console.print(f"mignet bench postcopy: {count} migrations of a {human_bytes(size)} guest over a "
                   f"{human_bytes(link)}/s link, each up to about {longest:.0f} s: up to about "
-                  f"{count * longest / 60:.0f} min")
+                  + (f"{total / 60:.0f} min" if total >= 90 else f"{total:.0f} s"))
     ram = page_aligned(GuestRam.generate(size, "random", seed=5))
     runs: list[Run] = []
     for _ in range(repeat):
