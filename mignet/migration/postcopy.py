@@ -15,6 +15,7 @@ for a page it does not consider dirty.
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import sys
@@ -122,6 +123,7 @@ class PostcopyIncoming:
         self._preempt: Channel | None = None
         self._preempt_future: Any = None
         self._switch_interval: float | None = None  # the process's, while ours is set
+        self._gc_was_on = True
         # Paused (the source's connection was lost): faults are recorded, not asked for,
         # until a recovery resumes; the lock orders that against the fault thread.
         self._paused = False
@@ -173,6 +175,8 @@ class PostcopyIncoming:
         self.stats.listen_at = time.monotonic()
         self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL))
+        self._gc_was_on = gc.isenabled()
+        gc.disable()  # a full collection would stall every thread that waits for a page
         self._fault_thread, self._fault_future = start_thread(self._fault_loop, FAULT_THREAD_NAME)
 
     def attach_preempt(self, channel: Channel) -> None:
@@ -366,6 +370,8 @@ class PostcopyIncoming:
         self._stop.set()
         if self._switch_interval is not None:
             sys.setswitchinterval(self._switch_interval)
+            if self._gc_was_on:
+                gc.enable()
         try:
             os.write(self._wake_w, b"x")
         except OSError:
