@@ -321,6 +321,8 @@ def test_qemu_postcopy_into_mignet_recv(mignet_cmd: list[str], subprocess_env: d
         assert isinstance(ram_info, dict) and ram_info["postcopy-requests"] == pc["requests"]
         m0 = [name for name, _ in done["blocks"]].index("m0")  # type: ignore[attr-defined]
         assert done["block_digests"][m0] == xxhash.xxh3_128(source.data).hexdigest()  # type: ignore[index]
+        assert len(pc["vcpu-blocktime-ms"]) == 2 and sum(pc["vcpu-blocktime-ms"]) > 0
+        assert 0 <= pc["blocktime-ms"] <= min(pc["vcpu-blocktime-ms"])
         if where == "preempt" and pc["faults"]:
             assert pc["preempt-pages"] >= 1  # QEMU sent the asked-for pages on it
         if where == "dev-shm":
@@ -437,3 +439,13 @@ def test_discard_drops_exactly_the_ranges(tmp_path: Path, shared: bool) -> None:
             assert not words[p].any(), p
         else:
             assert np.array_equal(page, before[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]), p
+
+
+def test_blocktime_is_the_time_every_vcpu_waited_at_once() -> None:
+    """QEMU's postcopy-blocktime: the guest as a whole made no progress only while all of
+    its vCPUs waited; postcopy-vcpu-blocktime is each one's own waiting."""
+    from mignet.migration.postcopy import PostcopyStats
+    stats = PostcopyStats(vcpu_tids=[11, 12])
+    stats.blocked = {11: [(0.0, 2.0), (5.0, 6.0)], 12: [(1.0, 3.0), (5.5, 5.75)], 99: [(0.0, 9.0)]}
+    assert stats.vcpu_blocktime_ms() == [3000, 2250]  # thread 99 is not a vCPU
+    assert stats.blocktime_ms() == 1250  # 1.0-2.0 and 5.5-5.75

@@ -72,8 +72,8 @@ def test_postcopy_ram_is_taken_on_a_destination_and_refused_where_mignet_cannot(
             await dst.x("migrate-set-capabilities", caps(postcopy_ram=True))
             got = {c["capability"]: c["state"] for c in await dst.x("query-migrate-capabilities")}
             assert got["postcopy-ram"] is True
-            _, desc = await dst.error("migrate-set-capabilities", caps(postcopy_blocktime=True))
-            assert desc.startswith("Capability 'postcopy-blocktime' is not supported by mignet: "), desc
+            _, desc = await dst.error("migrate-set-capabilities", caps(xbzrle=True))
+            assert desc.startswith("Capability 'xbzrle' is not supported by mignet"), desc
             assert "\n" not in desc
         async with serve(tmp_path, "co", "--incoming", "defer", "--recv-model", "coroutine") as co:
             await co.x("migrate-set-capabilities", caps(postcopy_ram=True))
@@ -103,7 +103,8 @@ def test_real_qemu_postcopy_into_serve(tmp_path: Path, vcpus: int, preempt: bool
     async def main() -> None:
         async with serve(tmp_path, "dst", "--incoming", "defer", "--vcpus", str(vcpus)) as dst:
             await dst.x("migrate-set-capabilities",
-                        caps(postcopy_ram=True, events=True, postcopy_preempt=preempt))
+                        caps(postcopy_ram=True, events=True, postcopy_preempt=preempt,
+                             postcopy_blocktime=True))
             uri = await dst.incoming_uri()
             with QemuSource(tmp_path / "qemu", mem_mib=64, fill="mixed", seed=21) as src:
                 seen: list[dict[str, Any]] = []
@@ -140,6 +141,10 @@ def test_real_qemu_postcopy_into_serve(tmp_path: Path, vcpus: int, preempt: bool
             else:
                 assert requests >= 1  # faults became requests, counted alike at both ends
             assert got["ram"]["postcopy-bytes"] > 0 and got["ram"]["remaining"] == 0
+            # postcopy-blocktime on: each vCPU's wait, and the time all waited at once (ms)
+            per_vcpu = got["postcopy-vcpu-blocktime"]
+            assert len(per_vcpu) == vcpus and all(isinstance(t, int) and t >= 0 for t in per_vcpu)
+            assert 0 <= got["postcopy-blocktime"] <= min(per_vcpu, default=0)
             assert (await dst.x("query-status"))["status"] == "running"
             guest = await dst.x("x-mignet-query-guest")
             blocks = {b["name"]: b for b in guest["blocks"]}

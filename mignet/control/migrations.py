@@ -261,7 +261,7 @@ class Migrations:
         inc = self.state.incoming
         channel: Channel | None = None
         multifd: MultifdReceiver | None = None
-        pc = _PostcopySeen()
+        pc = _PostcopySeen(blocktime=self.options.capability("postcopy-blocktime"))
         # (phase, error) published only after everything of this attempt is released, so a
         # client that sees the end may retry at once (same port, new references).
         outcome: tuple[Phase, str | None] | None = None
@@ -514,6 +514,7 @@ class _PostcopySeen:
 
     listen_offset: int | None = None  # stream offset at LISTEN: later bytes are postcopy's
     run: bool = False  # RUN came: the guest runs here
+    blocktime: bool = False  # capability postcopy-blocktime: query-migrate reports it
 
 
 def _failed_or_cancelled(side: DirectionState) -> Phase:
@@ -563,7 +564,10 @@ def _load_counters(loader: Loader, multifd: MultifdReceiver | None = None,
                        normal=s.normal_pages + s.placed_bytes // PAGE_SIZE + mf_pages,
                        dirty_sync_count=s.sections, precopy_bytes=precopy_bytes,
                        multifd_bytes=mf_bytes, postcopy_bytes=postcopy_bytes,
-                       postcopy_requests=s.postcopy.requests if s.postcopy is not None else 0)
+                       postcopy_requests=s.postcopy.requests if s.postcopy is not None else 0,
+                       blocktime=((s.postcopy.blocktime_ms(), s.postcopy.vcpu_blocktime_ms())
+                                  if s.postcopy is not None and pc is not None and pc.blocktime
+                                  else None))
 
 
 __all__ = ["Guest", "Migrations", "OUTGOING_THREAD", "ACCEPT_THREAD", "PAGE_SIZE"]

@@ -45,14 +45,13 @@ CAPABILITIES: tuple[str, ...] = (
 # postcopy-ram: an incoming migration takes a source's switch to postcopy; mignet's own
 # source never switches, so ``migrate`` refuses it (control/migrations.py).
 # postcopy-preempt: with it, the incoming side takes QEMU's second, preempt connection.
+# postcopy-blocktime: an incoming postcopy reports how long its vCPUs waited for pages.
 SUPPORTED_CAPABILITIES = frozenset({"events", "late-block-activate", "auto-converge", "rdma-pin-all",
-                                    "multifd", "postcopy-ram", "postcopy-preempt"})
+                                    "multifd", "postcopy-ram", "postcopy-preempt",
+                                    "postcopy-blocktime"})
 # Why some refused capabilities are refused, beyond "not supported": the ones a user of a
 # supported neighbour is likely to try.
-_UNSUPPORTED_WHY = {
-    "postcopy-blocktime": "mignet does not measure how long each vCPU waits for pages; "
-                          "postcopy-ram works without it",
-}
+_UNSUPPORTED_WHY: dict[str, str] = {}
 
 
 @dataclass(frozen=True)

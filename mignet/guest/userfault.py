@@ -27,6 +27,7 @@ _SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
 UFFD_API = 0xAA
 UFFD_USER_MODE_ONLY = 1
 UFFD_EVENT_PAGEFAULT = 0x12
+UFFD_FEATURE_THREAD_ID = 1 << 8  # a fault names the thread that took it
 UFFDIO_REGISTER_MODE_MISSING = 1
 _UFFDIO_COPY_BIT = 3
 _UFFDIO_ZEROPAGE_BIT = 4
@@ -72,7 +73,7 @@ UFFDIO_WAKE = _ior(0x02, ctypes.sizeof(_Range))
 UFFDIO_COPY = _iowr(0x03, ctypes.sizeof(_Copy))
 UFFDIO_ZEROPAGE = _iowr(0x04, ctypes.sizeof(_Zeropage))
 MSG_SIZE = 32
-_MSG = struct.Struct("<B7xQQ8x")  # event, pagefault.flags, pagefault.address
+_MSG = struct.Struct("<B7xQQI4x")  # event, pagefault.flags, .address, .feat.ptid
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -156,8 +157,19 @@ class Userfaultfd:
             raise SetupError(f"postcopy needs userfaultfd, which this kernel refused: "
                              f"{os.strerror(err)}{hint}")
         self.fd = int(fd)
-        api = _Api(UFFD_API, 0, 0)
+        # Ask for the faulting thread's id (a vCPU's blocktime needs it); a kernel
+        # without the feature (before 4.14) refuses the handshake, then it goes without.
+        api = _Api(UFFD_API, UFFD_FEATURE_THREAD_ID, 0)
         err = _ioctl(self.fd, UFFDIO_API, api)
+        self.thread_ids = not err
+        if err == errno.EINVAL:
+            os.close(self.fd)
+            fd = _libc.syscall(nr, flags | UFFD_USER_MODE_ONLY)
+            if fd < 0:
+                fd = _libc.syscall(nr, flags)
+            self.fd = int(fd)
+            api = _Api(UFFD_API, 0, 0)
+            err = _ioctl(self.fd, UFFDIO_API, api)
         if err:
             os.close(self.fd)
             raise SetupError(f"postcopy: userfaultfd API handshake failed: {os.strerror(err)}")
@@ -202,13 +214,14 @@ class Userfaultfd:
         if err:
             raise OSError(err, f"UFFDIO_ZEROPAGE: {os.strerror(err)}")
 
-    def read_faults(self, max_messages: int = 64) -> list[int]:
-        """Addresses of the page faults queued now (none if nothing is pending)."""
+    def read_faults(self, max_messages: int = 64) -> list[tuple[int, int]]:
+        """(address, thread id) of the page faults queued now (none if nothing is pending);
+        the thread id is 0 where the kernel does not say."""
         try:
             data = os.read(self.fd, MSG_SIZE * max_messages)
         except BlockingIOError:
             return []
-        return [addr for event, _flags, addr in _MSG.iter_unpack(data)
+        return [(addr, tid) for event, _flags, addr, tid in _MSG.iter_unpack(data)
                 if event == UFFD_EVENT_PAGEFAULT]
 
     def close(self) -> None:

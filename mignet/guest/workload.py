@@ -152,6 +152,7 @@ class Reader:
         self.seed = seed
         self.pages_read = 0
         self.finished: float | None = None  # monotonic time the last page was read
+        self.native_ids: list[int] = []  # the vCPU threads' kernel ids, in vCPU order
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._workers: list[threading.Thread] = []
@@ -170,6 +171,10 @@ class Reader:
                                  daemon=True)
             self._workers.append(t)
             t.start()
+        for t in self._workers:  # known once each has started
+            while t.native_id is None:
+                time.sleep(0.001)
+        self.native_ids = [int(t.native_id) for t in self._workers if t.native_id is not None]
 
     def stop(self, timeout: float | None = None) -> None:
         """Ask the threads to stop and wait; a thread still blocked in a fault wakes only

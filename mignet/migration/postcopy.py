@@ -76,6 +76,10 @@ class PostcopyStats:
     preempt_pages: int = 0  # of those, the ones that came on the preempt channel
     pauses: int = 0  # connections lost and recovered from (QEMU's postcopy-paused)
     latencies: list[float] = field(default_factory=list)  # fault to placement, seconds
+    #: each vCPU's waits for pages, (start, end) on perf_counter, by thread id; and the
+    #: vCPUs' thread ids in order (QEMU's postcopy-blocktime and postcopy-vcpu-blocktime)
+    blocked: dict[int, list[tuple[float, float]]] = field(default_factory=dict)
+    vcpu_tids: list[int] = field(default_factory=list)
     #: fault to request sent: this side's share of a fault's latency; the rest is the
     #: source's turnaround and the wire
     request_latencies: list[float] = field(default_factory=list)
@@ -86,7 +90,28 @@ class PostcopyStats:
                 "requests": self.requests, "local-zero-faults": self.local_zero_faults,
                 "pauses": self.pauses,
                 "fault-latency-ms": percentiles_ms(self.latencies),
-                "request-latency-ms": percentiles_ms(self.request_latencies)}
+                "request-latency-ms": percentiles_ms(self.request_latencies),
+                "blocktime-ms": self.blocktime_ms(), "vcpu-blocktime-ms": self.vcpu_blocktime_ms()}
+
+    def vcpu_blocktime_ms(self) -> list[int]:
+        """Each vCPU's time waiting for pages, in ms (QEMU's postcopy-vcpu-blocktime)."""
+        return [int(sum(e - s for s, e in self.blocked.get(tid, ())) * 1000) for tid in self.vcpu_tids]
+
+    def blocktime_ms(self) -> int:
+        """The time every vCPU waited at once, in ms (QEMU's postcopy-blocktime: the guest
+        as a whole made no progress). A vCPU waits for one page at a time, so its waits do
+        not overlap; the sweep counts how many wait at each instant."""
+        if not self.vcpu_tids:
+            return 0
+        events = sorted((t, d) for tid in self.vcpu_tids for s, e in self.blocked.get(tid, ())
+                        for t, d in ((s, 1), (e, -1)))
+        total, waiting, since = 0.0, 0, 0.0
+        for t, d in events:
+            if waiting == len(self.vcpu_tids):
+                total += t - since
+            waiting += d
+            since = t
+        return int(total * 1000)
 
 
 def percentiles_ms(seconds: list[float]) -> dict[str, float | None]:
@@ -113,6 +138,7 @@ class PostcopyIncoming:
         self._needed: dict[str, np.ndarray] = {}
         self._order: list[tuple[int, int, RamBlock]] = []  # (start, end, block) by address
         self._requested: dict[tuple[str, int], float] = {}  # page -> when it faulted
+        self._waiting: dict[tuple[str, int], list[tuple[int, float]]] = {}  # page -> (tid, since)
         self._last_block: str | None = None
         self._zero = np.zeros(PAGE_SIZE, dtype=np.uint8)
         self._stop = threading.Event()
@@ -238,6 +264,7 @@ class PostcopyIncoming:
         if self.vcpus:
             self.reader = Reader(self.ram, threads=self.vcpus)
             self.reader.start()
+            self.stats.vcpu_tids = list(self.reader.native_ids)
 
     # --- pages, from the loader's thread --------------------------------------------------
     def place(self, block: RamBlock, offset: int, src: int) -> None:
@@ -264,9 +291,13 @@ class PostcopyIncoming:
         with self._place_lock:
             self._needed[block.name][offset // PAGE_SIZE] = False
             self.stats.pages_placed += 1
-            asked = self._requested.pop((block.name, offset), None)
+            key = (block.name, offset)
+            asked = self._requested.pop(key, None)
+            now = time.perf_counter()
             if asked is not None:
-                self.stats.latencies.append(time.perf_counter() - asked)
+                self.stats.latencies.append(now - asked)
+            for tid, since in self._waiting.pop(key, ()):
+                self.stats.blocked.setdefault(tid, []).append((since, now))
 
     def _twice(self, block: RamBlock, offset: int) -> ProtocolError:
         return ProtocolError(f"postcopy: the source sent page {offset:#x} of {block.name!r}, "
@@ -279,10 +310,10 @@ class PostcopyIncoming:
         poller.register(self._wake_r, select.POLLIN)
         while not self._stop.is_set():
             poller.poll(_POLL_MS)
-            for addr in self.uffd.read_faults():
-                self._fault(addr)
+            for addr, tid in self.uffd.read_faults():
+                self._fault(addr, tid)
 
-    def _fault(self, addr: int) -> None:
+    def _fault(self, addr: int, tid: int = 0) -> None:
         found = next(((start, b) for start, end, b in self._order if start <= addr < end), None)
         if found is None:
             return  # not guest RAM: cannot happen for a registered range
@@ -298,10 +329,15 @@ class PostcopyIncoming:
             except PageExists:
                 pass  # placed meanwhile; the copy woke the vCPU
             return
-        if key in self._requested:
-            return  # asked already; several vCPUs stopped on one page
+        faulted = time.perf_counter()
+        with self._place_lock:
+            if not needed[page]:
+                return  # placed meanwhile; the copy woke the vCPU
+            self._waiting.setdefault(key, []).append((tid, faulted))
+            if key in self._requested:
+                return  # asked already; several vCPUs stopped on one page
+            self._requested[key] = faulted
         self.stats.faults += 1
-        self._requested[key] = faulted = time.perf_counter()
         count = 1
         while count < REQUEST_PAGES and page + count < len(needed) and needed[page + count]:
             count += 1

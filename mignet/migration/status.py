@@ -146,6 +146,9 @@ class RamCounters:
     multifd_bytes: int = 0  # of ``transferred``, on multifd channels
     postcopy_bytes: int = 0  # of ``transferred``, after the switch to postcopy
     postcopy_requests: int = 0  # page requests (REQ_PAGES): the source counts those it got
+    #: an incoming postcopy with capability postcopy-blocktime: (all vCPUs at once, each
+    #: vCPU) in ms, query-migrate's postcopy-blocktime and postcopy-vcpu-blocktime
+    blocktime: tuple[int, list[int]] | None = None
 
     def to_qapi(self, mbps: float, pages_per_second: float) -> dict[str, Any]:
         """query-migrate's ``ram`` member, QEMU 7.2's field names."""
@@ -309,4 +312,6 @@ def query_migrate(side: DirectionState, downtime_limit_ms: int) -> dict[str, Any
     info["ram"] = c.to_qapi(mbps, pps)
     if c.cpu_throttle_percentage:
         info["cpu-throttle-percentage"] = c.cpu_throttle_percentage
+    if c.blocktime is not None:
+        info["postcopy-blocktime"], info["postcopy-vcpu-blocktime"] = c.blocktime
     return info
