@@ -171,6 +171,38 @@ def test_serve_postcopy_preempt_into_mignet_recv(tmp_path: Path, mignet_cmd: lis
     asyncio.run(main())
 
 
+def test_destination_lost_after_the_switch_fails_with_the_guest_stopped(
+        tmp_path: Path, mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    """The destination dies in postcopy-active: the source ends "failed" with a one-line
+    reason (QEMU 7.2 would pause, awaiting a recovery mignet's source does not offer), and
+    its guest stays stopped (runstate postmigrate, not running again): after the switch it
+    may be running on the destination. The options are unlocked again."""
+    recv, uri = start_recv(mignet_cmd, subprocess_env, "--postcopy", "--vcpus", "0")
+
+    async def main() -> None:
+        async with serve(tmp_path, "src", "--size", "32M", "--seed", "13",
+                         "--dirty-rate", "64MiB/s") as src:
+            await src.x("migrate-set-capabilities", caps(postcopy_ram=True, events=True))
+            await src.x("migrate-set-parameters", {"max-bandwidth": 16 * MiB,
+                                                   "max-postcopy-bandwidth": 64 << 10})
+            await src.x("migrate", {"uri": uri})
+            await src.x("migrate-start-postcopy")
+            await src.wait_status("postcopy-active", timeout=120)
+            assert (await src.x("query-status"))["status"] == "finish-migrate"
+            recv.kill()
+            await asyncio.to_thread(recv.wait, 30)
+            info = await src.wait_status(*FINAL, timeout=120)
+            assert info["status"] == "failed", info
+            assert info["error-desc"] and "\n" not in info["error-desc"], info
+            assert statuses(src.events()) == ["setup", "active", "postcopy-active", "failed"]
+            assert (await src.x("query-status"))["status"] == "postmigrate"
+            before = await src.x("x-mignet-query-guest")
+            await asyncio.sleep(0.5)  # a running workload writes 32 MiB in that time
+            assert (await src.x("x-mignet-query-guest"))["ram-sha256"] == before["ram-sha256"]
+            await src.x("migrate-set-capabilities", caps(postcopy_ram=False))
+    asyncio.run(main())
+
+
 # --- what migrate-start-postcopy answers ----------------------------------------------------
 def test_migrate_start_postcopy_errors_as_qemu(tmp_path: Path) -> None:
     """QEMU 7.2's checks, in its order and words: the capability first, then a migration
