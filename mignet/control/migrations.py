@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 from mignet.channel import Channel
@@ -31,6 +31,7 @@ from mignet.guest.userfault import Userfaultfd
 from mignet.guest.workload import Workload
 from mignet.migration.loadvm import Loader, LoadThread, load_in_coroutine, start_load_thread
 from mignet.migration.multifd import MultifdReceiver, MultifdSender, PollableListener, open_channels
+from mignet.migration.postcopy_source import PostcopyParams, PostcopySource
 from mignet.migration.precopy import Precopy, PrecopyParams, RoundStats
 from mignet.migration.savevm import Sender
 from mignet.migration.status import DirectionState, MigrationState, Phase, RamCounters
@@ -81,6 +82,10 @@ class Migrations:
         self.state = state
         self.emit = emit
         self._sender: Sender | None = None
+        self._source: Precopy | None = None  # the running outgoing driver (for its controls)
+        # migrate-start-postcopy came (QEMU's s->start_postcopy): kept here, not only in the
+        # driver, since the command may come before the thread has built it
+        self._postcopy_requested = False
         self._loader: Loader | None = None
         self._listener: Listener | None = None
         self._recover_listener: Listener | None = None  # migrate-recover's, while it waits
@@ -107,25 +112,47 @@ class Migrations:
         parse_uri(uri)  # a malformed URI is the caller's error, answered now (as QEMU does)
         snapshot = self.options.begin("outgoing", config)
         try:
-            if snapshot.capabilities["postcopy-ram"]:
-                raise RequestRefused("postcopy-ram is supported on an incoming migration only: "
-                                     "mignet's source does not switch to postcopy; turn it off")
             channels = _multifd_channels(uri, snapshot.capabilities, snapshot.parameters)
             tls = self._tls(uri, snapshot.parameters, "client", multifd=channels > 0)
+            postcopy = bool(snapshot.capabilities["postcopy-ram"])
+            preempt = postcopy and bool(snapshot.capabilities["postcopy-preempt"])
+            if postcopy:
+                _postcopy_source_check(uri, channels, tls is not None)
         except BaseException:
             self.options.end("outgoing")
             raise
+        with self._mutex:
+            self._postcopy_requested = False  # as QEMU's migrate_init
         self.state.outgoing.to(Phase.CONNECTING)
         events = bool(snapshot.capabilities["events"])
-        t = threading.Thread(target=self._outgoing_main, args=(uri, events, channels, tls),
+        t = threading.Thread(target=self._outgoing_main,
+                             args=(uri, events, channels, tls, postcopy, preempt),
                              name=OUTGOING_THREAD, daemon=True)
         self._threads.append(t)
         t.start()
 
+    @upper_half
+    def start_postcopy(self) -> None:
+        """``migrate-start-postcopy``: the outgoing migration switches to postcopy at its
+        next dirty sync (QEMU's qmp_migrate_start_postcopy: its checks and messages; after
+        the migration ended it is accepted and does nothing, since refusing would race
+        with the end)."""
+        if not self.options.capability("postcopy-ram"):
+            raise RequestRefused("Enable postcopy with migrate_set_capability before"
+                                 " the start of migration")
+        if self.state.outgoing.phase is Phase.IDLE:
+            raise RequestRefused("Postcopy must be started after migration has been started")
+        with self._mutex:
+            self._postcopy_requested = True
+            if isinstance(self._source, PostcopySource):
+                self._source.start_postcopy()
+
     @bottom_half
-    def _outgoing_main(self, uri: str, events: bool, channels: int, tls: _Tls | None) -> None:
+    def _outgoing_main(self, uri: str, events: bool, channels: int, tls: _Tls | None,
+                       postcopy: bool = False, preempt_on: bool = False) -> None:
         out = self.state.outgoing
         channel: Channel | None = None
+        preempt: Channel | None = None
         multifd: MultifdSender | None = None
         remove_observer: Callable[[], None] = lambda: None  # noqa: E731
         old_runstate = self.state.runstate
@@ -135,6 +162,8 @@ class Migrations:
             channel = connect(uri)
             if tls is not None:  # QEMU's TLS: the handshake before the stream's first byte
                 channel = tls_client(cast(SocketChannel, channel), tls.creds.dir, tls.hostname)
+            if preempt_on:  # as mignet send: right after the main one, silent until postcopy
+                preempt = connect(uri)
             if channels:
                 # as QEMU: the main stream connects first, then one connection per channel
                 multifd = MultifdSender(open_channels(lambda: connect(uri), channels))
@@ -159,18 +188,31 @@ class Migrations:
             def on_active() -> None:
                 if events:
                     self.emit("MIGRATION_PASS", {"pass": 1})
-            precopy = Precopy(sender, workload, self._precopy_params(), on_stop=stopped,
-                              on_round=on_round, state=out, on_active=on_active)
+            precopy: Precopy
+            if postcopy:  # switches only on migrate-start-postcopy, as QEMU's source
+                precopy = PostcopySource(sender, workload, self._postcopy_params(),
+                                         on_stop=stopped, on_round=on_round, state=out,
+                                         on_active=on_active, preempt=preempt)
+            else:
+                precopy = Precopy(sender, workload, self._precopy_params(), on_stop=stopped,
+                                  on_round=on_round, state=out, on_active=on_active)
 
             def on_option(name: str, value: Any) -> None:  # allowlisted while migrating
                 if name == "max-bandwidth":  # takes effect within 100 ms
                     precopy.set_max_bandwidth(value)
                 elif name == "downtime-limit":  # read at the next sync
                     precopy.params.downtime_limit_ms = int(value)
+                elif name == "max-postcopy-bandwidth" and isinstance(precopy, PostcopySource):
+                    precopy.set_max_postcopy_bandwidth(value)  # at once if switched, else at the switch
             remove_observer = self.options.add_observer(on_option)
             precopy.set_max_bandwidth(self.options.parameter("max-bandwidth"))  # a change meanwhile
+            if isinstance(precopy, PostcopySource):
+                precopy.set_max_postcopy_bandwidth(self.options.parameter("max-postcopy-bandwidth"))
             with self._mutex:
                 self._sender = sender
+                self._source = precopy
+                if self._postcopy_requested and isinstance(precopy, PostcopySource):
+                    precopy.start_postcopy()  # the command came while the thread connected
             precopy.run()  # rounds while the vCPUs run, then stop and copy (phases of ``out``)
             if multifd is not None:
                 multifd.finish()
@@ -180,8 +222,11 @@ class Migrations:
             self._end(out, "outgoing", Phase.CANCELLED)
             self.state.runstate = old_runstate  # as QEMU's vm_old_state: the guest resumes
         except MignetError as exc:
+            # After the switch to postcopy the guest may run on the destination: it must
+            # not run here too (PostcopySource leaves its vCPUs stopped), so not old_runstate.
+            handed_over = out.phase is Phase.POSTCOPY
             self._end(out, "outgoing", _failed_or_cancelled(out), str(exc))
-            self.state.runstate = old_runstate
+            self.state.runstate = "postmigrate" if handed_over else old_runstate
         except BaseException as exc:  # noqa: BLE001 - a bug must still end the migration
             self._end(out, "outgoing", _failed_or_cancelled(out), f"internal error: {exc!r}")
             raise
@@ -189,10 +234,19 @@ class Migrations:
             remove_observer()
             with self._mutex:
                 self._sender = None
+                self._source = None
             if multifd is not None:
                 multifd.close()
+            if preempt is not None:
+                preempt.close()
             if channel is not None:
                 channel.close()
+
+    def _postcopy_params(self) -> PostcopyParams:
+        """Precopy's parameters, and a switch only when told (``postcopy_after=None``):
+        QEMU's source switches only on migrate-start-postcopy, never by itself."""
+        return PostcopyParams(**asdict(self._precopy_params()), postcopy_after=None,
+                              max_postcopy_bandwidth=int(self.options.parameter("max-postcopy-bandwidth")))
 
     def _precopy_params(self) -> PrecopyParams:
         o = self.options
@@ -496,6 +550,21 @@ class Migrations:
                 self._recover_listener.close()
         for t in self._threads:
             t.join(timeout)
+
+
+def _postcopy_source_check(uri: str, channels: int, tls: bool) -> None:
+    """postcopy-ram on an outgoing migration: what mignet's postcopy source cannot do is
+    refused at ``migrate``, before anything is sent (as ``mignet send --postcopy`` does)."""
+    scheme = parse_uri(uri).scheme
+    if scheme not in ("tcp", "unix"):
+        raise RequestRefused(f"postcopy-ram is not supported on {scheme}: URIs by mignet: "
+                             "use tcp: or unix:, or turn postcopy-ram off")
+    if channels:
+        raise RequestRefused("postcopy-ram with multifd is not supported by mignet's source: "
+                             "turn one of them off")
+    if tls:
+        raise RequestRefused("postcopy-ram with TLS is not supported by mignet: the return "
+                             "path needs a channel two threads use at once; turn one off")
 
 
 def postcopy_host_check() -> None:

@@ -42,9 +42,10 @@ CAPABILITIES: tuple[str, ...] = (
 # auto-converge throttles the source's vCPUs (mignet.live); rdma-pin-all, on the source,
 # picks the RDMA registration mode, which the destination follows (as in QEMU).
 # multifd: N connections besides the main stream on tcp:/unix: (QEMU 7.2's framing).
-# postcopy-ram: an incoming migration takes a source's switch to postcopy; mignet's own
-# source never switches, so ``migrate`` refuses it (control/migrations.py).
-# postcopy-preempt: with it, the incoming side takes QEMU's second, preempt connection.
+# postcopy-ram: an incoming migration takes a source's switch to postcopy; an outgoing one
+# switches on migrate-start-postcopy (control/migrations.py).
+# postcopy-preempt: with it, the incoming side takes QEMU's second, preempt connection,
+# and an outgoing postcopy opens one.
 # postcopy-blocktime: an incoming postcopy reports how long its vCPUs waited for pages.
 SUPPORTED_CAPABILITIES = frozenset({"events", "late-block-activate", "auto-converge", "rdma-pin-all",
                                     "multifd", "postcopy-ram", "postcopy-preempt",

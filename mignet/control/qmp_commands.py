@@ -58,6 +58,7 @@ class Commands:
             "migrate": self.migrate,
             "migrate-incoming": self.migrate_incoming,
             "migrate-recover": self.migrate_recover,
+            "migrate-start-postcopy": self.migrate_start_postcopy,
             "migrate-cancel": self.migrate_cancel,
             "migrate-set-capabilities": self.migrate_set_capabilities,
             "query-migrate-capabilities": self.query_migrate_capabilities,
@@ -96,6 +97,12 @@ class Commands:
     def migrate_recover(self, args: dict[str, Any]) -> dict[str, Any]:
         check_args(args, {"uri": str})
         self.migrations.recover(args["uri"])
+        return {}
+
+    def migrate_start_postcopy(self, args: dict[str, Any]) -> dict[str, Any]:
+        """QEMU's: the running outgoing migration switches to postcopy at its next sync."""
+        check_args(args)
+        self.migrations.start_postcopy()
         return {}
 
     def object_add(self, args: dict[str, Any]) -> dict[str, Any]:

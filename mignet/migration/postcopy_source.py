@@ -14,7 +14,8 @@ The order follows QEMU 7.2 (migration.c ``migration_thread`` and ``postcopy_star
 ``ram_postcopy_send_discard_bitmap`` and ``ram_save_queue_pages``):
 
 * after the header: OPEN_RETURN_PATH, PING 1, POSTCOPY_ADVISE; then precopy rounds;
-* the switch (after ``postcopy-after`` rounds, unless precopy converged first, which
+* the switch (after ``postcopy-after`` rounds, or at the first sync after
+  :meth:`PostcopySource.start_postcopy`, unless precopy converged first, which
   finishes as precopy, as QEMU does): the vCPUs stop, a last dirty sync, RAM_DISCARD for
   every page still dirty (the destination throws them away and will fault on them), PING 2,
   PACKAGED(LISTEN, device state, PING 3, RUN), PING 4;
@@ -87,7 +88,9 @@ PING_BEFORE_PACKAGE, PING_BEFORE_RUN, PING_AFTER_PACKAGE = 2, 3, 4
 class PostcopyParams(PrecopyParams):
     """Precopy's parameters plus postcopy's (QMP names in the comments)."""
 
-    postcopy_after: int = 1  # rounds (dirty syncs) before switching; mignet's, not QEMU's
+    # rounds (dirty syncs) before switching; mignet's, not QEMU's. None: only on request
+    # (start_postcopy), as QEMU, whose source switches only on migrate-start-postcopy
+    postcopy_after: int | None = 1
     max_postcopy_bandwidth: int = 0  # max-postcopy-bandwidth, bytes/s; 0 = unlimited
 
 
@@ -302,7 +305,8 @@ class PostcopySource(Precopy):
                 sys.setswitchinterval(self._switch_interval)
 
     def _leave_precopy(self) -> bool:
-        due = len(self.rounds) >= self.params.postcopy_after or self._start_now.is_set()
+        after = self.params.postcopy_after
+        due = (after is not None and len(self.rounds) >= after) or self._start_now.is_set()
         self._switch.due = due
         return due
 
