@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mignet.cli import exits
 from mignet.guest.directory import block_filename
 from tests.support.cli import one_line, start_recv
 from tests.support.qemu_peer import QemuSource, qemu_skip_reason
@@ -88,29 +89,55 @@ def test_mignet_to_mignet_over_tls(mignet_cmd: list[str], subprocess_env: dict[s
 def test_an_unauthenticated_source_is_refused_before_a_page(
         mignet_cmd: list[str], subprocess_env: dict[str, str], creds: dict[str, Path],
         tmp_path: Path, client: str) -> None:
+    """Refused at the handshake, before a byte of the stream; the receiver says so and keeps
+    listening (issue 13: a stranger must not take the migration's place), so the real
+    source that comes next gets in."""
     out = tmp_path / "out"
     recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]), "--out", str(out))
+    assert recv.stdout is not None
     sent = _send(mignet_cmd, subprocess_env, uri, "--tls-creds", str(creds[client]))
-    _, stderr = recv.communicate(timeout=60)
-    assert sent.returncode != 0 and recv.returncode != 0
-    one_line(stderr, "TLS handshake failed")
-    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    assert sent.returncode != 0
+    refused = json.loads(recv.stdout.readline())
+    assert refused["event"] == "refused" and "TLS handshake failed" in refused["reason"], refused
     assert not list(out.glob("*.ram"))  # not a page was placed
+    good = _send(mignet_cmd, subprocess_env, uri, "--tls-creds", str(creds["client"]))
+    stdout, stderr = recv.communicate(timeout=60)
+    assert good.returncode == 0 and recv.returncode == 0, good.stderr + stderr
+    assert json.loads(stdout.splitlines()[-1])["ram_digest"] == json.loads(good.stdout)["ram_digest"]
+    assert json.loads((out / "manifest.json").read_text())["complete"] is True
+
+
+def test_a_stalled_stranger_does_not_take_the_tls_listener(
+        mignet_cmd: list[str], subprocess_env: dict[str, str], creds: dict[str, Path]) -> None:
+    """A client that connects and says nothing is dropped after the handshake grace
+    (TLS_GRACE), and the source that queued behind it still gets in."""
+    import socket
+    recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]))
+    host, port = uri.removeprefix("tcp:").rsplit(":", 1)
+    with socket.create_connection((host, int(port))):  # the stranger: connected, silent
+        sent = _send(mignet_cmd, subprocess_env, uri, "--tls-creds", str(creds["client"]))
+    stdout, stderr = recv.communicate(timeout=60)
+    assert sent.returncode == 0 and recv.returncode == 0, sent.stderr + stderr
+    events = [json.loads(line)["event"] for line in stdout.splitlines()]
+    assert events[0] == "refused" and events[-1] == "completed", events
 
 
 def test_a_destination_the_source_cannot_verify_is_refused(
         mignet_cmd: list[str], subprocess_env: dict[str, str], creds: dict[str, Path]) -> None:
-    recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]))
+    # the receiver refuses the aborted handshake and goes on listening until --timeout
+    recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]),
+                           "--timeout", "5")
     sent = _send(mignet_cmd, subprocess_env, uri, "--tls-creds", str(creds["wrong-ca"]))
     recv.communicate(timeout=60)
-    assert sent.returncode != 0
+    assert sent.returncode != 0 and recv.returncode == exits.TIMEOUT
     one_line(sent.stderr, "TLS handshake failed: the server is not authenticated")
     # and a host name the certificate does not carry
-    recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]))
+    recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]),
+                           "--timeout", "5")
     sent = _send(mignet_cmd, subprocess_env, uri, "--tls-creds", str(creds["client"]),
                  "--tls-hostname", "elsewhere.example")
     recv.communicate(timeout=60)
-    assert sent.returncode != 0
+    assert sent.returncode != 0 and recv.returncode == exits.TIMEOUT
     one_line(sent.stderr, "TLS handshake failed")
 
 
@@ -189,14 +216,16 @@ def test_authz_lets_in_only_listed_client_names(mignet_cmd: list[str], subproces
     """``--tls-authz`` as QEMU's authz-list (policy deny): a verified client whose name no
     rule matches is refused in one line before a page moves."""
     extra = [a for rule in rules for a in ("--tls-authz", rule)]
-    recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]), *extra)
+    recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]),
+                           "--timeout", "10", *extra)
     sent = _send(mignet_cmd, subprocess_env, uri, "--tls-creds", str(creds["client"]))
-    _, stderr = recv.communicate(timeout=60)
+    stdout, stderr = recv.communicate(timeout=60)
     if allowed:
         assert sent.returncode == 0 and recv.returncode == 0, sent.stderr + stderr
-    else:
-        assert sent.returncode != 0 and recv.returncode != 0
-        one_line(stderr, "TLS client 'CN=mignet test client' is not authorized")
+    else:  # refused, said, and nobody else came before --timeout
+        assert sent.returncode != 0 and recv.returncode == exits.TIMEOUT
+        refused = json.loads(stdout.splitlines()[0])
+        assert "TLS client 'CN=mignet test client' is not authorized" in refused["reason"], refused
 
 
 def test_tls_options_without_creds_are_refused(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:

@@ -37,6 +37,7 @@ from mignet.errors import (
     MigrationCancelled,
     PeerFailedError,
     SetupError,
+    TimedOut,
 )
 from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir, open_snapshot
@@ -67,11 +68,12 @@ def cmd_recv(args: argparse.Namespace) -> int:
                       "encrypted or authenticated: use --tls-creds DIR", soft_wrap=True)
     if args.json:
         emit_json({"event": "listening", "uri": str(address)})
-    channel, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why),
-                                       channels=not args.tls_creds, preempt=args.postcopy_preempt)
+    multifd: MultifdReceiver | None = None
     if args.tls_creds:  # one connection, authenticated before a byte of the stream
-        channel = tls_server(cast(SocketChannel, channel), Path(args.tls_creds),
-                             args.tls_verify_peer, glob_rules(args.tls_authz))
+        channel: Channel = _accept_tls(listener, args)
+    else:
+        channel, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why),
+                                           preempt=args.postcopy_preempt)
     loader = Loader(channel, devices=DeviceSet.empty(), max_ram_bytes=args.max_ram,
                     block_factory=out.block_factory if out else RamBlock.anonymous,
                     idle_timeout=args.idle_timeout, postcopy=args.postcopy, vcpus=args.vcpus)
@@ -149,6 +151,34 @@ def _refused(args: argparse.Namespace, why: str) -> None:
         emit_json({"event": "refused", "reason": why})
     elif not args.quiet:
         console.print(f"mignet: {escape(why)}", soft_wrap=True)
+
+
+#: How long a connection to a TLS listener may take over its handshake before it is dropped
+#: and the next one taken: below a TLS client's own 30 s, so a real source that queued
+#: behind a stalled stranger still gets its turn.
+TLS_GRACE = 10.0
+
+
+def _accept_tls(listener: Any, args: argparse.Namespace) -> Channel:
+    """The first connection that completes the TLS handshake and is authorized. Others (a
+    port scanner, a stalled or unauthenticated client) are refused, said as ``refused``,
+    and the listener keeps listening until ``--timeout``: a stranger cannot take the one
+    migration's place."""
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    try:
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                raw = listener.accept(timeout=left)
+            except TimeoutError as exc:
+                raise TimedOut(str(exc)) from None
+            try:
+                return tls_server(cast(SocketChannel, raw), Path(args.tls_creds), args.tls_verify_peer,
+                                  glob_rules(args.tls_authz), timeout=TLS_GRACE)
+            except ConnectionLostError as exc:
+                _refused(args, f"refused a connection: {exc}")
+    finally:
+        listener.close()
 
 
 def _postcopy_phase(args: argparse.Namespace, loader: Loader, phase: str) -> None:

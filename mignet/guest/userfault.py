@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mignet.errors import SetupError
+from mignet.errors import MignetError, SetupError
 
 _SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
 UFFD_API = 0xAA
@@ -81,8 +81,9 @@ _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
-class PageExists(OSError):
-    """UFFDIO_COPY/ZEROPAGE found the page already there (EEXIST)."""
+class PageExists(MignetError):
+    """UFFDIO_COPY/ZEROPAGE found the page already there (EEXIST): the caller decides
+    whether that is a race it expects or a peer that sent a page twice."""
 
 
 def madvise(address: int, length: int, advice: int) -> None:
@@ -199,7 +200,7 @@ class Userfaultfd:
             if err != errno.EAGAIN:  # EAGAIN: the mm changed under it, try again
                 break
         if err == errno.EEXIST:
-            raise PageExists(err, "page already present")
+            raise PageExists("page already present")
         if err:
             raise OSError(err, f"UFFDIO_COPY: {os.strerror(err)}")
 
@@ -210,7 +211,7 @@ class Userfaultfd:
             if err != errno.EAGAIN:
                 break
         if err == errno.EEXIST:
-            raise PageExists(err, "page already present")
+            raise PageExists("page already present")
         if err:
             raise OSError(err, f"UFFDIO_ZEROPAGE: {os.strerror(err)}")
 

@@ -101,9 +101,9 @@ def _context(creds: Path, server: bool, verify_peer: bool) -> ssl.SSLContext:
 
 
 def _handshake(channel: SocketChannel, ctx: ssl.SSLContext, server: bool,
-               hostname: str | None) -> TlsChannel:
+               hostname: str | None, timeout: float = HANDSHAKE_TIMEOUT) -> TlsChannel:
     sock = channel.sock
-    sock.settimeout(HANDSHAKE_TIMEOUT)
+    sock.settimeout(timeout)
     try:
         tls = ctx.wrap_socket(sock, server_side=server, server_hostname=None if server else hostname)
     except (ssl.SSLError, ssl.CertificateError) as exc:
@@ -136,12 +136,15 @@ _SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName":
 
 
 def tls_server(channel: SocketChannel, creds: Path, verify_peer: bool = True,
-               authorize: Callable[[str], bool] | None = None) -> TlsChannel:
+               authorize: Callable[[str], bool] | None = None,
+               timeout: float = HANDSHAKE_TIMEOUT) -> TlsChannel:
     """The listening end's handshake on an accepted connection; refused peers never get in.
 
     ``authorize``: given the client's distinguished name (``CN=laptop,O=Example Org``), as
-    QEMU's ``tls-authz``; None lets in every verified client."""
-    tls = _handshake(channel, _context(creds, True, verify_peer or authorize is not None), True, None)
+    QEMU's ``tls-authz``; None lets in every verified client. ``timeout``: how long a peer
+    may take to complete it."""
+    tls = _handshake(channel, _context(creds, True, verify_peer or authorize is not None), True, None,
+                     timeout)
     if authorize is not None:
         dname = peer_dname(tls)
         if not authorize(dname):
