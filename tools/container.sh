@@ -18,8 +18,8 @@
 # not permitted"). No registry is reachable, hence mmdebstrap for the base. See docs/rdma.md.
 #
 # Exit status: the suite's; 124 if the run ran past the limit; 125 if the guest could not boot
-# or set up rxe (the harness's one line says why); 1 with a one-line `container: ...` message
-# if a step before the run failed.
+# or set up rxe, or podman could not start the container (the line before says which); 1 with
+# a one-line `container: ...` message if a step before the run failed.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -119,7 +119,7 @@ set -e
 case $rc in
     0) say "RDMA suite passed in $((SECONDS - t0)) s" ;;
     124) say "RDMA suite ran past ${limit} s (MIGNET_CTR_TIMEOUT): container stopped" ;;
-    125) say "the soft-RoCE guest could not boot or set up rxe in the container (status 125; the line above says why)" ;;
+    125) say "status 125: the soft-RoCE guest could not boot or set up rxe, or podman could not start the container (the line above says which)" ;;
     *) say "RDMA suite failed with status $rc after $((SECONDS - t0)) s" ;;
 esac
 exit $rc
