@@ -322,9 +322,22 @@ async def run_source(size: str, workdir: Path, listen: str = "tcp:127.0.0.1:0") 
     return run
 
 
-def _plot(runs: list[ModelRun], out_dir: Path) -> list[Path]:
+def _machine() -> str:
+    """What the figures were measured on, for a plot's caption."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return (f"{os.cpu_count()} CPUs{f' ({model})' if model else ''}, Linux {os.uname().release}, "
+            f"{time.strftime('%Y-%m-%d')}")
+
+
+def _plot(runs: list[ModelRun], out_dir: Path, streams: dict[str, str] | None = None) -> list[Path]:
     """Per stream (and the source side), one panel per run with every model in its own
-    colour; the targets as lines; legends below the panels, never over the points."""
+    colour; the targets as lines; legends below the panels, never over the points; a
+    caption with the stream, its sizes and the machine (``streams``: name -> description)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -368,7 +381,9 @@ def _plot(runs: list[ModelRun], out_dir: Path) -> list[Path]:
         handles += [plt.Line2D([], [], color="grey", ls=":"), plt.Line2D([], [], color="grey", ls="--")]
         labels += [f"p99 target {P99_TARGET_MS:.0f} ms", f"max target {MAX_TARGET_MS:.0f} ms"]
         where = "source side (mignet serve migrating out)" if name == "source" else f"{name} stream, destination"
-        fig.suptitle(f"control plane during a load: {where}", fontsize=10)
+        what = (streams or {}).get(name, "")
+        fig.suptitle(f"control plane during a load: {where}\n{what}{'; ' if what else ''}"
+                     f"query-migrate every {POLL_INTERVAL * 1000:.0f} ms; {_machine()}", fontsize=9)
         fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False,
                    markerscale=3)  # below the panels, never over the points
         fig.tight_layout(rect=(0, 0.08, 1, 0.94))
@@ -512,7 +527,9 @@ def bench_recv_model(size: str, blobs: int, out_dir: Path | None, repeat: int = 
     stats_table(f"mignet bench recv-model ({listen.partition(':')[0]}; driven over QMP)", rows)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        result["plots"] = [str(p) for p in _plot(runs, out_dir)]
+        streams = {shape.name: shape.describe() for shape in shapes}
+        streams["source"] = f"{size} of random RAM sent by a mignet serve source"
+        result["plots"] = [str(p) for p in _plot(runs, out_dir, streams)]
         console.print(f"plots: {', '.join(result['plots'])}")
     return result
 
