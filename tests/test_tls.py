@@ -124,21 +124,19 @@ def test_a_stalled_stranger_does_not_take_the_tls_listener(
 
 def test_a_destination_the_source_cannot_verify_is_refused(
         mignet_cmd: list[str], subprocess_env: dict[str, str], creds: dict[str, Path]) -> None:
-    # the receiver refuses the aborted handshake and goes on listening until --timeout
-    recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]),
-                           "--timeout", "5")
-    sent = _send(mignet_cmd, subprocess_env, uri, "--tls-creds", str(creds["wrong-ca"]))
-    recv.communicate(timeout=60)
-    assert sent.returncode != 0 and recv.returncode == exits.TIMEOUT
-    one_line(sent.stderr, "TLS handshake failed: the server is not authenticated")
-    # and a host name the certificate does not carry
-    recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]),
-                           "--timeout", "5")
-    sent = _send(mignet_cmd, subprocess_env, uri, "--tls-creds", str(creds["client"]),
-                 "--tls-hostname", "elsewhere.example")
-    recv.communicate(timeout=60)
-    assert sent.returncode != 0 and recv.returncode == exits.TIMEOUT
-    one_line(sent.stderr, "TLS handshake failed")
+    # the receiver refuses the aborted handshake, says so and goes on listening
+    for extra, says in (((), "TLS handshake failed: the server is not authenticated"),
+                        (("--tls-hostname", "elsewhere.example"), "TLS handshake failed")):
+        folder = "wrong-ca" if not extra else "client"
+        recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]))
+        assert recv.stdout is not None
+        sent = _send(mignet_cmd, subprocess_env, uri, "--tls-creds", str(creds[folder]), *extra)
+        assert sent.returncode != 0
+        one_line(sent.stderr, says)
+        assert json.loads(recv.stdout.readline())["event"] == "refused"
+        assert recv.poll() is None  # still listening for the real source
+        recv.kill()
+        recv.wait()
 
 
 qemu = pytest.mark.skipif(qemu_skip_reason() is not None, reason=qemu_skip_reason() or "")
@@ -216,16 +214,19 @@ def test_authz_lets_in_only_listed_client_names(mignet_cmd: list[str], subproces
     """``--tls-authz`` as QEMU's authz-list (policy deny): a verified client whose name no
     rule matches is refused in one line before a page moves."""
     extra = [a for rule in rules for a in ("--tls-authz", rule)]
-    recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]),
-                           "--timeout", "10", *extra)
+    recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]), *extra)
+    assert recv.stdout is not None
     sent = _send(mignet_cmd, subprocess_env, uri, "--tls-creds", str(creds["client"]))
-    stdout, stderr = recv.communicate(timeout=60)
     if allowed:
+        stdout, stderr = recv.communicate(timeout=60)
         assert sent.returncode == 0 and recv.returncode == 0, sent.stderr + stderr
-    else:  # refused, said, and nobody else came before --timeout
-        assert sent.returncode != 0 and recv.returncode == exits.TIMEOUT
-        refused = json.loads(stdout.splitlines()[0])
+    else:  # refused and said; the receiver keeps listening for an authorized source
+        assert sent.returncode != 0
+        refused = json.loads(recv.stdout.readline())
         assert "TLS client 'CN=mignet test client' is not authorized" in refused["reason"], refused
+        assert recv.poll() is None
+        recv.kill()
+        recv.wait()
 
 
 def test_tls_options_without_creds_are_refused(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
@@ -322,3 +323,13 @@ def test_real_qemu_with_tls_into_serve(tmp_path: Path, creds: dict[str, Path]) -
                 assert np.array_equal(np.fromfile(out / block_filename("m0"), np.uint8),
                                       np.fromfile(src.image_path, np.uint8))
     asyncio.run(main())
+
+
+def test_a_tls_listener_ends_at_its_timeout_in_one_line(mignet_cmd: list[str], subprocess_env: dict[str, str],
+                                                        creds: dict[str, Path]) -> None:
+    """--timeout bounds the wait for a source that completes the handshake, strangers or not."""
+    import subprocess as sp
+    r = sp.run([*mignet_cmd, "recv", "--listen", "tcp:127.0.0.1:0", "--tls-creds", str(creds["server"]),
+                "--timeout", "1", "--quiet"], capture_output=True, text=True, env=subprocess_env, timeout=60)
+    assert r.returncode == exits.TIMEOUT
+    one_line(r.stderr, "within 1")

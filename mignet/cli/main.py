@@ -100,6 +100,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
         if multifd is not None:
             multifd.close()
         channel.close()
+        if loader.channel is not channel:
+            loader.channel.close()  # the connection a postcopy recovery brought
     stats = _load_stats_dict(result.stats)
     if multifd is not None and multifd.channel_count:
         stats["multifd"] = multifd.describe()
@@ -167,11 +169,13 @@ def _accept_tls(listener: Any, args: argparse.Namespace) -> Channel:
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     try:
         while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:  # 0 would make the socket non-blocking
+                raise _tls_late(listener, args.timeout)
             try:
                 raw = listener.accept(timeout=left)
-            except TimeoutError as exc:
-                raise TimedOut(str(exc)) from None
+            except TimeoutError:
+                raise _tls_late(listener, args.timeout) from None
             try:
                 return tls_server(cast(SocketChannel, raw), Path(args.tls_creds), args.tls_verify_peer,
                                   glob_rules(args.tls_authz), timeout=TLS_GRACE)
@@ -179,6 +183,10 @@ def _accept_tls(listener: Any, args: argparse.Namespace) -> Channel:
                 _refused(args, f"refused a connection: {exc}")
     finally:
         listener.close()
+
+
+def _tls_late(listener: Any, timeout: float) -> TimedOut:
+    return TimedOut(f"no source completed a TLS handshake on {listener.address} within {timeout:g} s")
 
 
 def _postcopy_phase(args: argparse.Namespace, loader: Loader, phase: str) -> None:

@@ -508,18 +508,19 @@ class Migrations:
     def recover(self, uri: str) -> None:
         """``migrate-recover``: a destination whose postcopy paused listens on ``uri`` for the
         source that resumes (QEMU's ``migrate`` with ``resume``); the first connection
-        there is handed to the paused loader."""
+        there is handed to the paused loader. Again, it replaces the earlier listener
+        (QEMU 7.2 releases the old transport too), so a wrong URI can be corrected."""
         inc = self.state.incoming
         if inc.phase is not Phase.POSTCOPY_PAUSED:
             raise RequestRefused("Migrate recover can only be run when postcopy is paused.")
         with self._mutex:
-            if self._recover_listener is not None:
-                raise RequestRefused("Migrate recovery is triggered already")
             loader = self._loader
             if loader is None:
                 raise RequestRefused("Migrate recover can only be run when postcopy is paused.")
             listener = listen(uri)
-            self._recover_listener = listener
+            old, self._recover_listener = self._recover_listener, listener
+        if old is not None:
+            old.close()  # its accept thread ends
         addr = listener.address
         inc.socket_address = [{"type": "unix", "path": str(addr.path)}] if addr.scheme == "unix" \
             else [{"type": "inet", "host": str(addr.host), "port": str(addr.port)}]
@@ -534,7 +535,8 @@ class Migrations:
                     if self._recover_listener is listener:
                         self._recover_listener = None
                 listener.close()
-            loader.offer_recovery(channel)
+            if not loader.offer_recovery(channel):
+                channel.close()  # the migration ended (or resumed) meanwhile
         t = threading.Thread(target=accept, name="mig/dst/recover", daemon=True)
         self._threads.append(t)
         t.start()

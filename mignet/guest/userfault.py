@@ -89,7 +89,7 @@ class PageExists(MignetError):
 def madvise(address: int, length: int, advice: int) -> None:
     if _libc.madvise(address, length, advice) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"madvise({advice}): {os.strerror(err)}")
+        raise SetupError(f"madvise({advice}) of guest RAM failed: {os.strerror(err)}")
 
 
 _SYS_PROCESS_MADVISE = {"x86_64": 440, "aarch64": 440}
@@ -163,16 +163,16 @@ class Userfaultfd:
         api = _Api(UFFD_API, UFFD_FEATURE_THREAD_ID, 0)
         err = _ioctl(self.fd, UFFDIO_API, api)
         self.thread_ids = not err
-        if err == errno.EINVAL:
+        if err == errno.EINVAL:  # a fresh descriptor: one handshake each
             os.close(self.fd)
             fd = _libc.syscall(nr, flags | UFFD_USER_MODE_ONLY)
             if fd < 0:
                 fd = _libc.syscall(nr, flags)
             self.fd = int(fd)
-            api = _Api(UFFD_API, 0, 0)
-            err = _ioctl(self.fd, UFFDIO_API, api)
+            err = ctypes.get_errno() if fd < 0 else _ioctl(self.fd, UFFDIO_API, _Api(UFFD_API, 0, 0))
         if err:
-            os.close(self.fd)
+            if self.fd >= 0:
+                os.close(self.fd)
             raise SetupError(f"postcopy: userfaultfd API handshake failed: {os.strerror(err)}")
 
     def register(self, address: int, length: int) -> Registration:
@@ -190,7 +190,7 @@ class Userfaultfd:
         """Stop faulting there; threads waiting in the range wake and fault normally."""
         err = _ioctl(self.fd, UFFDIO_UNREGISTER, _Range(address, length))
         if err:
-            raise OSError(err, f"UFFDIO_UNREGISTER: {os.strerror(err)}")
+            raise SetupError(f"postcopy: UFFDIO_UNREGISTER failed: {os.strerror(err)}")
 
     def copy(self, dst: int, src: int, length: int) -> None:
         """Place ``length`` bytes at ``dst`` atomically and wake whoever waits for them."""
@@ -202,7 +202,7 @@ class Userfaultfd:
         if err == errno.EEXIST:
             raise PageExists("page already present")
         if err:
-            raise OSError(err, f"UFFDIO_COPY: {os.strerror(err)}")
+            raise SetupError(f"postcopy: placing a page (UFFDIO_COPY) failed: {os.strerror(err)}")
 
     def zeropage(self, dst: int, length: int) -> None:
         arg = _Zeropage(_Range(dst, length), 0, 0)
@@ -213,7 +213,8 @@ class Userfaultfd:
         if err == errno.EEXIST:
             raise PageExists("page already present")
         if err:
-            raise OSError(err, f"UFFDIO_ZEROPAGE: {os.strerror(err)}")
+            raise SetupError(f"postcopy: placing a zero page (UFFDIO_ZEROPAGE) failed: "
+                             f"{os.strerror(err)}")
 
     def read_faults(self, max_messages: int = 64) -> list[tuple[int, int]]:
         """(address, thread id) of the page faults queued now (none if nothing is pending);

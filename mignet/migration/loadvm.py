@@ -187,6 +187,7 @@ class Loader:
         self.recoverable = False
         self._recovery: queue.Queue[Channel | None] = queue.Queue()
         self._awaiting_recovery = False
+        self._ended = False  # run() returned or raised: late connections are closed
         self._preempt: Channel | None = None  # QEMU's postcopy preempt channel, once accepted
         self._bounce = np.zeros(PAGE_SIZE, dtype=np.uint8)
         self._bounce_view = self._bounce.data.cast("B")
@@ -210,19 +211,30 @@ class Loader:
         ConnectionLostError when the peer vanished, MigrationCancelled on cancel."""
         if self.threaded:
             assert_bql_not_held("the threaded loader")
+        failed = True
         try:
             while True:
                 try:
-                    return self._load()
+                    result = self._load()
+                    failed = False
+                    return result
                 except (ConnectionLostError, TimedOut) as exc:
+                    if self.postcopy is not None and self.postcopy.error is not None:
+                        raise self.postcopy.error from None  # the fault thread broke first
                     if not self._may_pause():
                         raise
                     self._pause_and_recover(exc)
         finally:
+            self._ended = True
             if self.postcopy is not None:
-                self.postcopy.close()  # idempotent; on failure it wakes any stuck vCPU
+                try:  # idempotent; on failure it wakes any stuck vCPU
+                    self.postcopy.close()
+                except MignetError:
+                    if not failed:
+                        raise  # else the error in flight is the one to report
             if self._preempt is not None and not self._preempt.closed:
                 self._preempt.close()  # accepted, but postcopy never began
+            self._drain_recovery()
 
     def _load(self) -> LoadResult:
         dec = self.decoder
@@ -325,30 +337,46 @@ class Loader:
             rp["pings"] += 1
 
     # --- postcopy recovery (QEMU's postcopy-paused, migrate-recover, migrate -r) ----------
-    def offer_recovery(self, channel: Channel) -> None:
+    def offer_recovery(self, channel: Channel) -> bool:
         """A connection that starts with a stream command: a source resuming postcopy
         (any thread). Taken at once if paused; if the old connection still looks alive,
-        it is given up for the new one (the source would not reconnect otherwise)."""
+        it is given up for the new one (the source would not reconnect otherwise). Refused
+        (False, and closed) where a resume cannot be: before RUN, without postcopy, after
+        the load ended — a stranger must not end a healthy migration."""
+        if self._ended or not (self._awaiting_recovery or self._may_pause()):
+            channel.close()
+            return False
         self._recovery.put(channel)
         if not self._awaiting_recovery:
             self.channel.shutdown()
+        return True
+
+    def _drain_recovery(self) -> None:
+        """Close connections offered but not taken (a second resume, or one after the end)."""
+        while True:
+            try:
+                extra = self._recovery.get_nowait()
+            except queue.Empty:
+                return
+            if extra is not None:
+                extra.close()
 
     def _may_pause(self) -> bool:
         pc = self.postcopy
         return (self.recoverable and self._listening and pc is not None and not pc.closed
-                and not pc.has_preempt and not self._cancel.requested
+                and pc.error is None and not pc.has_preempt and not self._cancel.requested
                 and self.decoder.postcopy is PostcopyState.RUNNING)
 
     def _pause_and_recover(self, lost: BaseException) -> None:
         """The source's connection broke in postcopy: the guest keeps its RAM and waits
         (postcopy-paused) until a source resumes on a new connection (postcopy-recover)."""
         assert self.postcopy is not None
+        self.channel.close()  # first: a request blocked writing to it wakes, then pause
         self.postcopy.pause()
         self.pause_reason = str(lost)
+        self._awaiting_recovery = True
         if self.on_postcopy is not None:
             self.on_postcopy("paused")
-        self.channel.close()
-        self._awaiting_recovery = True
         while True:
             try:
                 channel = self._recovery.get(timeout=0.5)
@@ -358,8 +386,10 @@ class Loader:
             if channel is not None:
                 break
         self._awaiting_recovery = False
+        self._drain_recovery()  # a second resuming connection: the first one is taken
         channel.set_idle_timeout(read=self._idle_timeout)
         self.channel = channel
+        self._cancel.check()  # a cancel while swapping shut the old channel only
         self.decoder = self.decoder.resumed()
         self._block_name = None
         if self.on_postcopy is not None:
@@ -378,8 +408,10 @@ class Loader:
             return
         pc = self.postcopy
         assert pc is not None  # the decoder allows nothing else before ADVISE
+        if self.ram is None:
+            raise ProtocolError(f"{cls.__name__.removeprefix('Postcopy').upper()} before the "
+                                "RAM section: postcopy of a guest with no RAM")
         if cls is PostcopyDiscard:
-            assert self.ram is not None
             pc.discard(self.ram[event.block], event.ranges)
         elif cls is PostcopyListen:
             if self.stats.return_path is None:
@@ -416,6 +448,9 @@ class Loader:
         read from LISTEN on, whichever comes first."""
         channel.set_idle_timeout(read=None)  # silent until a page is asked for
         with self._preempt_lock:
+            if self._ended:
+                channel.close()
+                return
             self._preempt = channel
             if self._listening and self.postcopy is not None:
                 self.postcopy.attach_preempt(channel)
@@ -432,8 +467,11 @@ class Loader:
         if not self.channel.duplex_threads or self.channel.page_placement is not None:
             raise SetupError(f"postcopy over {self.channel.name} is not supported by mignet: "
                              "use plain tcp: without TLS, or turn off postcopy-ram")
-        self.postcopy = PostcopyIncoming(self._send_rp, vcpus=self.vcpus)
+        self.postcopy = PostcopyIncoming(self._send_rp, vcpus=self.vcpus,
+                                         on_error=lambda: self.channel.shutdown())
         self.stats.postcopy = self.postcopy.stats
+        if self.ram is not None:  # QEMU advises before its RAM setup; take it after too
+            self.postcopy.prepare(self.ram)
 
     # --- RAM -------------------------------------------------------------------------
     def _setup_blocks(self, event: RamBlocks) -> None:
@@ -644,8 +682,9 @@ class Loader:
                 event = nxt
 
     def _switchover(self) -> None:
-        """EOF: every section is loaded. Like QEMU's switchover, this touches main-loop
-        state (the run state), so it holds the big lock."""
+        """The guest changes hosts: at EOF in precopy (every section is loaded), at RUN in
+        postcopy (the rest of RAM still streams). Like QEMU's switchover, this touches
+        main-loop state (the run state), so it holds the big lock."""
         with bql_held():
             self.stats.switchover_at = time.monotonic()
             if self.on_switchover is not None:

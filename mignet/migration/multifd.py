@@ -122,8 +122,8 @@ class MultifdReceiver:
         self._preempt: Channel | None = None  # taken before anyone asked for it
         self._preempt_taken = False
         #: Given a connection that starts with a stream command (0x08): a source resuming
-        #: a postcopy on a new connection (QEMU's migrate with resume=true).
-        self.on_recovery: Callable[[Channel], None] | None = None
+        #: a postcopy on a new connection (QEMU's migrate with resume=true); False: refused.
+        self.on_recovery: Callable[[Channel], bool] | None = None
         self.refused: list[str] = []
         self._cond = threading.Condition()
         self._accept_lock = threading.Lock()
@@ -192,7 +192,9 @@ class MultifdReceiver:
                 return
             if head[:1] == bytes([SectionType.COMMAND]) and self.on_recovery is not None \
                     and self._main is not None:
-                self.on_recovery(ch)
+                if not self.on_recovery(ch):
+                    self._refuse(ch, "a postcopy resume, but no postcopy here is paused or "
+                                     "could pause")
                 return
             with self._cond:
                 if self._main is None:  # QEVM, or something the loader will name
@@ -250,8 +252,8 @@ class MultifdReceiver:
             if left <= 0:
                 raise TimeoutError(f"it sent {size} bytes in {self.classify_timeout:.0f} s"
                                    + (" (a silent connection after the main one is QEMU's "
-                                      "postcopy preempt channel: accept it with "
-                                      "--postcopy-preempt)" if size == 4 else ""))
+                                      "postcopy preempt channel: recv --postcopy-preempt, "
+                                      "or capability postcopy-preempt on serve)" if size == 4 else ""))
             if ch.wait_cond(IOCondition.IN, min(left, 0.5)):
                 data = ch.peek(size)
                 if len(data) == size or (not data and not exact):

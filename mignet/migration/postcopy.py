@@ -127,11 +127,16 @@ class PostcopyIncoming:
     """One incoming postcopy. ``send_rp`` writes a whole return-path message (the loader
     serialises it with its own PONG and SHUT); ``vcpus`` reader threads start at RUN."""
 
-    def __init__(self, send_rp: Callable[[bytes], None], *, vcpus: int = 1) -> None:
+    def __init__(self, send_rp: Callable[[bytes], None], *, vcpus: int = 1,
+                 on_error: Callable[[], None] | None = None) -> None:
         self.uffd = Userfaultfd()  # fails now, at ADVISE, if the kernel cannot
         self.send_rp = send_rp
         self.vcpus = vcpus
         self.stats = PostcopyStats()
+        #: What stopped the fault thread: vCPUs then wait for pages nobody asks for, so
+        #: ``on_error`` wakes the loader at once (it shuts the channel) and this is its error.
+        self.error: MignetError | None = None
+        self._on_error = on_error
         self.ram: GuestRam | None = None
         self.reader: Reader | None = None
         self._regs: dict[str, Registration] = {}
@@ -167,7 +172,7 @@ class PostcopyIncoming:
             if block.mapping is None and not isinstance(block.data, np.memmap):
                 try:
                     madvise(addr, block.size, MADV_NOHUGEPAGE)
-                except OSError:
+                except SetupError:
                     pass  # no THP here: nothing to turn off
             try:
                 self.uffd.register(addr, block.size)
@@ -197,7 +202,11 @@ class PostcopyIncoming:
         """Register all RAM and start answering faults (QEMU's LISTEN)."""
         assert self.ram is not None
         for block in self.ram:
-            self._regs[block.name] = self.uffd.register(block.data.ctypes.data, block.size)
+            try:
+                self._regs[block.name] = self.uffd.register(block.data.ctypes.data, block.size)
+            except OSError as exc:  # prepare() registered it once: the host changed since
+                raise SetupError(f"postcopy: RAM block {block.name!r} cannot fault on missing "
+                                 f"pages ({exc.strerror})") from None
         self.stats.listen_at = time.monotonic()
         self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL))
@@ -308,10 +317,17 @@ class PostcopyIncoming:
         poller = select.poll()
         poller.register(self.uffd.fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
-        while not self._stop.is_set():
-            poller.poll(_POLL_MS)
-            for addr, tid in self.uffd.read_faults():
-                self._fault(addr, tid)
+        try:
+            while not self._stop.is_set():
+                poller.poll(_POLL_MS)
+                for addr, tid in self.uffd.read_faults():
+                    self._fault(addr, tid)
+        except Exception as exc:  # noqa: BLE001 - reported as the migration's error
+            self.error = exc if isinstance(exc, MignetError) else SetupError(
+                f"postcopy: the page-fault thread failed ({type(exc).__name__}: {exc}): the "
+                "guest's vCPUs would wait for pages nobody asks for")
+            if self._on_error is not None:
+                self._on_error()
 
     def _fault(self, addr: int, tid: int = 0) -> None:
         found = next(((start, b) for start, end, b in self._order if start <= addr < end), None)
@@ -324,7 +340,10 @@ class PostcopyIncoming:
         key = (block.name, offset)
         if not needed[page]:
             try:  # a zero page never touched here: nobody will send it
-                self.uffd.zeropage(addr & ~(PAGE_SIZE - 1), PAGE_SIZE)
+                if self._regs[block.name].zeropage:
+                    self.uffd.zeropage(addr & ~(PAGE_SIZE - 1), PAGE_SIZE)
+                else:
+                    self.uffd.copy(addr & ~(PAGE_SIZE - 1), self._zero.ctypes.data, PAGE_SIZE)
                 self.stats.local_zero_faults += 1
             except PageExists:
                 pass  # placed meanwhile; the copy woke the vCPU
@@ -416,7 +435,11 @@ class PostcopyIncoming:
             self._preempt.shutdown()  # wakes its reader
         try:
             if self._fault_future is not None:
-                self._fault_future.result()  # re-raises what the fault thread hit
+                self._fault_future.result(5)  # it ends within a poll interval
+            if self.error is not None:
+                raise self.error
+        except FutureTimeout:
+            raise SetupError("postcopy: the page-fault thread did not stop") from None
         finally:
             if self._preempt is not None:
                 try:

@@ -48,6 +48,7 @@ from mignet.errors import (
     ConnectionLostError,
     MignetError,
     MigrationCancelled,
+    PeerFailedError,
     ProtocolError,
     TimedOut,
 )
@@ -289,10 +290,12 @@ class PostcopySource(Precopy):
         try:
             return super().run()
         except BaseException as exc:
-            try:
-                self.sender.channel.shutdown()  # ends the reader's read
-            except MignetError:
-                pass
+            for ch in (self.sender.channel, self.preempt):
+                try:  # ends the reader's read, and a preempt write blocked in it
+                    if ch is not None:
+                        ch.shutdown()
+                except MignetError:
+                    pass
             cause = self.reader.error
             if isinstance(exc, MignetError) and cause is not None and cause is not exc:
                 # The reader failed first and shut the channel: its error is the cause.
@@ -407,6 +410,9 @@ class PostcopySource(Precopy):
         reader.attention.clear()  # before draining: a request queued after it sets it again
         if reader.error is not None:
             raise reader.error
+        if reader.shut not in (None, 0):
+            raise PeerFailedError(f"the destination failed during postcopy (SHUT {reader.shut}): "
+                                  "see its log; the guest is lost on both sides")
         while reader.requests:
             req = reader.requests.popleft()
             want = self._take(req)

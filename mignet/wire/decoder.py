@@ -189,6 +189,7 @@ class StreamDecoder:
         if self.postcopy is not PostcopyState.RUNNING:
             raise MisuseError("only a running postcopy can resume on a new connection")
         dec = StreamDecoder(devices=self.devices, max_ram_bytes=self.max_ram_bytes)
+        dec._base = self.offset  # offsets (and byte counts read from them) go on, not back
         dec.state = DecoderState.TOP
         dec.blocks = dict(self.blocks)
         dec._sections = dict(self._sections)
