@@ -36,7 +36,7 @@ from mignet.channel import Channel
 from mignet.errors import ConnectionLostError, MignetError, ProtocolError, SetupError, TimedOut
 from mignet.guest.devices import KNOWN_DEVICES, DeviceSet
 from mignet.guest.ram import GuestRam, RamBlock
-from mignet.migration.postcopy import PostcopyIncoming, PostcopyStats
+from mignet.migration.postcopy import PostcopyIncoming, PostcopyStats, read_page_payload
 from mignet.runtime.bql import assert_bql_not_held, bql_held
 from mignet.runtime.cancel import Cancel
 from mignet.runtime.coroutine import run_coroutine
@@ -536,16 +536,9 @@ class Loader:
         """After LISTEN: the payload into a bounce page, then placed whole (UFFDIO_COPY),
         never read into RAM the guest may be reading."""
         block = self._select_block(event.block)
-        dec = self.decoder
-        got = dec.take_payload_into(self._bounce_view) if dec.buffered else 0
-        while got < PAGE_SIZE:
-            n = self.channel.read_some_into([self._bounce_view[got:]])
-            if n == 0:
-                self._cancel.check()
-                dec.receive_eof()  # the next event reports the truncation
-                return
-            dec.payload_placed(n)
-            got += n
+        if not read_page_payload(self.channel, self.decoder, self._bounce_view):
+            self._cancel.check()
+            return
         assert self.postcopy is not None
         self.postcopy.place(block, event.offset, self._bounce.ctypes.data)
         self.stats.normal_pages += 1

@@ -15,10 +15,8 @@ for a page it does not consider dirty.
 
 from __future__ import annotations
 
-import gc
 import os
 import select
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -39,7 +37,7 @@ from mignet.guest.userfault import (
     madvise,
 )
 from mignet.guest.workload import Reader
-from mignet.runtime.threads import start_thread
+from mignet.runtime.threads import prompt_handoffs, start_thread
 from mignet.units import PAGE_SIZE
 from mignet.wire import NEED_DATA, RamPage, RamZero, StreamDecoder, StreamFinished
 from mignet.wire.postcopy import req_pages
@@ -55,11 +53,6 @@ PREEMPT_END_TIMEOUT = 30.0
 #: skips those it has sent already.
 REQUEST_PAGES = 4
 _POLL_MS = 200
-#: The GIL's switch interval while postcopy runs. The fault and preempt threads wait for
-#: the GIL behind the loader, which holds it between its short system calls; CPython then
-#: hands it over only after the switch interval (5 ms by default), which would be most of
-#: a fault's latency. 0.2 ms bounds that wait; it costs the loader only when they want it.
-SWITCH_INTERVAL = 0.0002
 
 
 @dataclass
@@ -114,6 +107,21 @@ class PostcopyStats:
         return int(total * 1000)
 
 
+def read_page_payload(channel: Channel, dec: StreamDecoder, view: memoryview) -> bool:
+    """The current page's payload into ``view`` (a bounce page, never guest RAM): what the
+    decoder holds, then the channel. False when the channel ended first (the decoder is
+    told, so its next event reports the truncation)."""
+    got = dec.take_payload_into(view) if dec.buffered else 0
+    while got < PAGE_SIZE:
+        n = channel.read_some_into([view[got:]])
+        if n == 0:
+            dec.receive_eof()
+            return False
+        dec.payload_placed(n)
+        got += n
+    return True
+
+
 def percentiles_ms(seconds: list[float]) -> dict[str, float | None]:
     """p50 / p99 / max in milliseconds (None each when nothing was measured)."""
     if not seconds:
@@ -153,8 +161,9 @@ class PostcopyIncoming:
         self._place_lock = threading.Lock()  # the main and the preempt channel both place
         self._preempt: Channel | None = None
         self._preempt_future: Any = None
-        self._switch_interval: float | None = None  # the process's, while ours is set
-        self._gc_was_on = True
+        # the GIL's switch interval and the collector, as they were before LISTEN: the
+        # fault and preempt threads must not wait 5 ms for the GIL behind the loader
+        self._restore_handoffs: Callable[[], None] | None = None
         # Paused (the source's connection was lost): faults are recorded, not asked for,
         # until a recovery resumes; the lock orders that against the fault thread.
         self._paused = False
@@ -208,10 +217,7 @@ class PostcopyIncoming:
                 raise SetupError(f"postcopy: RAM block {block.name!r} cannot fault on missing "
                                  f"pages ({exc.strerror})") from None
         self.stats.listen_at = time.monotonic()
-        self._switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL))
-        self._gc_was_on = gc.isenabled()
-        gc.disable()  # a full collection would stall every thread that waits for a page
+        self._restore_handoffs = prompt_handoffs(no_gc=True)
         self._fault_thread, self._fault_future = start_thread(self._fault_loop, FAULT_THREAD_NAME)
 
     def attach_preempt(self, channel: Channel) -> None:
@@ -238,16 +244,8 @@ class PostcopyIncoming:
                 else:
                     dec.receive_data(small[:n])
             elif type(event) is RamPage:
-                got = dec.take_payload_into(view) if dec.buffered else 0
-                while got < PAGE_SIZE:
-                    n = channel.read_some_into([view[got:]])
-                    if n == 0:
-                        break
-                    dec.payload_placed(n)
-                    got += n
-                if got < PAGE_SIZE:
-                    dec.receive_eof()
-                    continue
+                if not read_page_payload(channel, dec, view):
+                    continue  # the next event reports the truncation
                 assert self.ram is not None
                 self.place(self.ram[event.block], event.offset, page.ctypes.data)
                 self.stats.preempt_pages += 1
@@ -423,10 +421,8 @@ class PostcopyIncoming:
             return
         self._closed = True
         self._stop.set()
-        if self._switch_interval is not None:
-            sys.setswitchinterval(self._switch_interval)
-            if self._gc_was_on:
-                gc.enable()
+        if self._restore_handoffs is not None:
+            self._restore_handoffs()
         try:
             os.write(self._wake_w, b"x")
         except OSError:

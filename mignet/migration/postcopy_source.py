@@ -33,7 +33,6 @@ of PONG 3, the destination's answer to the ping just before RUN in the package.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections import deque
@@ -55,12 +54,11 @@ from mignet.errors import (
 from mignet.guest.ram import GuestRam, RamBlock, zero_pages
 from mignet.guest.workload import Workload
 from mignet.migration.dirty import DirtyLog
-from mignet.migration.postcopy import SWITCH_INTERVAL
 from mignet.migration.precopy import Precopy, PrecopyParams, RoundStats
 from mignet.migration.savevm import Sender
 from mignet.migration.status import DirectionState, Phase, RamCounters
 from mignet.runtime.halves import bottom_half, upper_half
-from mignet.runtime.threads import start_thread
+from mignet.runtime.threads import prompt_handoffs, start_thread
 from mignet.units import PAGE_SIZE
 from mignet.wire import StreamEncoder
 from mignet.wire.postcopy import (
@@ -259,7 +257,7 @@ class PostcopySource(Precopy):
         self._preempt_done = False
         self._claim = threading.Lock()
         self._owed: dict[str, np.ndarray] = {}
-        self._switch_interval: float | None = None
+        self._restore_handoffs: Callable[[], None] | None = None
 
     # --- control from other threads ---------------------------------------------------
     @upper_half
@@ -304,8 +302,8 @@ class PostcopySource(Precopy):
             raise
         finally:
             self.reader.join(10)
-            if self._switch_interval is not None:
-                sys.setswitchinterval(self._switch_interval)
+            if self._restore_handoffs is not None:
+                self._restore_handoffs()
 
     def _leave_precopy(self) -> bool:
         after = self.params.postcopy_after
@@ -349,8 +347,7 @@ class PostcopySource(Precopy):
         self._owed = owed
         if self.preempt is not None:
             self.reader.on_urgent = self._urgent
-            self._switch_interval = sys.getswitchinterval()
-            sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL))
+            self._restore_handoffs = prompt_handoffs()
         sender.write_commands([*discards, command(CMD_PING, PING_BEFORE_PACKAGE.to_bytes(4, "big")),
                                command(CMD_PACKAGED, len(body).to_bytes(4, "big")), body])
         self._handed_over = True  # from here the destination may run the guest
@@ -424,11 +421,14 @@ class PostcopySource(Precopy):
 
     def _take(self, req: PageRequest) -> np.ndarray:
         """The requested pages still owed, now no longer owed (claimed to be sent)."""
+        with self._claim:
+            return self._take_locked(req)
+
+    def _take_locked(self, req: PageRequest) -> np.ndarray:
         mask = self._owed[req.block.name]
         pages = np.arange(req.first, req.first + req.count)
-        with self._claim:
-            want = pages[mask[pages]]
-            mask[want] = False
+        want = pages[mask[pages]]
+        mask[want] = False
         return want
 
     # --- postcopy-preempt (return-path thread) ------------------------------------------
@@ -438,10 +438,7 @@ class PostcopySource(Precopy):
         with self._claim:  # the end of the channel must not come between its records
             if self._preempt_done:
                 return
-            mask = self._owed[req.block.name]
-            pages = np.arange(req.first, req.first + req.count)
-            want = pages[mask[pages]]
-            mask[want] = False
+            want = self._take_locked(req)
             if not len(want):
                 sw.ignored_requests += 1
                 return
