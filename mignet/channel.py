@@ -125,6 +125,12 @@ class Channel(ABC):
         read moves more and costs fewer calls. Reads asking for less wait for what they
         ask. Default: no-op."""
 
+    def unsent_bytes(self) -> int | None:
+        """Bytes written but not yet taken by the peer (the send queue), or None where the
+        transport cannot tell. A writer that sent everything and waits for an answer uses
+        it to see that the peer is still reading. Default: None."""
+        return None
+
     @abstractmethod
     def _set_blocking(self, blocking: bool) -> None: ...
 

@@ -172,3 +172,59 @@ def test_recv_idle_timeout_option_ends_a_stalled_source_in_one_line(
         one_line(stderr, "sent nothing for 1 s")
     finally:
         src.close()
+
+
+STALL_LIMIT = 2.0  # long enough that "twice the limit" stands out from a loaded machine's noise
+
+
+def test_a_bulk_read_that_got_part_then_stalls_times_out_after_one_limit(
+        pair: tuple[SocketChannel, SocketChannel]) -> None:
+    """A read waiting for the bulk low-water mark got some bytes, then the peer stalled:
+    the kernel's SO_RCVTIMEO timed the whole call, so that read returned its part only when
+    the limit passed, and the next read waited a whole limit again (2x the limit; found by
+    the per-phase fault matrix, tests/test_phase_faults.py). It must end within one limit
+    (and the kernel's slice)."""
+    a, b = pair
+    b.set_idle_timeout(read=STALL_LIMIT)
+    b.hint_bulk_reads(2 << 20)
+    a.write_all(bytes(64 << 10))
+    t0 = time.monotonic()
+    buf = bytearray(4 << 20)
+    with pytest.raises(TimedOut, match="sent nothing"):
+        while True:
+            b.read_some_into([memoryview(buf)])
+    assert time.monotonic() - t0 < STALL_LIMIT * 1.75
+
+
+def test_a_write_that_went_in_part_then_stalls_times_out_after_one_limit(
+        pair: tuple[SocketChannel, SocketChannel]) -> None:
+    """The write side of the same: a send that moved part of its buffer before the peer
+    stopped taking returned only when SO_SNDTIMEO passed, and counted as progress."""
+    a, _ = pair
+    a.set_idle_timeout(write=STALL_LIMIT)
+    t0 = time.monotonic()
+    with pytest.raises(TimedOut, match="took nothing"):
+        a.write_all(bytes(64 << 20))
+    assert time.monotonic() - t0 < STALL_LIMIT * 1.75
+
+
+def test_a_source_waiting_for_shut_gives_up_after_its_idle_limit(
+        pair: tuple[SocketChannel, SocketChannel]) -> None:
+    """With the return path, a source that sent everything waits for the destination's SHUT.
+    A destination that took every byte and then went silent (hung, or a network that drops
+    its answer) held that wait for ``confirm_timeout`` (120 s), whatever the idle limit said
+    (found by the fault matrix's switchover stall). It ends by the idle limit."""
+    a, b = pair
+
+    def drain() -> None:
+        buf = bytearray(1 << 20)
+        while b.read_some_into([memoryview(buf)]):
+            pass
+    threading.Thread(target=drain, daemon=True).start()
+    sender = Sender(a, _ram(), DeviceSet.empty(), idle_timeout=STALL_LIMIT, return_path=True)
+    sender.start()
+    sender.send_pages(sender.ram["pc.ram"], [(0, sender.ram["pc.ram"].pages)])
+    t0 = time.monotonic()
+    with pytest.raises(TimedOut, match="SHUT"):
+        sender.finish()
+    assert STALL_LIMIT * 0.9 < time.monotonic() - t0 < STALL_LIMIT * 1.75

@@ -555,6 +555,8 @@ def _page_views(mv: memoryview, offs: np.ndarray) -> list[memoryview]:
 
 def _channel_error(channel_id: int, exc: BaseException) -> MignetError:
     text = f"multifd channel {channel_id}: {str(exc).removeprefix('multifd: ')}"
+    if isinstance(exc, TimedOut):  # a stalled channel is a timeout (exit 6), as on the main stream
+        return TimedOut(text)
     if isinstance(exc, ProtocolError):
         return ProtocolError(text)
     if isinstance(exc, ConnectionLostError):

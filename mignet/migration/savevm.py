@@ -86,6 +86,7 @@ class Sender:
         # A destination that stops reading ends the send; reads stay unbounded: the
         # return path is silent for the whole migration.
         channel.set_idle_timeout(write=idle_timeout)
+        self.idle_timeout = idle_timeout
         self.ram = ram
         self.devices = devices
         self.encoder = StreamEncoder()
@@ -310,16 +311,38 @@ class Sender:
         self.stats.confirmed = True
 
     def _await_shut(self) -> None:
-        """Read the return path until the destination's SHUT."""
+        """Read the return path until the destination's SHUT.
+
+        Bounded by ``confirm_timeout``, and by the idle limit: a destination that took
+        every byte (the send queue empty or no longer shrinking) and then answered nothing
+        for that long is stalled, and the wait ends as any other stalled I/O does."""
         deadline = time.monotonic() + self.confirm_timeout
+        idle = self.idle_timeout
+        progress = time.monotonic()
+        unsent = self.channel.unsent_bytes()
         buf = bytearray(4096)
         pending = b""
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.channel.wait_cond(IOCondition.IN, left):
+            now = time.monotonic()
+            left = deadline - now
+            if left <= 0:
                 raise TimedOut(f"the destination did not confirm the load within "
                                f"{self.confirm_timeout:.0f} s (no SHUT on the return path)")
+            wait = left
+            if idle is not None:
+                queued = self.channel.unsent_bytes()
+                if queued is not None and unsent is not None and queued < unsent:
+                    progress = now  # the destination is still reading what we sent
+                unsent = queued
+                if now - progress >= idle:
+                    raise TimedOut(f"the destination took the stream and then answered nothing for "
+                                   f"{idle:g} s (no SHUT on the return path); giving up (a stalled "
+                                   "peer or network: check the other side)")
+                wait = min(left, progress + idle - now, 0.25)
+            if not self.channel.wait_cond(IOCondition.IN, wait):
+                continue
             n = self.channel.read_some_into([memoryview(buf)])
+            progress = time.monotonic()
             if n == 0:
                 raise ConnectionLostError(
                     "the destination closed the connection without confirming the load (no "

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import select
 import socket
 import struct
+import termios
 from collections.abc import Sequence
 
 from mignet.channel import Buffer, Channel, IOCondition, ShutdownHow, WritableBuffer
@@ -19,6 +21,13 @@ IOV_MAX = 1024
 
 #: How long a bulk read waits for its low-water mark before it takes what has arrived.
 BULK_PATIENCE_MS = 50
+#: The kernel's send/receive timeout is a slice of the idle limit, not the limit itself: the
+#: kernel times a whole call, so a read waiting for the low-water mark (or a send that moved
+#: part of its buffer) that got some bytes and then met a stalled peer returned only when
+#: the whole limit passed, and as progress: the next call waited a whole limit again (2-3x
+#: the limit, found by tests/test_phase_faults.py). Each call now returns within the slice;
+#: Channel._wait_progress holds the real limit, counted from the last bytes moved.
+IDLE_SLICE = 0.25
 
 
 class SocketChannel(Channel):
@@ -103,15 +112,23 @@ class SocketChannel(Channel):
             return ConnectionLostError(f"{self.name}: connection lost ({exc.strerror})")
         return ConnectionLostError(f"{self.name}: socket error: {exc}")
 
+    def unsent_bytes(self) -> int | None:
+        """SIOCOUTQ (TIOCOUTQ on Linux): what the send queue still holds."""
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+        except (OSError, ValueError):
+            return None
+
     def _set_blocking(self, blocking: bool) -> None:
         self.sock.setblocking(blocking)
 
     def _set_idle_timeout(self, read: float | None, write: float | None) -> None:
-        """SO_RCVTIMEO/SO_SNDTIMEO: a blocking call returns EAGAIN (None here) after that
-        long without progress, and the base class turns it into TimedOut. Not Python's
-        settimeout, which would make the socket non-blocking underneath."""
+        """SO_RCVTIMEO/SO_SNDTIMEO, at most IDLE_SLICE: a blocking call returns (EAGAIN,
+        None here, or what it moved) within the slice, and the base class turns the limit
+        passing without progress into TimedOut. Not Python's settimeout, which would make
+        the socket non-blocking underneath."""
         for opt, value in ((socket.SO_RCVTIMEO, read), (socket.SO_SNDTIMEO, write)):
-            secs = 0.0 if value is None else max(value, 0.001)
+            secs = 0.0 if value is None else max(min(value, IDLE_SLICE), 0.001)
             self.sock.setsockopt(socket.SOL_SOCKET, opt,
                                  struct.pack("ll", int(secs), int((secs % 1) * 1_000_000)))
 
