@@ -461,13 +461,7 @@ class Migrations:
     def _postcopy_check(self, uri: str, tls: bool) -> None:
         """postcopy-ram on an incoming migration: what mignet's postcopy cannot do is refused
         at ``migrate-incoming``, not when the source switches, with the guest half here."""
-        scheme = parse_uri(uri).scheme
-        if scheme not in ("tcp", "unix"):
-            raise RequestRefused(f"postcopy-ram is not supported on {scheme}: URIs by mignet: "
-                                 "use tcp: or unix:, or turn postcopy-ram off")
-        if tls:
-            raise RequestRefused("postcopy-ram with TLS is not supported by mignet: page "
-                                 "requests need a channel two threads use at once; turn one off")
+        _postcopy_transport_check(uri, tls)
         if self.guest.recv_model != "thread":
             raise RequestRefused("postcopy-ram needs the loader thread: start serve with "
                                  "--recv-model thread, or turn postcopy-ram off")
@@ -557,16 +551,22 @@ class Migrations:
 def _postcopy_source_check(uri: str, channels: int, tls: bool) -> None:
     """postcopy-ram on an outgoing migration: what mignet's postcopy source cannot do is
     refused at ``migrate``, before anything is sent (as ``mignet send --postcopy`` does)."""
+    if channels:
+        raise RequestRefused("postcopy-ram with multifd is not supported by mignet's source: "
+                             "turn one of them off")
+    _postcopy_transport_check(uri, tls)
+
+
+def _postcopy_transport_check(uri: str, tls: bool) -> None:
+    """Where mignet's postcopy runs, either role: tcp: and unix:, without TLS (page requests
+    and pages cross in both directions on one connection, from two threads at once)."""
     scheme = parse_uri(uri).scheme
     if scheme not in ("tcp", "unix"):
         raise RequestRefused(f"postcopy-ram is not supported on {scheme}: URIs by mignet: "
                              "use tcp: or unix:, or turn postcopy-ram off")
-    if channels:
-        raise RequestRefused("postcopy-ram with multifd is not supported by mignet's source: "
-                             "turn one of them off")
     if tls:
-        raise RequestRefused("postcopy-ram with TLS is not supported by mignet: the return "
-                             "path needs a channel two threads use at once; turn one off")
+        raise RequestRefused("postcopy-ram with TLS is not supported by mignet: page "
+                             "requests need a channel two threads use at once; turn one off")
 
 
 def postcopy_host_check() -> None:

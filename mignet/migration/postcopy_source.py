@@ -46,7 +46,6 @@ from mignet.channel import Channel
 from mignet.errors import (
     ConnectionLostError,
     MignetError,
-    MigrationCancelled,
     PeerFailedError,
     ProtocolError,
     TimedOut,
@@ -322,21 +321,10 @@ class PostcopySource(Precopy):
 
     def _postcopy(self, log: DirtyLog) -> None:
         sender, c, sw = self.sender, self._c, self._switch
-        c.precopy_bytes = sender.stats.transferred
         sw.after_rounds = len(self.rounds)
-        if not self.state.move(frozenset({Phase.RAM}), Phase.POSTCOPY):
-            raise MigrationCancelled("outgoing migration cancelled")
-        c.stopped = time.monotonic()
-        if self.workload is not None:
-            self.workload.stop()
-        if self.on_stop is not None:
-            self.on_stop()
-        last = log.sync()  # writes since the deciding sync, up to the stop
-        c.sync_count += 1
-        owed = {name: self._pending[name] | last[name] for name in last}
-        sw.discarded_pages = c.remaining_pages = int(sum(int(np.count_nonzero(m)) for m in owed.values()))
-        c.round_scanned_at = sender.stats.pages_scanned
-        sender.rate_limited = False  # discards and package as QEMU: outside the rate limit
+        owed = self._stop_guest(log, Phase.POSTCOPY)  # discards and package: no rate limit
+        assert c.stopped is not None
+        sw.discarded_pages = c.remaining_pages
         discards = [command(CMD_POSTCOPY_RAM_DISCARD, discard_payload(block.name, chunk))
                     for block in sender.ram for chunk in _discard_chunks(owed[block.name])]
         sw.discard_commands = len(discards)

@@ -281,11 +281,13 @@ class Precopy:
         else:
             w.set_throttle(min(w.throttle + p.cpu_throttle_increment, p.max_cpu_throttle))
 
-    def _stop_and_copy(self, log: DirtyLog) -> None:
+    def _stop_guest(self, log: DirtyLog, phase: Phase) -> dict[str, np.ndarray]:
+        """Stop the vCPUs for the switch (to ``phase``: stop-and-copy, or postcopy) and
+        return what is still to send: the pages left from the rounds plus the writes since
+        the deciding sync, per block. The rest goes regardless of max-bandwidth, as QEMU's."""
         sender, c = self.sender, self._c
         c.precopy_bytes = sender.stats.transferred
-        # Past this point a cancel comes too late (QEMU: the stream's end is on its way).
-        if not self.state.move(frozenset({Phase.RAM}), Phase.SWITCHOVER):
+        if not self.state.move(frozenset({Phase.RAM}), phase):
             raise MigrationCancelled("outgoing migration cancelled")
         c.stopped = time.monotonic()
         if self.workload is not None:
@@ -294,10 +296,17 @@ class Precopy:
             self.on_stop()
         last = log.sync()  # writes since the deciding sync, up to the stop
         c.sync_count += 1
-        sender.rate_limited = False  # QEMU flushes the rest regardless of max-bandwidth
+        sender.rate_limited = False
         c.round_scanned_at = sender.stats.pages_scanned
         final = {name: self._pending[name] | last[name] for name in last}
         c.remaining_pages = int(sum(int(np.count_nonzero(m)) for m in final.values()))
+        return final
+
+    def _stop_and_copy(self, log: DirtyLog) -> None:
+        sender, c = self.sender, self._c
+        # Past this point a cancel comes too late (QEMU: the stream's end is on its way).
+        final = self._stop_guest(log, Phase.SWITCHOVER)
+        assert c.stopped is not None
         for block in sender.ram:
             sender.send_page_list(block, np.flatnonzero(final[block.name]))
         sender.finish()
