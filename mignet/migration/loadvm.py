@@ -341,10 +341,9 @@ class Loader:
         """A connection that starts with a stream command: a source resuming postcopy
         (any thread). Taken at once if paused; if the old connection still looks alive,
         it is given up for the new one (the source would not reconnect otherwise). Refused
-        (False, and closed) where a resume cannot be: before RUN, without postcopy, after
-        the load ended — a stranger must not end a healthy migration."""
+        (False; the caller closes it) where a resume cannot be: before RUN, without
+        postcopy, after the load ended — a stranger must not end a healthy migration."""
         if self._ended or not (self._awaiting_recovery or self._may_pause()):
-            channel.close()
             return False
         self._recovery.put(channel)
         if not self._awaiting_recovery:
