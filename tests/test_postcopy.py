@@ -450,3 +450,25 @@ def test_blocktime_is_the_time_every_vcpu_waited_at_once() -> None:
     stats.blocked = {11: [(0.0, 2.0), (5.0, 6.0)], 12: [(1.0, 3.0), (5.5, 5.75)], 99: [(0.0, 9.0)]}
     assert stats.vcpu_blocktime_ms() == [3000, 2250]  # thread 99 is not a vCPU
     assert stats.blocktime_ms() == 1250  # 1.0-2.0 and 5.5-5.75
+
+
+def test_a_stranger_posing_as_a_resume_does_not_end_a_healthy_load(
+        mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    """recv --postcopy takes a connection that starts with a stream command as a source
+    resuming a paused postcopy; while nothing is paused (here a plain precopy), such a
+    connection is refused and the migration goes on."""
+    recv, uri = start_recv(mignet_cmd, subprocess_env, "--postcopy")
+    assert recv.stdout is not None
+    send = subprocess.Popen([*mignet_cmd, "send", uri, "--size", "32M", "--max-bandwidth", "8MiB/s",
+                             "--json", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=subprocess_env)
+    host, port = uri.removeprefix("tcp:").rsplit(":", 1)
+    time.sleep(1.5)  # the source's stream is flowing
+    with socket.create_connection((host, int(port))) as stranger:
+        stranger.sendall(command(10, b"\x02m0"))  # RECV_BITMAP, as QEMU's resume starts
+        event = json.loads(recv.stdout.readline())
+    assert event["event"] == "refused" and "no postcopy here is paused" in event["reason"], event
+    sent_out, sent_err = send.communicate(timeout=120)
+    stdout, stderr = recv.communicate(timeout=60)
+    assert send.returncode == 0 and recv.returncode == 0, sent_err + stderr
+    assert json.loads(sent_out.splitlines()[-1])["ram_digest"] == json.loads(stdout.splitlines()[-1])["ram_digest"]
