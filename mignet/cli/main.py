@@ -99,6 +99,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
             multifd.close()
         channel.close()
     stats = _load_stats_dict(result.stats)
+    if channel.page_placement is not None:  # RDMA: which protocol the source spoke
+        stats["rdma"] = channel.page_placement.describe()
     if multifd is not None and multifd.channel_count:
         stats["multifd"] = multifd.describe()
     # Each block hashed once, after the load (XXH3 by default: a fraction of the transfer);
