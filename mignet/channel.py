@@ -80,6 +80,10 @@ class RemotePagePlacement(Protocol):
         """Source: return once every page written so far has landed at the destination
         (before device state is sent)."""
 
+    def describe(self) -> dict[str, Any]:
+        """What ran, for a migration's stats: the protocol (``mignet`` or ``qemu``: the
+        peer chose it), the registration mode and the transport's own counters."""
+
 
 class Channel(ABC):
     """A bidirectional byte stream with QIOChannel semantics."""

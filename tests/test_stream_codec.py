@@ -30,9 +30,11 @@ from mignet.wire import (
 from tests.support.streams import encode_stream
 
 
-def decode_all(data: bytes, chunk: int | list[int] = 1 << 20) -> tuple[list[Any], dict[str, np.ndarray]]:
+def decode_all(data: bytes, chunk: int | list[int] = 1 << 20,
+               rdma_hooks: bool = False) -> tuple[list[Any], dict[str, np.ndarray]]:
     """Feed ``data`` in chunks; place page payloads via the decoder's payload API."""
     dec = StreamDecoder(devices=KNOWN_DEVICES)
+    dec.rdma_hooks = rdma_hooks
     sizes = chunk if isinstance(chunk, list) else [chunk]
     pos = i = 0
     events: list[object] = []
@@ -150,6 +152,29 @@ def page_word(offset: int, flags: int) -> bytes:
 def test_malformed_streams_raise_protocol_errors(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ProtocolError, match=message):
         decode_all(mutate(good_stream()))
+
+
+def with_hooks(data: bytes) -> bytes:
+    """``data`` with a RAM_SAVE_FLAG_HOOK record before each RAM section's EOS, as QEMU's
+    RDMA source writes them (its registration exchange runs there, beside the stream)."""
+    eos, hook = page_word(0, 0x10), page_word(0, 0x80)
+    return data.replace(eos, hook + eos)
+
+
+def test_rdma_hook_records_only_on_an_rdma_stream() -> None:
+    data = good_stream()
+    hooked = with_hooks(data)
+    assert hooked.count(page_word(0, 0x80)) == data.count(page_word(0, 0x10)) >= 2
+    with pytest.raises(ProtocolError, match="RDMA hooks in a socket stream"):
+        decode_all(hooked)
+    for chunk in (1 << 20, 1, [3, 5, 8]):  # a hook split across reads, too
+        events, ram = decode_all(hooked, chunk, rdma_hooks=True)
+        plain_events, plain_ram = decode_all(data, chunk)
+        assert events == plain_events
+        assert all(np.array_equal(ram[k], plain_ram[k]) for k in plain_ram)
+    with pytest.raises(ProtocolError, match="hook record with extra bits"):
+        decode_all(data.replace(page_word(0, 0x10), page_word(0x1000, 0x80) + page_word(0, 0x10)),
+                   rdma_hooks=True)
 
 
 def test_mem_size_must_agree_with_the_block_list() -> None:

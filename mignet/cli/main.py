@@ -103,6 +103,8 @@ def cmd_recv(args: argparse.Namespace) -> int:
         if loader.channel is not channel:
             loader.channel.close()  # the connection a postcopy recovery brought
     stats = _load_stats_dict(result.stats)
+    if channel.page_placement is not None:  # RDMA: which protocol the source spoke
+        stats["rdma"] = channel.page_placement.describe()
     if multifd is not None and multifd.channel_count:
         stats["multifd"] = multifd.describe()
     # Each block hashed once, after the load (XXH3 by default: a fraction of the transfer);
@@ -113,7 +115,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
         out.write(result.ram, result.devices, result.description, stats, result.stats.ram_section_id,
                   digests=digests)
     if not args.quiet:
-        _print_load_table(result, digests, out)
+        _print_load_table(result, digests, out, stats.get("rdma"))
     if args.json:
         emit_json({"event": "completed", **digest_keys(digests), "stats": stats,
                     "blocks": result.ram.layout(), "peak_rss": peak_rss()})
@@ -245,7 +247,8 @@ def _load_stats_dict(s: LoadStats) -> dict[str, Any]:
             "postcopy": s.postcopy.to_json() if s.postcopy is not None else None}
 
 
-def _print_load_table(result: LoadResult, digests: RamDigests | None, out: GuestDir | None) -> None:
+def _print_load_table(result: LoadResult, digests: RamDigests | None, out: GuestDir | None,
+                      rdma: dict[str, Any] | None = None) -> None:
     s = result.stats
     rows: list[tuple[str, Any]] = [
         ("source machine", s.machine_type),
@@ -261,6 +264,9 @@ def _print_load_table(result: LoadResult, digests: RamDigests | None, out: Guest
                  ("postcopy: faults / requests", f"{pc['faults']} / {pc['requests']}")]
         if lat["p50"] is not None:
             rows.append(("fault latency p50/p99/max", f"{lat['p50']} / {lat['p99']} / {lat['max']} ms"))
+    if rdma is not None:  # the peer chose the protocol: QEMU's own, or mignet's
+        mode = "rdma-pin-all" if rdma["pin_all"] else "1 MiB chunks registered on demand"
+        rows.append(("RDMA protocol", f"{rdma['protocol']} ({mode})"))
     if s.placed_bytes:  # RDMA: page data bypassed the stream
         rows += [("written by RDMA", human_bytes(s.placed_bytes)),
                  ("setup (RAM registration)", f"{s.setup_seconds:.2f} s")]

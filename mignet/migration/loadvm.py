@@ -148,6 +148,8 @@ class Loader:
         self.ram = ram
         self.devices = devices if devices is not None else DeviceSet.empty()
         self.decoder = StreamDecoder(devices=KNOWN_DEVICES, max_ram_bytes=max_ram_bytes)
+        # QEMU's RDMA source marks its registration exchanges with HOOK records.
+        self.decoder.rdma_hooks = channel.page_placement is not None
         self.stats = LoadStats()
         self.description: dict[str, Any] | None = None
         self.on_switchover = on_switchover

@@ -33,9 +33,10 @@ import numpy as np
 
 from mignet.channel import Buffer, Channel, IOCondition, ShutdownHow, WritableBuffer
 from mignet.errors import ConnectionLostError, MigrationCancelled, ProtocolError, SetupError, TimedOut
-from mignet.rdma import connection, verbs
-from mignet.rdma.control import HEADER, Msg
+from mignet.rdma import connection, qemu_channel, qemu_control, verbs
+from mignet.rdma.control import HEADER, TAG, Msg
 from mignet.rdma.placement import WRITE_WINDOW, RdmaPlacement
+from mignet.rdma.qemu_channel import QemuRdmaChannel
 from mignet.uri import Address
 
 MSG_SIZE = 32 << 10
@@ -110,7 +111,7 @@ class RdmaChannel(Channel):
         for slot in range(RECV_SLOTS):
             self._post_recv(conn, slot)
 
-    def _abandon(self) -> None:
+    def abandon(self) -> None:
         """Setup failed: release what we registered; the connection code frees the rest
         (closing verbs objects twice crashes pyverbs)."""
         if self._closed:
@@ -133,7 +134,7 @@ class RdmaChannel(Channel):
         try:
             chan._prepare(conn)
         except BaseException:
-            chan._abandon()
+            chan.abandon()
             raise
         return chan
 
@@ -144,10 +145,11 @@ class RdmaChannel(Channel):
         def prepare(conn: connection.Conn) -> None:
             holder.append(cls.prepared(conn, str(address)))
         try:
-            connection.connect(address, timeout, SEND_SLOTS + WRITE_WINDOW + 2, RECV_SLOTS, prepare)
+            connection.connect(address, timeout, SEND_SLOTS + WRITE_WINDOW + 2, RECV_SLOTS, prepare,
+                               private=TAG)
         except BaseException:
             for chan in holder:  # prepared, but the connection failed afterwards
-                chan._abandon()
+                chan.abandon()
             raise
         return holder[0]
 
@@ -484,21 +486,40 @@ class RdmaListener:
     def open(cls, address: Address) -> RdmaListener:
         return cls(connection.PassiveEndpoint(address))
 
-    def accept(self, timeout: float | None = None) -> RdmaChannel:
+    def accept(self, timeout: float | None = None) -> RdmaChannel | QemuRdmaChannel:
+        """The one connection, in the protocol its private data names: mignet's own
+        (:class:`RdmaChannel`), or QEMU's (:class:`QemuRdmaChannel`, when real QEMU
+        migrates here with ``migrate rdma:…``)."""
         if self._accepted:
             raise SetupError(f"{self.address}: an RDMA listener accepts one connection")
-        holder: list[RdmaChannel] = []
+        name = str(self.address)
+        holder: list[RdmaChannel | QemuRdmaChannel] = []
 
-        def prepare(conn: connection.Conn) -> None:
-            holder.append(RdmaChannel.prepared(conn, str(self.address)))
+        def plan(private: bytes) -> connection.AcceptPlan:
+            caps = qemu_control.parse_caps(private)
+            if private.startswith(TAG) or caps is None:
+                def prepare(conn: connection.Conn) -> None:
+                    holder.append(RdmaChannel.prepared(conn, name))
+                return connection.AcceptPlan(SEND_SLOTS + WRITE_WINDOW + 2, RECV_SLOTS, prepare)
+            reply = qemu_control.accept_caps(caps)
+
+            def prepare_qemu(conn: connection.Conn) -> None:
+                chan = QemuRdmaChannel(conn, name, caps)
+                holder.append(chan)
+                chan.prepare(conn)
+            return connection.AcceptPlan(qemu_channel.SEND_SLOTS, qemu_channel.RECV_SLOTS,
+                                         prepare_qemu, reply)
         try:
-            self.endpoint.accept(timeout, SEND_SLOTS + WRITE_WINDOW + 2, RECV_SLOTS, prepare)
+            self.endpoint.accept(timeout, plan)
         except BaseException:
             for chan in holder:
-                chan._abandon()
+                chan.abandon()
             raise
         self._accepted = True
-        return holder[0]
+        chan = holder[0]
+        if isinstance(chan, QemuRdmaChannel):
+            chan.started()
+        return chan
 
     def close(self) -> None:
         self.endpoint.close()

@@ -75,6 +75,33 @@ def _modify(cmid: Any, qp: Any, *states: int) -> None:
         qp.modify(attr, mask)
 
 
+@dataclass
+class AcceptPlan:
+    """How to accept one connection request, chosen from its private data."""
+
+    send_depth: int
+    recv_depth: int
+    prepare: Callable[[Conn], None]  # post receives (before the peer may send)
+    reply: bytes = b""  # private data of our accept (QEMU reads its capabilities there)
+
+
+#: rdma_cm's room for private data on an RC connect request (RDMA_PS_TCP) and accept.
+CONNECT_PRIVATE_MAX = 56
+ACCEPT_PRIVATE_MAX = 196
+
+
+def _conn_param(qp_num: int, private: bytes, accept: bool) -> Any:
+    from pyverbs.cmid import ConnParam
+
+    room = ACCEPT_PRIVATE_MAX if accept else CONNECT_PRIVATE_MAX
+    if len(private) > room:
+        raise SetupError(f"rdma_cm private data of {len(private)} bytes (at most {room})")
+    param = ConnParam(qp_num=qp_num, data_len=max(len(private), 1))
+    if private:
+        param.set_private_data(private)
+    return param
+
+
 class PassiveEndpoint:
     """A bound, listening rdma_cm id (the ``mignet recv --listen rdma:…`` side)."""
 
@@ -101,12 +128,15 @@ class PassiveEndpoint:
                              f"(is {address.host} the address of an RDMA netdev, and the port "
                              "free?)") from None
 
-    def accept(self, timeout: float | None, send_depth: int, recv_depth: int,
-               prepare: Callable[[Conn], None]) -> Conn:
-        """Take one CONNECT_REQUEST, bring our QP to RTS, ``prepare`` (post receives), accept."""
+    def accept(self, timeout: float | None, plan: Callable[[bytes], AcceptPlan]) -> Conn:
+        """Take one CONNECT_REQUEST, bring our QP to RTS, ``prepare`` (post receives), accept.
+
+        ``plan`` sees the request's private data first: the peer's protocol is told by it
+        (QEMU sends its RDMA capabilities there, mignet its own tag), and it decides the
+        queue depths, the receives to post and the private data of our answer."""
         import pyverbs.cm_enums as ce
         import pyverbs.enums as e
-        from pyverbs.cmid import CMID, ConnParam
+        from pyverbs.cmid import CMID
 
         try:
             ev = self.cm.get(timeout)
@@ -117,16 +147,26 @@ class PassiveEndpoint:
             ev.ack_cm_event()
             raise ConnectionLostError(f"{self.address}: expected a connection request, got "
                                       f"{cm_event_name(kind)}")
+        private = bytes(ev.private_data)
         child = CMID(creator=ev, listen_id=self.cmid)
         ev.ack_cm_event()
+        try:
+            chosen = plan(private)
+        except BaseException:
+            try:
+                child.reject()
+            except Exception:  # noqa: BLE001 - the peer sees a rejection or a timeout
+                pass
+            raise
         pd = child.pd
-        comp, comp_fd, cq, qp = _make_queues(child, pd, send_depth, recv_depth)
-        conn = Conn(self.cm, child, self.cmid, pd, comp, comp_fd, cq, qp, send_depth, recv_depth)
+        comp, comp_fd, cq, qp = _make_queues(child, pd, chosen.send_depth, chosen.recv_depth)
+        conn = Conn(self.cm, child, self.cmid, pd, comp, comp_fd, cq, qp, chosen.send_depth,
+                    chosen.recv_depth)
         self.cmid = None  # the connection owns the listener and the event channel now
         try:
             _modify(child, qp, e.IBV_QPS_INIT, e.IBV_QPS_RTR, e.IBV_QPS_RTS)
-            prepare(conn)  # receives must be posted before the peer may send
-            child.accept(ConnParam(qp_num=qp.qp_num))
+            chosen.prepare(conn)  # receives must be posted before the peer may send
+            child.accept(_conn_param(qp.qp_num, chosen.reply, accept=True))
             self.cm.expect(ce.RDMA_CM_EVENT_ESTABLISHED, 30.0, f"accepting on {self.address}")
         except BaseException:
             conn.close([])
@@ -141,13 +181,14 @@ class PassiveEndpoint:
 
 
 def connect(address: Address, timeout: float | None, send_depth: int, recv_depth: int,
-            prepare: Callable[[Conn], None]) -> Conn:
-    """Active side: resolve address and route, QP to INIT, connect, RTR/RTS, establish."""
+            prepare: Callable[[Conn], None], private: bytes = b"") -> Conn:
+    """Active side: resolve address and route, QP to INIT, connect (offering ``private``
+    as the request's private data), RTR/RTS, establish."""
     load_pyverbs()
     check_device()
     import pyverbs.cm_enums as ce
     import pyverbs.enums as e
-    from pyverbs.cmid import CMID, AddrInfo, ConnParam
+    from pyverbs.cmid import CMID, AddrInfo
     from pyverbs.pyverbs_error import PyverbsError
 
     step = min(timeout or 30.0, 30.0)
@@ -171,7 +212,7 @@ def connect(address: Address, timeout: float | None, send_depth: int, recv_depth
         conn = Conn(cm, cmid, None, pd, comp, comp_fd, cq, qp, send_depth, recv_depth)
         _modify(cmid, qp, e.IBV_QPS_INIT)
         prepare(conn)
-        cmid.connect(ConnParam(qp_num=qp.qp_num))
+        cmid.connect(_conn_param(qp.qp_num, private, accept=False))
         _expect_setup(cm, ce.RDMA_CM_EVENT_CONNECT_RESPONSE, step, address,
                       f"nothing is listening on {address} (start `mignet recv --listen "
                       f"{address}` first)")

@@ -27,6 +27,10 @@ class Msg(enum.IntEnum):
     MODE = 8  # source -> destination, before the stream: how to register RAM (pin-all or not)
 
 
+#: mignet's connect private data: the listener tells mignet's protocol from QEMU's by it
+#: (QEMU sends its RDMA capabilities, a be32 version of 1, there).
+TAG = b"MIGNETv1"
+
 #: type, pad, credits returned, payload length, stream messages processed so far
 HEADER = struct.Struct("<BBHIQ")
 BLOCK = struct.Struct("<QQII")  # addr, length, rkey (0 = register chunks on demand), name length

@@ -261,6 +261,10 @@ class RdmaPlacement:
                                 "waiting for the last RDMA WRITEs")
         self._check()
 
+    def describe(self) -> dict[str, Any]:
+        return {"protocol": "mignet", "pin_all": self.pin_all, "writes": self.writes,
+                "bytes_written": self.bytes_written, "placed_bytes": self.placed_bytes}
+
     # --- bookkeeping -----------------------------------------------------------------
     def _register(self, address: int, length: int, access: int) -> Any:
         mr = verbs.register(self.channel.conn.pd, address, length, access)

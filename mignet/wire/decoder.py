@@ -181,6 +181,11 @@ class StreamDecoder:
         self._package_end: int | None = None  # stream offset where a PACKAGED command ends
         self._records_only = False
         self._recovering = False
+        #: Accept QEMU's RAM_SAVE_FLAG_HOOK records (an RDMA stream: they mark where the
+        #: source's registration exchange happens beside the stream). Elsewhere they mean
+        #: a socket is carrying an RDMA stream, which no loader can complete.
+        self.rdma_hooks = False
+        self.hooks = 0  # HOOK records skipped
 
     def resumed(self) -> StreamDecoder:
         """A decoder for the connection that replaces a lost one in postcopy recovery:
@@ -563,6 +568,14 @@ class StreamDecoder:
             self._payload_left = PAGE_SIZE
             self._goto(DecoderState.PAGE_PAYLOAD)
             return RamPage(block, offset)
+        if flags == RamFlag.HOOK and self.rdma_hooks:
+            if offset:
+                raise self._error(f"RDMA hook record with extra bits {word:#x}")
+            # Nothing follows in the stream: the registration exchange runs on the RDMA
+            # transport's own control messages, and the pages arrive by RDMA WRITE.
+            self._pos += 8
+            self.hooks += 1
+            return self._ram_record()
         if flags & ~_KNOWN_RAM_FLAGS:
             for flag, meaning in UNSUPPORTED_RAM_FLAGS.items():
                 if flags & flag:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +47,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def rdma_uri() -> str:
     """A fresh ``rdma:ADDR:PORT`` (rdma_cm needs explicit ports)."""
     return f"rdma:{ADDR}:{next(_ports)}"
+
+
+@pytest.fixture
+def shm_dir() -> Iterator[Path]:
+    """A fresh folder on tmpfs for QEMU's RAM files (a shared mmap fails on 9p)."""
+    base = "/dev/shm" if Path("/dev/shm").is_dir() else None
+    with tempfile.TemporaryDirectory(prefix="mignet-rdma-", dir=base) as d:
+        yield Path(d)

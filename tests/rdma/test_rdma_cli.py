@@ -38,6 +38,8 @@ def test_send_recv_between_processes_digest_matches(mignet_cmd: list[str],
     data_pages = int((~ram["pc.ram"].zero_mask()).sum())
     assert got["stats"]["rdma_placed_bytes"] == data_pages * 4096
     assert got["stats"]["setup_seconds"] > 0  # --rdma-pin-all: registration is a setup phase
+    # the listener chose mignet's own protocol from the connection's private data
+    assert got["stats"]["rdma"]["protocol"] == "mignet" and got["stats"]["rdma"]["pin_all"] is True
 
 
 def test_killed_source_gives_receiver_one_line_error(mignet_cmd: list[str],

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -84,14 +83,6 @@ def test_send_through_relays_over_rdma_into_recv_digest_matches(
         assert c["bytes_in"] == c["bytes_out"] == sent["transferred"] == got["stats"]["stream_bytes"]
         assert c["pages"] == got["stats"]["normal_pages"] and c["zero_pages"] == got["stats"]["zero_pages"]
         assert c["device_sections"] == 4
-
-
-@pytest.fixture
-def shm_dir() -> Iterator[Path]:
-    """A fresh folder on tmpfs for QEMU's RAM files (a shared mmap fails on 9p)."""
-    base = "/dev/shm" if Path("/dev/shm").is_dir() else None
-    with tempfile.TemporaryDirectory(prefix="mignet-relay-", dir=base) as d:
-        yield Path(d)
 
 
 MEM_MIB = 32
