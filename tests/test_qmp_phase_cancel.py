@@ -37,7 +37,10 @@ def test_migrate_cancel_at_a_phase_then_both_ends_migrate_again(
                 serve(tmp_path, "src", "--size", "16M", "--fill", "random", "--seed", "3") as src:
             uri = await dst.incoming_uri()
             host, port = uri.removeprefix("tcp:").rsplit(":", 1)
-            proxy = PhaseProxy((host, int(port)), phase, "hold")
+            # At device state a serve source (no return path) writes its last bytes and
+            # completes at once; a close passed on would fail the destination before its
+            # cancel came. There the proxy stalls instead: the destination waits, is cancelled.
+            proxy = PhaseProxy((host, int(port)), phase, "stall" if phase == "device" else "hold")
             try:
                 # 16 MiB at 4 MiB/s: the proxy drops what it reads once the phase is reached,
                 # and at full speed the source would finish before the cancel came
