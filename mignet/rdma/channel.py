@@ -20,21 +20,20 @@ Design:
 
 from __future__ import annotations
 
-import atexit
 import collections
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from mignet.channel import Buffer, Channel, IOCondition, ShutdownHow, WritableBuffer
+from mignet.channel import Buffer, IOCondition, ShutdownHow, WritableBuffer
 from mignet.errors import ConnectionLostError, MigrationCancelled, ProtocolError, SetupError, TimedOut
 from mignet.rdma import connection, qemu_channel, qemu_control, verbs
 from mignet.rdma.control import HEADER, TAG, Msg
+from mignet.rdma.endpoint import OPEN, VerbsEndpoint
 from mignet.rdma.placement import WRITE_WINDOW, RdmaPlacement
 from mignet.rdma.qemu_channel import QemuRdmaChannel
 from mignet.uri import Address
@@ -46,22 +45,9 @@ SEND_SLOTS = 16
 _SEND, _RECV, _WRITE = 1 << 60, 2 << 60, 3 << 60
 _KIND = 3 << 60
 
-#: Channels not yet closed. pyverbs objects freed in arbitrary order at interpreter exit can
-#: crash (a CMID before its QP: "double free"), e.g. when an error ends the CLI without
-#: closing its channel; so whatever is still open is closed, in order, at exit.
-_OPEN: weakref.WeakSet[RdmaChannel] = weakref.WeakSet()
 
 
-@atexit.register
-def _close_open_channels() -> None:
-    for chan in list(_OPEN):
-        try:
-            chan.close()
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
-
-
-class RdmaChannel(Channel):
+class RdmaChannel(VerbsEndpoint):
     """A connected RDMA endpoint with QIOChannel semantics (see module docstring)."""
 
     duplex_threads = False  # postcopy's concurrent page requests are not wired up here yet
@@ -97,7 +83,7 @@ class RdmaChannel(Channel):
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.placement = RdmaPlacement(self)
         self.page_placement = self.placement
-        _OPEN.add(self)
+        OPEN.add(self)
 
     # --- construction ----------------------------------------------------------------
     def _prepare(self, conn: connection.Conn) -> None:
@@ -125,7 +111,7 @@ class RdmaChannel(Channel):
         self._closed = True
         os.close(self._wake_r)
         os.close(self._wake_w)
-        _OPEN.discard(self)
+        OPEN.discard(self)
 
     @classmethod
     def prepared(cls, conn: connection.Conn, name: str) -> RdmaChannel:
@@ -298,22 +284,7 @@ class RdmaChannel(Channel):
             self._post_recv(self.conn, slot)
             self._to_return += 1
 
-    def _mark_lost(self, why: str) -> None:
-        if self._lost is None:
-            self._lost = why
-            self._qp_to_error()
-            self._wake()
 
-    def _qp_to_error(self) -> None:
-        """rdma_cm does not move our own QP to ERROR: do it, so posted work is flushed."""
-        from pyverbs.qp import QPAttr
-
-        attr = QPAttr()
-        attr.qp_state = self._e.IBV_QPS_ERR
-        try:
-            self.conn.qp.modify(attr, self._e.IBV_QP_STATE)
-        except Exception:  # noqa: BLE001 - already in error / destroyed
-            pass
 
     def _check_usable(self) -> None:
         if self.cancelled:
@@ -334,20 +305,6 @@ class RdmaChannel(Channel):
             if left is not None and left <= 0:
                 raise TimedOut(f"{self.name}: timed out {what}")
             self.wait_cond(IOCondition.IN, left)
-
-    # --- wake pipe -------------------------------------------------------------------
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"!")
-        except OSError:
-            pass
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 64):
-                pass
-        except OSError:
-            pass
 
     # --- Channel primitives ----------------------------------------------------------
     def poll_fds(self, cond: IOCondition) -> list[tuple[int, int]]:
@@ -471,7 +428,7 @@ class RdmaChannel(Channel):
         verbs.unpinned(self._recv_arr.nbytes + self._send_arr.nbytes)
         os.close(self._wake_r)
         os.close(self._wake_w)
-        _OPEN.discard(self)
+        OPEN.discard(self)
 
 
 class RdmaListener:

@@ -26,18 +26,16 @@ truncated stream.
 
 from __future__ import annotations
 
-import atexit
 import collections
 import os
 import select
 import threading
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
-from mignet.channel import Buffer, Channel, IOCondition, MemoryRegion, ShutdownHow, WritableBuffer
+from mignet.channel import Buffer, IOCondition, MemoryRegion, ShutdownHow, WritableBuffer
 from mignet.errors import (
     ConnectionLostError,
     MignetError,
@@ -48,6 +46,7 @@ from mignet.errors import (
     SetupError,
 )
 from mignet.rdma import connection, verbs
+from mignet.rdma.endpoint import OPEN, VerbsEndpoint
 from mignet.rdma.qemu_control import (
     CHUNK_SHIFT,
     COMPRESS,
@@ -72,21 +71,9 @@ CHUNK = 1 << CHUNK_SHIFT
 _SEND, _RECV = 1 << 60, 2 << 60
 _KIND = 3 << 60
 
-#: Channels not yet closed, closed in order at exit (as ``channel._OPEN``: pyverbs objects
-#: freed in arbitrary order at interpreter exit can crash).
-_OPEN: weakref.WeakSet[QemuRdmaChannel] = weakref.WeakSet()
 
 
-@atexit.register
-def _close_open_channels() -> None:
-    for chan in list(_OPEN):
-        try:
-            chan.close()
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
-
-
-class QemuRdmaChannel(Channel):
+class QemuRdmaChannel(VerbsEndpoint):
     """An accepted connection from QEMU's RDMA migration source (see module docstring)."""
 
     duplex_threads = False
@@ -119,7 +106,7 @@ class QemuRdmaChannel(Channel):
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.placement = QemuPlacement(self)
         self.page_placement = self.placement
-        _OPEN.add(self)
+        OPEN.add(self)
 
     # --- construction ----------------------------------------------------------------
     def prepare(self, conn: connection.Conn) -> None:
@@ -151,7 +138,7 @@ class QemuRdmaChannel(Channel):
         self._closed = True
         os.close(self._wake_r)
         os.close(self._wake_w)
-        _OPEN.discard(self)
+        OPEN.discard(self)
 
     # --- posting ---------------------------------------------------------------------
     def _post_recv(self, conn: connection.Conn, slot: int) -> None:
@@ -280,21 +267,7 @@ class QemuRdmaChannel(Channel):
         self._repost(slot)
         return True
 
-    def _mark_lost(self, why: str) -> None:
-        if self._lost is None:
-            self._lost = why
-            self._qp_to_error()
-            self._wake()
 
-    def _qp_to_error(self) -> None:
-        from pyverbs.qp import QPAttr
-
-        attr = QPAttr()
-        attr.qp_state = self._e.IBV_QPS_ERR
-        try:
-            self.conn.qp.modify(attr, self._e.IBV_QP_STATE)
-        except Exception:  # noqa: BLE001 - already in error / destroyed
-            pass
 
     def _raise_if_failed(self) -> None:
         if self.cancelled:
@@ -302,18 +275,7 @@ class QemuRdmaChannel(Channel):
         if self._failure is not None:
             raise self._failure
 
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"!")
-        except OSError:
-            pass
 
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 64):
-                pass
-        except OSError:
-            pass
 
     # --- Channel primitives ----------------------------------------------------------
     def poll_fds(self, cond: IOCondition) -> list[tuple[int, int]]:
@@ -411,7 +373,7 @@ class QemuRdmaChannel(Channel):
         verbs.unpinned(self._recv_arr.nbytes + self._send_arr.nbytes)
         os.close(self._wake_r)
         os.close(self._wake_w)
-        _OPEN.discard(self)
+        OPEN.discard(self)
 
 
 class QemuPlacement:
