@@ -30,7 +30,7 @@ from mignet.guest.ram import GuestRam, RamBlock
 from mignet.guest.userfault import Userfaultfd
 from mignet.guest.workload import Workload
 from mignet.migration.loadvm import Loader, LoadThread, load_in_coroutine, start_load_thread
-from mignet.migration.multifd import MultifdReceiver, MultifdSender, PollableListener, open_channels
+from mignet.migration.multifd import MultifdReceiver, MultifdSender, PollableListener
 from mignet.migration.postcopy_source import PostcopyParams, PostcopySource
 from mignet.migration.precopy import Precopy, PrecopyParams, RoundStats
 from mignet.migration.savevm import Sender
@@ -113,7 +113,7 @@ class Migrations:
         snapshot = self.options.begin("outgoing", config)
         try:
             channels = _multifd_channels(uri, snapshot.capabilities, snapshot.parameters)
-            tls = self._tls(uri, snapshot.parameters, "client", multifd=channels > 0)
+            tls = self._tls(uri, snapshot.parameters, "client")
             postcopy = bool(snapshot.capabilities["postcopy-ram"])
             preempt = postcopy and bool(snapshot.capabilities["postcopy-preempt"])
             if postcopy:
@@ -159,14 +159,19 @@ class Migrations:
         name_native_thread(OUTGOING_THREAD)
         make_bulk()  # below the main loop's CPU priority, as the loader (runtime/threads.py)
         try:
-            channel = connect(uri)
-            if tls is not None:  # QEMU's TLS: the handshake before the stream's first byte
-                channel = tls_client(cast(SocketChannel, channel), tls.creds.dir, tls.hostname)
+            def connect_tls() -> Channel:
+                """QEMU's TLS: the handshake before the connection's first byte, on the
+                main one and on each multifd channel (multifd_tls_channel_connect)."""
+                raw = connect(uri)
+                if tls is None:
+                    return raw
+                return tls_client(cast(SocketChannel, raw), tls.creds.dir, tls.hostname)
+            channel = connect_tls()
             if preempt_on:  # as mignet send: right after the main one, silent until postcopy
                 preempt = connect(uri)
             if channels:
                 # as QEMU: the main stream connects first, then one connection per channel
-                multifd = MultifdSender(open_channels(lambda: connect(uri), channels))
+                multifd = MultifdSender.open(connect_tls, channels)
                 self._multifd_seen["outgoing"] = multifd.describe
                 multifd.start()
             assert self.guest.ram is not None
@@ -276,7 +281,7 @@ class Migrations:
         snapshot = self.options.begin("incoming", config)
         try:
             multifd = bool(_multifd_channels(uri, snapshot.capabilities, snapshot.parameters))
-            tls = self._tls(uri, snapshot.parameters, "server", multifd=multifd)
+            tls = self._tls(uri, snapshot.parameters, "server")
             postcopy = bool(snapshot.capabilities["postcopy-ram"])
             preempt = postcopy and bool(snapshot.capabilities["postcopy-preempt"])
             if postcopy:
@@ -322,8 +327,11 @@ class Migrations:
         try:
             try:
                 if multifd_on or preempt:  # keep listening: more connections come
-                    # multifd and preempt are only on tcp:/unix:, whose listeners are pollable
-                    multifd = MultifdReceiver(cast(PollableListener, listener), on_refused=self._refused)
+                    # multifd and preempt are only on tcp:/unix:, whose listeners are pollable.
+                    # With TLS each connection is handshaken (and authorized) before it is
+                    # classified; one that fails is refused, and the listener goes on.
+                    multifd = MultifdReceiver(cast(PollableListener, listener), on_refused=self._refused,
+                                              handshake=tls.server if tls is not None else None)
                     multifd.expect_preempt = preempt
                     multifd.bulk_threads = True  # as the loader: QMP answers first
                     self._multifd_seen["incoming"] = multifd.describe
@@ -337,9 +345,8 @@ class Migrations:
             finally:
                 if multifd is None:
                     listener.close()
-            if tls is not None:  # authenticated (and authorized) before a byte of the stream
-                channel = tls_server(cast(SocketChannel, channel), tls.creds.dir,
-                                     tls.creds.verify_peer, tls.authorize)
+            if tls is not None and multifd is None:  # authenticated before a byte of the stream
+                channel = tls.server(channel)
                 with self._mutex:
                     self._listener = None
                     self._multifd_in = multifd
@@ -441,7 +448,7 @@ class Migrations:
         direction that had none): channels, pages per channel, packets, syncs, refusals."""
         return {d: (f() if (f := self._multifd_seen.get(d)) else None) for d in ("outgoing", "incoming")}
 
-    def _tls(self, uri: str, params: Mapping[str, Any], endpoint: str, multifd: bool) -> _Tls | None:
+    def _tls(self, uri: str, params: Mapping[str, Any], endpoint: str) -> _Tls | None:
         """QEMU's ``tls-creds``/``tls-hostname``/``tls-authz`` for a migration, checked at
         its start (an id that names no object is refused then, as in QEMU)."""
         creds_id = str(params.get("tls-creds", ""))
@@ -450,8 +457,6 @@ class Migrations:
         address = parse_uri(uri)
         if address.scheme != "tcp":
             raise RequestRefused(f"TLS needs a tcp: URI, not {address.scheme}:")
-        if multifd:
-            raise RequestRefused("multifd with TLS is not supported by mignet: turn one of them off")
         creds = self.objects.tls_creds(creds_id, endpoint)
         authz_id = str(params.get("tls-authz", ""))
         authorize = self.objects.authz(authz_id).allows if authz_id and endpoint == "server" else None
@@ -597,6 +602,11 @@ class _Tls:
     creds: TlsCredsX509
     authorize: Callable[[str], bool] | None
     hostname: str
+
+    def server(self, raw: Channel) -> Channel:
+        """The destination's handshake on one accepted connection (authorization too)."""
+        return tls_server(cast(SocketChannel, raw), self.creds.dir, self.creds.verify_peer,
+                          self.authorize)
 
 
 def _multifd_channels(uri: str, caps: Mapping[str, bool], params: Mapping[str, Any]) -> int:

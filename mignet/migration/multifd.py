@@ -8,7 +8,11 @@ the whole load:
 
 * an accept thread takes every connection and classifies it by its first bytes (QEMU 7.2
   itself takes the first connection as the main one; peeking does not depend on the order
-  connections are accepted in): ``QEVM`` is the main stream; ``0x11223344`` a multifd
+  connections are accepted in). With TLS (``handshake``) every connection first completes
+  its own handshake, authorization included, as QEMU's ``migration_channel_process_incoming``
+  does before ``migration_ioc_process_incoming``: a peer that fails it is refused before a
+  byte of it is read as migration data, and the bytes classified are the decrypted ones.
+  Then ``QEVM`` is the main stream; ``0x11223344`` a multifd
   channel; anything else is handed over as the main stream (the loader then says it is not
   a migration stream) while no main stream exists yet, and refused after;
 * channels must all carry the UUID of the first, with distinct ids, and arrive before the
@@ -101,9 +105,14 @@ class MultifdReceiver:
     def __init__(self, listener: PollableListener, *,
                  on_refused: Callable[[str], None] | None = None,
                  classify_timeout: float = CLASSIFY_TIMEOUT,
-                 settle_timeout: float = SETTLE_TIMEOUT) -> None:
+                 settle_timeout: float = SETTLE_TIMEOUT,
+                 handshake: Callable[[Channel], Channel] | None = None) -> None:
         self.listener = listener
         self.on_refused = on_refused
+        #: TLS: turns an accepted connection into the authenticated, authorized channel
+        #: (bounded by its own timeout), or raises MignetError to refuse it. Every
+        #: connection goes through it before it is classified (main, multifd, stray).
+        self.handshake = handshake
         # Called from a channel thread once a packet's pages are in place (the relay
         # forwards them); ``offsets`` are the packet's byte offsets, in packet order.
         self.on_pages: Callable[[RamBlock, np.ndarray], None] | None = None
@@ -181,7 +190,10 @@ class MultifdReceiver:
                 start_thread(functools.partial(self._classify, ch), "mig/dst/multifd-classify")
 
     def _classify(self, ch: Channel) -> None:
+        raw = ch
         try:
+            if self.handshake is not None:
+                ch = self._secure(raw)
             if self.expect_preempt and self._take_as_preempt(ch):
                 return
             head = self._peek(ch, 4)
@@ -205,11 +217,27 @@ class MultifdReceiver:
                 f"neither a migration stream nor a multifd channel (it began {head!r})"
             self._refuse(ch, f"{what}")
         except (MignetError, OSError, TimeoutError) as exc:
-            self._refuse(ch, str(exc))
+            self._refuse(ch, str(exc).removeprefix(f"{ch.name}: "))
         finally:
             with self._cond:
+                self._unclassified.discard(raw)
                 self._unclassified.discard(ch)
                 self._cond.notify_all()
+
+    def _secure(self, raw: Channel) -> Channel:
+        """``raw`` after its TLS handshake: the channel that stands for it from now on (a
+        stop shuts that one down). Its first bytes must come within ``classify_timeout``:
+        a TLS read that met half a record would otherwise wait for the rest forever."""
+        assert self.handshake is not None
+        ch = self.handshake(raw)
+        with self._cond:
+            self._unclassified.discard(raw)
+            self._unclassified.add(ch)
+            stopping = self._stopping
+        if stopping:
+            ch.shutdown()
+        ch.set_idle_timeout(read=self.classify_timeout)
+        return ch
 
     def _take_as_preempt(self, ch: Channel) -> bool:
         """Whether ``ch`` is the preempt channel: QEMU connects it right after the main
@@ -565,13 +593,22 @@ def _channel_error(channel_id: int, exc: BaseException) -> MignetError:
 
 
 # --- the source side ---------------------------------------------------------------------
-def open_channels(connect: Callable[[], Channel], count: int) -> list[Channel]:
+def open_channels(connect: Callable[[], Channel], count: int,
+                  uuid: bytes | None = None) -> list[Channel]:
     """``count`` connections for a :class:`MultifdSender` (after the main one, as QEMU 7.2's
-    destination expects); if one cannot be opened, those already open are closed."""
+    destination expects); if one cannot be opened, those already open are closed.
+
+    ``uuid``: each channel's init record is written as soon as it is connected, before the
+    next one connects (:meth:`MultifdSender.open`). A QEMU 7.2 destination with TLS needs
+    that: it handshakes connections on its main loop, which then blocks reading the
+    channel's init record (``multifd_recv_new_channel``), so the next channel's handshake
+    waits for this one's record."""
     channels: list[Channel] = []
     try:
-        for _ in range(count):
+        for cid in range(count):
             channels.append(connect())
+            if uuid is not None:
+                channels[-1].write_all(build_init(uuid, cid))
     except BaseException:
         for ch in channels:
             ch.close()
@@ -611,10 +648,12 @@ class MultifdSender:
     the migration: the main thread re-raises ``multifd channel N: ...`` at its next call."""
 
     def __init__(self, channels: list[Channel], *, uuid: bytes = bytes(16),
-                 queue_depth: int | None = None, idle_timeout: float | None = IDLE_TIMEOUT) -> None:
+                 queue_depth: int | None = None, idle_timeout: float | None = IDLE_TIMEOUT,
+                 announced: bool = False) -> None:
         if not channels:
             raise ValueError("multifd needs at least one channel")
         self.channels = channels
+        self.announced = announced  # the init records were written when the channels opened
         for ch in channels:  # a destination that stops reading a channel fails the send
             ch.set_idle_timeout(write=idle_timeout)
         self.uuid = uuid
@@ -630,6 +669,13 @@ class MultifdSender:
         self.packets = [0] * len(channels)
         self.syncs = 0
         self._threads: list[threading.Thread] = []
+
+    @classmethod
+    def open(cls, connect: Callable[[], Channel], count: int, *, uuid: bytes = bytes(16),
+             **kwargs: Any) -> MultifdSender:
+        """``count`` channels from ``connect``, each announced (its init record written) as
+        soon as it is connected (see :func:`open_channels`); ``kwargs`` as the constructor's."""
+        return cls(open_channels(connect, count, uuid=uuid), uuid=uuid, announced=True, **kwargs)
 
     def start(self) -> None:
         for cid, ch in enumerate(self.channels):
@@ -741,7 +787,8 @@ class MultifdSender:
     # --- a channel ---------------------------------------------------------------------
     def _thread(self, cid: int, ch: Channel) -> None:
         try:
-            ch.write_all(build_init(self.uuid, cid))
+            if not self.announced:
+                ch.write_all(build_init(self.uuid, cid))
             while True:
                 try:
                     job = self._jobs.get(timeout=_POLL)
@@ -773,20 +820,24 @@ class MultifdSender:
 
 
 def accept_incoming(listener: Any, timeout: float | None, on_refused: Callable[[str], None],
-                    channels: bool = True, preempt: bool = False) -> tuple[Channel, MultifdReceiver | None]:
+                    channels: bool = True, preempt: bool = False,
+                    handshake: Callable[[Channel], Channel] | None = None
+                    ) -> tuple[Channel, MultifdReceiver | None]:
     """Accept a migration's main connection, as ``recv`` and ``relay`` do: on tcp:/unix:
     keep listening, so a multifd source (QEMU's capability, a relay's link) can add its
-    channels; elsewhere, or without ``channels`` (TLS: the first bytes are a handshake, not
-    a stream to classify), take the one connection. The listener is closed unless the
-    returned receiver now owns it. A source that never comes is one line (TimedOut).
-    ``preempt``: a postcopy preempt channel is expected (:meth:`MultifdReceiver.take_preempt`)."""
+    channels; elsewhere, or without ``channels``, take the one connection. ``handshake``
+    (TLS) is done on every connection before it is classified (see the module docstring).
+    The listener is closed unless the returned receiver now owns it. A source that never
+    comes is one line (TimedOut). ``preempt``: a postcopy preempt channel is expected
+    (:meth:`MultifdReceiver.take_preempt`)."""
     multifd: MultifdReceiver | None = None
     try:
         if channels and listener.address.scheme in ("tcp", "unix"):
-            multifd = MultifdReceiver(listener, on_refused=on_refused)
+            multifd = MultifdReceiver(listener, on_refused=on_refused, handshake=handshake)
             multifd.expect_preempt = preempt
             return multifd.accept_main(timeout=timeout), multifd
-        return listener.accept(timeout=timeout), None
+        channel = listener.accept(timeout=timeout)
+        return (channel if handshake is None else handshake(channel)), None
     except TimeoutError as exc:
         if multifd is not None:
             multifd.close()

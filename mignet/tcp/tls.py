@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mignet.channel import Buffer, ShutdownHow, WritableBuffer
+from mignet.channel import Buffer, IOCondition, ShutdownHow, WritableBuffer
 from mignet.errors import ConnectionLostError, SetupError
 from mignet.tcp.socket_channel import _SHUT, SocketChannel
 
@@ -30,14 +30,44 @@ HANDSHAKE_TIMEOUT = 30.0
 class TlsChannel(SocketChannel):
     """A SocketChannel whose socket is an ``ssl.SSLSocket``: SSL sockets have no vectored
     calls and no MSG_PEEK, so reads fill one buffer at a time, writes send one buffer, and
-    the kernel's low-water hint is off (decrypted bytes may wait inside the SSL object)."""
+    the kernel's low-water hint is off (decrypted bytes may wait inside the SSL object).
+    A peek decrypts into a small buffer of this channel that the next reads drain first, so
+    a listener can tell what a connection is after its handshake (multifd's init record or
+    a stream's magic), as it does on a plain socket."""
 
     duplex_threads = False  # one SSL object: a read and a write must not overlap
+
+    def __init__(self, sock: socket.socket, name: str | None = None) -> None:
+        super().__init__(sock, name)
+        self._peeked = bytearray()  # decrypted by a peek, not yet read
 
     def hint_bulk_reads(self, low_water: int) -> None:
         pass
 
+    def wait_cond(self, cond: IOCondition, timeout: float | None = None) -> bool:
+        """Bytes already decrypted (peeked, or a record's rest inside the SSL object) are
+        ready although the socket underneath may have nothing more to say."""
+        if cond & IOCondition.IN and not self.closed and self._buffered():
+            return True
+        return super().wait_cond(cond, timeout)
+
+    def _buffered(self) -> int:
+        sock = self.sock
+        pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
+        return len(self._peeked) + pending
+
     def _readv(self, bufs: Sequence[WritableBuffer]) -> int | None:
+        if self._peeked:
+            n = 0
+            for buf in bufs:
+                view = memoryview(buf).cast("B")
+                take = min(len(view), len(self._peeked) - n)
+                view[:take] = self._peeked[n:n + take]
+                n += take
+                if n == len(self._peeked):
+                    break
+            del self._peeked[:n]
+            return n
         return self._io(lambda: self.sock.recv_into(bufs[0]))
 
     def _writev(self, bufs: Sequence[Buffer]) -> int | None:
@@ -55,7 +85,17 @@ class TlsChannel(SocketChannel):
             raise self._lost(exc) from exc
 
     def _peek(self, size: int) -> bytes | None:
-        raise ConnectionLostError(f"{self.name}: a TLS channel cannot be peeked at")
+        """Up to ``size`` bytes, decrypting more into the peek buffer when it holds fewer
+        (one read, and with bytes already there only one that cannot block); None when
+        there is nothing yet."""
+        if len(self._peeked) < size and (not self._peeked or self._buffered() > len(self._peeked)
+                                         or self._ready.poll(0)):
+            more = bytearray(size - len(self._peeked))
+            n = self._io(lambda: self.sock.recv_into(more))
+            if n is None and not self._peeked:
+                return None
+            self._peeked += more[:n or 0]
+        return bytes(self._peeked[:size])
 
     def _shutdown(self, how: ShutdownHow) -> None:
         """No half-close: ``SSLSocket.shutdown`` drops the TLS state, after which reads
@@ -161,9 +201,11 @@ def glob_rules(rules: Sequence[str]) -> Callable[[str], bool] | None:
     return lambda dname: any(fnmatch.fnmatchcase(dname, rule) for rule in rules)
 
 
-def tls_client(channel: SocketChannel, creds: Path, hostname: str) -> TlsChannel:
-    """The connecting end's handshake, checking the server's certificate for ``hostname``."""
-    return _handshake(channel, _context(creds, False, True), False, hostname)
+def tls_client(channel: SocketChannel, creds: Path, hostname: str,
+               timeout: float = HANDSHAKE_TIMEOUT) -> TlsChannel:
+    """The connecting end's handshake, checking the server's certificate for ``hostname``;
+    ``timeout``: how long a destination may take to complete it."""
+    return _handshake(channel, _context(creds, False, True), False, hostname, timeout)
 
 
 __all__ = ["TlsChannel", "peer_dname", "tls_client", "tls_server"]
