@@ -298,3 +298,35 @@ def test_a_tls_listener_ends_at_its_timeout_in_one_line(mignet_cmd: list[str], s
                 "--timeout", "1", "--quiet"], capture_output=True, text=True, env=subprocess_env, timeout=60)
     assert r.returncode == exits.TIMEOUT
     one_line(r.stderr, "within 1")
+
+
+def test_a_tls_channel_peeks_without_consuming(creds: dict[str, Path]) -> None:
+    """What a destination classifies a connection by, after its handshake: a peek decrypts
+    into the channel's own buffer, the next reads return those bytes first (vectored reads
+    across it too), and a waiter sees them as ready although the socket has nothing new."""
+    import threading
+
+    from mignet.channel import IOCondition
+    from mignet.tcp import connect_socket, listen_socket
+    from mignet.tcp.tls import TlsChannel, tls_client, tls_server
+    from mignet.uri import parse_uri
+
+    with listen_socket(parse_uri("tcp:127.0.0.1:0")) as listener:
+        box: dict[str, TlsChannel] = {}
+        t = threading.Thread(target=lambda: box.update(
+            server=tls_server(listener.accept(timeout=10), creds["server"], timeout=10)))
+        t.start()
+        client = tls_client(connect_socket(listener.address), creds["client"], "localhost", timeout=10)
+        t.join(10)
+    server = box["server"]
+    with client, server:
+        client.write_all(b"QEVM\x00\x00\x00\x03rest")
+        server.set_idle_timeout(read=5)
+        assert server.peek(4) == b"QEVM"
+        assert server.peek(8) == b"QEVM\x00\x00\x00\x03"  # more is decrypted into the buffer
+        assert server.wait_cond(IOCondition.IN, timeout=0)
+        head, tail = bytearray(2), bytearray(10)
+        assert server.readv_into([head, tail]) == 12
+        assert bytes(head + tail) == b"QEVM\x00\x00\x00\x03rest"
+        client.close()
+        assert server.peek(1) == b""  # the end, once the buffer is drained
