@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -139,7 +139,7 @@ def test_a_stalled_channel_handshake_ends_both_sides_within_the_idle_timeout(
     finally:
         proxy.close()
     assert send.returncode != 0 and recv.returncode != 0
-    one_line(send_err, "TLS handshake failed")
+    one_line(send_err, f"did not complete the TLS handshake in {idle:g} s: check that it has tls-creds")
     assert "Traceback" not in recv_err and len(recv_err.strip().splitlines()) == 1, recv_err
     # the handshake's limit is the idle limit; margins for a loaded 2-core machine
     assert idle - 0.5 < send_took < idle + 10, send_took
@@ -359,3 +359,71 @@ def test_real_qemu_multifd_with_tls_into_serve(tmp_path: Path, creds: dict[str, 
                 assert np.array_equal(np.fromfile(out / block_filename("m0"), np.uint8),
                                       np.fromfile(src.image_path, np.uint8))
     asyncio.run(main())
+
+
+# --- the receiver itself ------------------------------------------------------------------
+def _classify_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "mig/dst/multifd-classify"]
+
+
+def _tls_receiver(server_creds: Path, **kwargs: Any) -> Any:
+    """A MultifdReceiver on a fresh tcp: listener, handshaking every connection with
+    ``server_creds`` (as recv --tls-creds), already accepting."""
+    from mignet.errors import MignetError
+    from mignet.migration.multifd import MultifdReceiver, PollableListener
+    from mignet.tcp import SocketChannel
+    from mignet.tcp.tls import tls_server, tls_server_context
+    from mignet.transport import listen
+
+    ctx = tls_server_context(server_creds)
+    listener = listen("tcp:127.0.0.1:0")
+    rx = MultifdReceiver(cast(PollableListener, listener), handshake=lambda raw, on_wrapped: tls_server(
+        cast(SocketChannel, raw), ctx, on_wrapped=on_wrapped), **kwargs)
+    threading.Thread(target=lambda: pytest.raises(MignetError, rx.accept_main), daemon=True).start()
+    return rx
+
+
+def _stalled_in_handshake(rx: Any) -> socket.socket:
+    """A stranger that sent half a ClientHello, once the receiver's handshake with it runs."""
+    stranger = _tls_stranger(str(rx.listener.address), None, b"")
+    assert stranger is not None
+    deadline = time.monotonic() + 10
+    while not _classify_threads():  # accepted: its handshake has begun
+        assert time.monotonic() < deadline, "the stranger was never accepted"
+        time.sleep(0.02)
+    time.sleep(0.3)  # well into the handshake, which waits for the rest of the hello
+    return stranger
+
+
+def test_closing_the_receiver_interrupts_a_handshake_under_way(creds: dict[str, Path]) -> None:
+    """A stranger that stalls in its TLS handshake, then the receiver is closed (a cancel,
+    the migration's end): the handshake is cut at once, not after its 30 s limit; the
+    classify thread is gone within a second and the stranger reads EOF."""
+    rx = _tls_receiver(creds["server"])
+    stranger = _stalled_in_handshake(rx)
+    try:
+        rx.close()
+        deadline = time.monotonic() + 1.0
+        while _classify_threads() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _classify_threads(), "the handshake outlived close()"
+        stranger.settimeout(2.0)
+        assert stranger.recv(1) == b""  # EOF: the destination let go of it
+    finally:
+        stranger.close()
+
+
+def test_a_stranger_stalled_in_its_handshake_does_not_hold_the_first_sync(creds: dict[str, Path]) -> None:
+    """At the first RAM end-of-section the receiver settles the connections still being
+    classified (QEMU's channels are all there by then); a stranger stalled in its handshake
+    has nothing more to say and is not waited for, however long the settle limit is."""
+    rx = _tls_receiver(creds["server"], settle_timeout=30.0)
+    stranger = _stalled_in_handshake(rx)
+    try:
+        t0 = time.monotonic()
+        rx._settle()
+        took = time.monotonic() - t0
+        assert took < 5.0, f"the first sync waited {took:.1f} s for a stalled handshake"
+    finally:
+        rx.close()
+        stranger.close()

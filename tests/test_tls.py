@@ -104,6 +104,41 @@ def test_a_destination_the_source_cannot_verify_is_refused(
         recv.wait()
 
 
+def test_recv_with_a_bad_credentials_folder_fails_at_start(
+        mignet_cmd: list[str], subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    """The server's credentials are loaded once, before listening: a folder without them is
+    a setup error in one line at once, not a refusal of every source that comes (and,
+    without --timeout, a wait for ever)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = subprocess.run([*mignet_cmd, "recv", "--listen", "tcp:127.0.0.1:0", "--quiet",
+                           "--tls-creds", str(empty)],
+                          capture_output=True, text=True, env=subprocess_env, timeout=30)
+    assert done.returncode == exits.SETUP, done
+    one_line(done.stderr, "cannot load ca-cert.pem")
+    assert "listening" not in done.stdout
+
+
+def test_migrate_incoming_with_unusable_credentials_is_an_error_reply(
+        tmp_path: Path, creds: dict[str, Path]) -> None:
+    """QMP: a tls-creds-x509 object whose folder has the CA but no server certificate
+    (object-add checks only the CA): migrate-incoming answers the error and does not
+    listen, instead of refusing every source later."""
+    import asyncio
+
+    from tests.support.qmp_serve import serve
+
+    async def main() -> None:
+        async with serve(tmp_path, "dst", "--incoming", "defer") as dst:
+            await dst.x("object-add", {"qom-type": "tls-creds-x509", "id": "tls0",
+                                       "dir": str(creds["anon"]), "endpoint": "server"})
+            await dst.x("migrate-set-parameters", {"tls-creds": "tls0"})
+            cls, desc = await dst.error("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+            assert cls == "GenericError" and "server-cert.pem" in desc and "\n" not in desc, desc
+            assert (await dst.x("query-migrate")).get("status") in (None, "none")
+    asyncio.run(main())
+
+
 qemu = pytest.mark.skipif(qemu_skip_reason() is not None, reason=qemu_skip_reason() or "")
 
 
@@ -308,13 +343,13 @@ def test_a_tls_channel_peeks_without_consuming(creds: dict[str, Path]) -> None:
 
     from mignet.channel import IOCondition
     from mignet.tcp import connect_socket, listen_socket
-    from mignet.tcp.tls import TlsChannel, tls_client, tls_server
+    from mignet.tcp.tls import TlsChannel, tls_client, tls_server, tls_server_context
     from mignet.uri import parse_uri
 
     with listen_socket(parse_uri("tcp:127.0.0.1:0")) as listener:
         box: dict[str, TlsChannel] = {}
         t = threading.Thread(target=lambda: box.update(
-            server=tls_server(listener.accept(timeout=10), creds["server"], timeout=10)))
+            server=tls_server(listener.accept(timeout=10), tls_server_context(creds["server"]), timeout=10)))
         t.start()
         client = tls_client(connect_socket(listener.address), creds["client"], "localhost", timeout=10)
         t.join(10)

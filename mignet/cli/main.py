@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
@@ -42,10 +42,10 @@ from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir, open_snapshot
 from mignet.guest.ram import DIGESTS, GuestRam, RamBlock, RamDigests, allocate_guest_memory
 from mignet.migration.loadvm import IDLE_TIMEOUT, Loader, LoadResult, LoadStats, start_load_thread
-from mignet.migration.multifd import MultifdReceiver, MultifdSender, accept_incoming
+from mignet.migration.multifd import Handshake, MultifdReceiver, MultifdSender, accept_incoming
 from mignet.migration.savevm import Sender, SendStats
 from mignet.tcp import SocketChannel
-from mignet.tcp.tls import HANDSHAKE_TIMEOUT, glob_rules, tls_client, tls_server
+from mignet.tcp.tls import HANDSHAKE_TIMEOUT, glob_rules, tls_client, tls_server, tls_server_context
 from mignet.transport import connect, listen
 from mignet.ui.terminal import console, run_with_progress, stats_table, transfer_progress
 from mignet.units import PAGE_SIZE, human_bytes, rate
@@ -57,6 +57,7 @@ from mignet.wire.multifd import MAX_CHANNELS
 def cmd_recv(args: argparse.Namespace) -> int:
     _cancel_on_sigterm()
     out = GuestDir(Path(args.out), force=args.force, digest=args.digest) if args.out else None
+    handshake = _tls_handshake(args)  # credentials that cannot load fail here, before listening
     listener = listen(args.listen)
     if not args.quiet:
         console.print(f"mignet: listening on {listener.address}")
@@ -70,7 +71,7 @@ def cmd_recv(args: argparse.Namespace) -> int:
     # With --tls-creds every connection (the main one and each multifd channel) is
     # authenticated and authorized before a byte of it is read as migration data.
     channel, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why),
-                                       preempt=args.postcopy_preempt, handshake=_tls_handshake(args))
+                                       preempt=args.postcopy_preempt, handshake=handshake)
     loader = Loader(channel, devices=DeviceSet.empty(), max_ram_bytes=args.max_ram,
                     block_factory=out.block_factory if out else RamBlock.anonymous,
                     idle_timeout=args.idle_timeout, postcopy=args.postcopy, vcpus=args.vcpus)
@@ -156,20 +157,23 @@ def _refused(args: argparse.Namespace, why: str) -> None:
 
 #: How long a connection to a TLS listener may take over its handshake before it is
 #: refused: below a TLS client's own 30 s. Each connection is handshaken in its own thread,
-#: so a stalled stranger delays no one; the source's own channels come well within it.
+#: so a stalled stranger holds up no other connection; the source's own channels come well
+#: within it.
 TLS_GRACE = 10.0
 
 
-def _tls_handshake(args: argparse.Namespace) -> Callable[[Channel], Channel] | None:
+def _tls_handshake(args: argparse.Namespace) -> Handshake | None:
     """``recv --tls-creds``: the server's handshake for each accepted connection (None
-    without TLS). A port scanner, a stalled, unauthenticated or unauthorized client is
-    refused (said as ``refused``), and the listener keeps listening: a stranger cannot
+    without TLS). The credentials are loaded here, once: a folder that cannot serve is a
+    SetupError at start. A port scanner, a stalled, unauthenticated or unauthorized client
+    is refused (said as ``refused``), and the listener keeps listening: a stranger cannot
     take the migration's place, nor add a channel to it."""
     if not args.tls_creds:
         return None
-    creds, authorize = Path(args.tls_creds), glob_rules(args.tls_authz)
-    return lambda raw: tls_server(cast(SocketChannel, raw), creds, args.tls_verify_peer, authorize,
-                                  timeout=TLS_GRACE)
+    authorize = glob_rules(args.tls_authz)
+    ctx = tls_server_context(Path(args.tls_creds), args.tls_verify_peer or authorize is not None)
+    return lambda raw, on_wrapped: tls_server(cast(SocketChannel, raw), ctx, authorize, timeout=TLS_GRACE,
+                                              on_wrapped=on_wrapped)
 
 
 def _postcopy_phase(args: argparse.Namespace, loader: Loader, phase: str) -> None:

@@ -15,6 +15,7 @@ status is published, so a client that sees "completed" may change options at onc
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -38,7 +39,7 @@ from mignet.migration.status import DirectionState, MigrationState, Phase, RamCo
 from mignet.runtime.halves import bottom_half, upper_half
 from mignet.runtime.threads import make_bulk, name_native_thread
 from mignet.tcp import SocketChannel
-from mignet.tcp.tls import tls_client, tls_server
+from mignet.tcp.tls import tls_client, tls_server, tls_server_context
 from mignet.transport import Listener, connect, listen
 from mignet.units import PAGE_SIZE
 from mignet.uri import parse_uri
@@ -461,7 +462,11 @@ class Migrations:
         authz_id = str(params.get("tls-authz", ""))
         authorize = self.objects.authz(authz_id).allows if authz_id and endpoint == "server" else None
         hostname = str(params.get("tls-hostname", "")) or str(address.host)
-        return _Tls(creds, authorize, hostname)
+        # The destination loads its credentials now: a folder that cannot serve is this
+        # command's error, not a refusal of every source that comes.
+        ctx = (tls_server_context(creds.dir, creds.verify_peer or authorize is not None)
+               if endpoint == "server" else None)
+        return _Tls(creds, authorize, hostname, ctx)
 
     def _postcopy_check(self, uri: str, tls: bool) -> None:
         """postcopy-ram on an incoming migration: what mignet's postcopy cannot do is refused
@@ -602,11 +607,12 @@ class _Tls:
     creds: TlsCredsX509
     authorize: Callable[[str], bool] | None
     hostname: str
+    server_ctx: ssl.SSLContext | None = None  # the destination's, loaded once per migration
 
-    def server(self, raw: Channel) -> Channel:
+    def server(self, raw: Channel, on_wrapped: Callable[[Channel], None] | None = None) -> Channel:
         """The destination's handshake on one accepted connection (authorization too)."""
-        return tls_server(cast(SocketChannel, raw), self.creds.dir, self.creds.verify_peer,
-                          self.authorize)
+        assert self.server_ctx is not None
+        return tls_server(cast(SocketChannel, raw), self.server_ctx, self.authorize, on_wrapped=on_wrapped)
 
 
 def _multifd_channels(uri: str, caps: Mapping[str, bool], params: Mapping[str, Any]) -> int:

@@ -71,6 +71,13 @@ SETTLE_TIMEOUT = 2.0  # at a RAM EOS: how long to wait for connections still bei
 ACCEPT_THREAD_NAME = "mig/dst/multifd-accept"
 
 
+#: TLS on an accepted connection: (the raw connection, ``on_wrapped``) -> the
+#: authenticated, authorized channel, or MignetError to refuse it. ``on_wrapped`` (may be
+#: None) gets the channel that stands for the connection before its handshake starts, so a
+#: stop can interrupt the handshake (the raw one's descriptor is already detached).
+Handshake = Callable[[Channel, Callable[[Channel], None] | None], Channel]
+
+
 class PollableListener(Protocol):
     """A listener whose socket can be polled (tcp:, unix:)."""
 
@@ -106,7 +113,7 @@ class MultifdReceiver:
                  on_refused: Callable[[str], None] | None = None,
                  classify_timeout: float = CLASSIFY_TIMEOUT,
                  settle_timeout: float = SETTLE_TIMEOUT,
-                 handshake: Callable[[Channel], Channel] | None = None) -> None:
+                 handshake: Handshake | None = None) -> None:
         self.listener = listener
         self.on_refused = on_refused
         #: TLS: turns an accepted connection into the authenticated, authorized channel
@@ -140,6 +147,7 @@ class MultifdReceiver:
         self._uuid: bytes | None = None
         self._channels: dict[int, _ChannelState] = {}
         self._unclassified: set[Channel] = set()
+        self._handshaking: set[Channel] = set()  # of the unclassified: in their TLS handshake
         self._frozen = False  # the first RAM EOS passed: the channel set is complete
         self._ram: GuestRam | None = None
         self._generation = 0
@@ -227,11 +235,39 @@ class MultifdReceiver:
                 self._cond.notify_all()
 
     def _secure(self, raw: Channel) -> Channel:
-        """``raw`` after its TLS handshake: the channel that stands for it from now on (a
-        stop shuts that one down). Its first bytes must come within ``classify_timeout``:
-        a TLS read that met half a record would otherwise wait for the rest forever."""
+        """``raw`` after its TLS handshake: the channel that stands for it from now on. It
+        is registered before the handshake starts (``on_wrapped``), so a stop shuts down
+        the live descriptor and cuts a handshake under way. Its first bytes must come
+        within ``classify_timeout``: a TLS read that met half a record would otherwise
+        wait for the rest forever."""
         assert self.handshake is not None
-        ch = self.handshake(raw)
+        wrapped: list[Channel] = []
+
+        def on_wrapped(tls: Channel) -> None:
+            with self._cond:
+                self._unclassified.discard(raw)
+                self._handshaking.discard(raw)
+                self._unclassified.add(tls)
+                self._handshaking.add(tls)
+                stopping = self._stopping
+            wrapped.append(tls)
+            if stopping:
+                tls.shutdown()
+
+        with self._cond:
+            self._handshaking.add(raw)
+        try:
+            ch = self.handshake(raw, on_wrapped)
+        except BaseException:
+            with self._cond:
+                for gone in wrapped:  # closed by the handshake; the caller refuses ``raw``
+                    self._unclassified.discard(gone)
+            raise
+        finally:
+            with self._cond:
+                self._handshaking.discard(raw)
+                self._handshaking.difference_update(wrapped)
+                self._cond.notify_all()
         with self._cond:
             self._unclassified.discard(raw)
             self._unclassified.add(ch)
@@ -328,15 +364,21 @@ class MultifdReceiver:
 
     def _settle(self) -> None:
         """Take and classify every connection already made (QEMU's channels all connected
-        before the EOS the main loader is at), waiting at most ``settle_timeout``."""
+        before the EOS the main loader is at), waiting at most ``settle_timeout``. One
+        still in its TLS handshake is waited for only while its socket holds bytes the
+        handshake has not read: a source's channel has sent its whole handshake, init
+        record and SYNC before the main stream's EOS, while a stranger stalled in its
+        handshake has nothing more to say and delays no one."""
         self._accept_ready()
         deadline = time.monotonic() + self.settle_timeout
         with self._cond:
-            while self._unclassified and not self._stopping:
+            while not self._stopping:
+                if not any(ch not in self._handshaking or _has_input(ch) for ch in self._unclassified):
+                    return
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return
-                self._cond.wait(left)
+                self._cond.wait(min(left, 0.02))
 
     # --- the main loader's side --------------------------------------------------------
     def attach(self, loader: Loader) -> None:
@@ -564,6 +606,16 @@ class MultifdReceiver:
                     "pages": {cid: s.pages for cid, s in sorted(self._channels.items())},
                     "packets": sum(s.packets for s in self._channels.values()),
                     "syncs": self._generation, "refused": list(self.refused)}
+
+
+def _has_input(ch: Channel) -> bool:
+    """Whether ``ch``'s socket holds unread bytes (a poll: never reads, so it cannot race
+    the thread in its handshake)."""
+    try:
+        fds = ch.poll_fds(IOCondition.IN)
+        return bool(fds) and _readable(fds[0][0], 0)
+    except (OSError, ValueError):  # closed meanwhile
+        return False
 
 
 def _readable(fd: int, timeout: float) -> bool:
@@ -823,7 +875,7 @@ class MultifdSender:
 
 def accept_incoming(listener: Any, timeout: float | None, on_refused: Callable[[str], None],
                     channels: bool = True, preempt: bool = False,
-                    handshake: Callable[[Channel], Channel] | None = None
+                    handshake: Handshake | None = None
                     ) -> tuple[Channel, MultifdReceiver | None]:
     """Accept a migration's main connection, as ``recv`` and ``relay`` do: on tcp:/unix:
     keep listening, so a multifd source (QEMU's capability, a relay's link) can add its
@@ -839,7 +891,7 @@ def accept_incoming(listener: Any, timeout: float | None, on_refused: Callable[[
             multifd.expect_preempt = preempt
             return multifd.accept_main(timeout=timeout), multifd
         channel = listener.accept(timeout=timeout)
-        return (channel if handshake is None else handshake(channel)), None
+        return (channel if handshake is None else handshake(channel, None)), None
     except TimeoutError as exc:
         if multifd is not None:
             multifd.close()

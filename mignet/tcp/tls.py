@@ -18,7 +18,7 @@ import socket
 import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mignet.channel import Buffer, IOCondition, ShutdownHow, WritableBuffer
 from mignet.errors import ConnectionLostError, SetupError
@@ -140,22 +140,42 @@ def _context(creds: Path, server: bool, verify_peer: bool) -> ssl.SSLContext:
     return ctx
 
 
-def _handshake(channel: SocketChannel, ctx: ssl.SSLContext, server: bool,
-               hostname: str | None, timeout: float = HANDSHAKE_TIMEOUT) -> TlsChannel:
+def _handshake(channel: SocketChannel, ctx: ssl.SSLContext, server: bool, hostname: str | None,
+               timeout: float, on_wrapped: Callable[[TlsChannel], None] | None) -> TlsChannel:
+    """The handshake on ``channel``'s socket. Wrapping detaches the socket from ``channel``
+    (its descriptor now belongs to the SSL socket), so the TlsChannel exists before the
+    handshake and ``on_wrapped`` gets it first: whoever may have to interrupt the
+    handshake (a receiver that stops) shuts down the live descriptor, not the dead one."""
     sock = channel.sock
-    sock.settimeout(timeout)
     try:
-        tls = ctx.wrap_socket(sock, server_side=server, server_hostname=None if server else hostname)
-    except (ssl.SSLError, ssl.CertificateError) as exc:
+        tls = TlsChannel(ctx.wrap_socket(sock, server_side=server, do_handshake_on_connect=False,
+                                         server_hostname=None if server else hostname), channel.name)
+    except (OSError, ValueError) as exc:
         sock.close()
+        raise ConnectionLostError(f"{channel.name}: TLS failed to start ({exc})") from None
+    if on_wrapped is not None:
+        on_wrapped(tls)
+    ssock = cast(ssl.SSLSocket, tls.sock)
+    ssock.settimeout(timeout)
+    try:
+        ssock.do_handshake()
+    except (ssl.SSLError, ssl.CertificateError) as exc:
+        tls.close()
         who = "client" if server else "server"
         raise ConnectionLostError(f"{channel.name}: TLS handshake failed: the {who} is not "
                                   f"authenticated ({getattr(exc, 'reason', None) or exc})") from None
-    except OSError as exc:  # timeouts included
-        sock.close()
+    except TimeoutError:
+        tls.close()
+        if server:
+            raise ConnectionLostError(f"{channel.name}: the client did not complete the TLS "
+                                      f"handshake in {timeout:g} s") from None
+        raise ConnectionLostError(f"{channel.name}: the destination did not complete the TLS "
+                                  f"handshake in {timeout:g} s: check that it has tls-creds") from None
+    except OSError as exc:
+        tls.close()
         raise ConnectionLostError(f"{channel.name}: TLS handshake failed ({exc})") from None
-    tls.settimeout(None)
-    return TlsChannel(tls, channel.name)
+    ssock.settimeout(None)
+    return tls
 
 
 def peer_dname(channel: TlsChannel) -> str:
@@ -175,16 +195,26 @@ _SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName":
           "emailAddress": "emailAddress", "domainComponent": "DC"}
 
 
-def tls_server(channel: SocketChannel, creds: Path, verify_peer: bool = True,
+def tls_server_context(creds: Path, verify_peer: bool = True) -> ssl.SSLContext:
+    """The listening end's credentials, loaded once for every connection it will accept, so
+    a folder that cannot serve is a SetupError before anyone connects (QEMU loads them
+    when its tls-creds-x509 object is made). ``verify_peer``: require a client
+    certificate; authorization (``tls_server``'s ``authorize``) needs it."""
+    return _context(creds, True, verify_peer)
+
+
+def tls_server(channel: SocketChannel, ctx: ssl.SSLContext,
                authorize: Callable[[str], bool] | None = None,
-               timeout: float = HANDSHAKE_TIMEOUT) -> TlsChannel:
-    """The listening end's handshake on an accepted connection; refused peers never get in.
+               timeout: float = HANDSHAKE_TIMEOUT,
+               on_wrapped: Callable[[TlsChannel], None] | None = None) -> TlsChannel:
+    """The listening end's handshake on an accepted connection (``ctx`` from
+    :func:`tls_server_context`); refused peers never get in.
 
     ``authorize``: given the client's distinguished name (``CN=laptop,O=Example Org``), as
     QEMU's ``tls-authz``; None lets in every verified client. ``timeout``: how long a peer
-    may take to complete it."""
-    tls = _handshake(channel, _context(creds, True, verify_peer or authorize is not None), True, None,
-                     timeout)
+    may take to complete it. ``on_wrapped``: given the channel before its handshake
+    starts (see :func:`_handshake`)."""
+    tls = _handshake(channel, ctx, True, None, timeout, on_wrapped)
     if authorize is not None:
         dname = peer_dname(tls)
         if not authorize(dname):
@@ -205,7 +235,7 @@ def tls_client(channel: SocketChannel, creds: Path, hostname: str,
                timeout: float = HANDSHAKE_TIMEOUT) -> TlsChannel:
     """The connecting end's handshake, checking the server's certificate for ``hostname``;
     ``timeout``: how long a destination may take to complete it."""
-    return _handshake(channel, _context(creds, False, True), False, hostname, timeout)
+    return _handshake(channel, _context(creds, False, True), False, hostname, timeout, None)
 
 
-__all__ = ["TlsChannel", "peer_dname", "tls_client", "tls_server"]
+__all__ = ["TlsChannel", "peer_dname", "tls_client", "tls_server", "tls_server_context"]
