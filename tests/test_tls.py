@@ -104,6 +104,18 @@ def test_a_destination_the_source_cannot_verify_is_refused(
         recv.wait()
 
 
+def test_a_source_that_never_came_points_at_the_refused(
+        mignet_cmd: list[str], subprocess_env: dict[str, str], creds: dict[str, Path]) -> None:
+    """recv --timeout with only a refused client meanwhile: the timeout's one line says how
+    many were refused and where to read why (with TLS they did connect)."""
+    recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]), "--timeout", "4")
+    assert _send(mignet_cmd, subprocess_env, uri, "--tls-creds", str(creds["rogue"])).returncode != 0
+    stdout, stderr = recv.communicate(timeout=60)
+    assert recv.returncode == exits.TIMEOUT, stderr
+    one_line(stderr, "(1 refused: see the refused events)")
+    assert [json.loads(line)["event"] for line in stdout.splitlines()] == ["refused", "error"]
+
+
 def test_recv_with_a_bad_credentials_folder_fails_at_start(
         mignet_cmd: list[str], subprocess_env: dict[str, str], tmp_path: Path) -> None:
     """The server's credentials are loaded once, before listening: a folder without them is

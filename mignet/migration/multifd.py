@@ -170,7 +170,8 @@ class MultifdReceiver:
                                              "the migration's connection came")
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    refused = f" ({len(self.refused)} refused)" if self.refused else ""
+                    refused = (f" ({len(self.refused)} refused: see the refused events)"
+                               if self.refused else "")
                     raise TimeoutError(f"no migration connected on {self.listener.address} within "
                                        f"{timeout} s{refused}")
                 self._cond.wait(left if left is not None else 0.5)
