@@ -66,7 +66,8 @@ def test_sender_packets_init_and_sync_order() -> None:
     """In-process, two socketpairs: each channel opens with its init record, packets hold
     at most 128 pages of one block with their data, SYNC packets come only from sync()."""
     pairs = [socket.socketpair() for _ in range(2)]
-    sender = MultifdSender([SocketChannel(a) for a, _ in pairs], uuid=bytes(range(16)))
+    ends = iter(pairs)
+    sender = MultifdSender.open(lambda: SocketChannel(next(ends)[0]), 2, uuid=bytes(range(16)))
     got: dict[int, list[tuple[int, list[int], bytes]]] = {}
 
     def drain(cid: int, s: socket.socket) -> None:
@@ -161,7 +162,7 @@ def test_refusals(mignet_cmd: list[str], subprocess_env: dict[str, str], extra: 
 
 def test_sender_sync_after_abort_raises() -> None:
     a, b = socket.socketpair()
-    sender = MultifdSender([SocketChannel(a)])
+    sender = MultifdSender.open(lambda: SocketChannel(a), 1)
     sender.start()
     sender.abort()
     with pytest.raises(ConnectionLostError):

@@ -648,30 +648,6 @@ def _channel_error(channel_id: int, exc: BaseException) -> MignetError:
 
 
 # --- the source side ---------------------------------------------------------------------
-def open_channels(connect: Callable[[], Channel], count: int,
-                  uuid: bytes | None = None) -> list[Channel]:
-    """``count`` connections for a :class:`MultifdSender` (after the main one, as QEMU 7.2's
-    destination expects); if one cannot be opened, those already open are closed.
-
-    ``uuid``: each channel's init record is written as soon as it is connected, before the
-    next one connects (:meth:`MultifdSender.open`). A QEMU 7.2 destination with TLS needs
-    that: it handshakes connections on its main loop, which then blocks reading the
-    channel's init record (``multifd_recv_new_channel``), so the next channel's handshake
-    waits for this one's record."""
-    channels: list[Channel] = []
-    try:
-        for cid in range(count):
-            channels.append(connect())
-            if uuid is not None:
-                channels[-1].write_all(build_init(uuid, cid))
-    except BaseException:
-        for ch in channels:
-            ch.close()
-        raise
-    return channels
-
-
-
 SEND_THREAD_PREFIX = "mig/src/multifd/"
 _POLL = 0.2  # how often a blocked queue operation looks for a failure
 
@@ -698,17 +674,16 @@ class MultifdSender:
     pages as one view; no staging copy). :meth:`sync` is ``multifd_send_sync_main``: the
     pending pages go out, then one SYNC packet per channel; it returns once every channel has
     written its SYNC, and only then does the main stream write its RAM EOS. Each channel
-    opens with the init record (``uuid``: QEMU 7.2's destination requires its own
+    opens with the init record, written by :meth:`open` (``uuid``: QEMU 7.2's destination requires its own
     ``qemu_uuid``, all zeros unless it was started with ``-uuid``). A failing channel fails
     the migration: the main thread re-raises ``multifd channel N: ...`` at its next call."""
 
     def __init__(self, channels: list[Channel], *, uuid: bytes = bytes(16),
-                 queue_depth: int | None = None, idle_timeout: float | None = IDLE_TIMEOUT,
-                 announced: bool = False) -> None:
+                 queue_depth: int | None = None, idle_timeout: float | None = IDLE_TIMEOUT) -> None:
+        """``channels``: as :meth:`open` makes them, each with its init record written."""
         if not channels:
             raise ValueError("multifd needs at least one channel")
         self.channels = channels
-        self.announced = announced  # the init records were written when the channels opened
         for ch in channels:  # a destination that stops reading a channel fails the send
             ch.set_idle_timeout(write=idle_timeout)
         self.uuid = uuid
@@ -728,9 +703,25 @@ class MultifdSender:
     @classmethod
     def open(cls, connect: Callable[[], Channel], count: int, *, uuid: bytes = bytes(16),
              **kwargs: Any) -> MultifdSender:
-        """``count`` channels from ``connect``, each announced (its init record written) as
-        soon as it is connected (see :func:`open_channels`); ``kwargs`` as the constructor's."""
-        return cls(open_channels(connect, count, uuid=uuid), uuid=uuid, announced=True, **kwargs)
+        """``count`` channels from ``connect`` (after the main one, as QEMU 7.2's destination
+        expects), each announced — its init record written — as soon as it is connected,
+        before the next one connects; if one cannot be opened, those already open are
+        closed. ``kwargs`` as the constructor's.
+
+        The one place an init record is written. Right after the connection, not in the
+        channel's thread: a QEMU 7.2 destination with TLS handshakes connections on its
+        main loop, which then blocks reading the channel's init record
+        (``multifd_recv_new_channel``), so the next channel's handshake waits for it."""
+        channels: list[Channel] = []
+        try:
+            for cid in range(count):
+                channels.append(connect())
+                channels[-1].write_all(build_init(uuid, cid))
+        except BaseException:
+            for ch in channels:
+                ch.close()
+            raise
+        return cls(channels, uuid=uuid, **kwargs)
 
     def start(self) -> None:
         for cid, ch in enumerate(self.channels):
@@ -842,8 +833,6 @@ class MultifdSender:
     # --- a channel ---------------------------------------------------------------------
     def _thread(self, cid: int, ch: Channel) -> None:
         try:
-            if not self.announced:
-                ch.write_all(build_init(self.uuid, cid))
             while True:
                 try:
                     job = self._jobs.get(timeout=_POLL)
