@@ -23,6 +23,7 @@ from mignet.guest.directory import block_filename
 from mignet.wire.multifd import build_init
 from tests.support.cli import one_line, start_recv
 from tests.support.processes import track
+from tests.support.proxy import CuttableProxy
 from tests.support.qemu_peer import QemuDestination, QemuSource, qemu_skip_reason
 from tests.support.tls import make_creds
 
@@ -73,48 +74,6 @@ def test_send_channels_over_tls_into_recv(mignet_cmd: list[str], subprocess_env:
     assert np.array_equal(np.fromfile(out / block_filename("pc.ram"), np.uint8), data)
 
 
-class _StallProxy:
-    """Forwards every connection to ``target`` except number ``victim`` (0: the main one,
-    1: the first multifd channel), which it accepts and then never answers: a TLS
-    handshake that stalls."""
-
-    def __init__(self, target: tuple[str, int], victim: int) -> None:
-        self.target, self.victim = target, victim
-        self.srv = socket.create_server(("127.0.0.1", 0))
-        self.uri = f"tcp:127.0.0.1:{self.srv.getsockname()[1]}"
-        self.socks: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        n = 0
-        while True:
-            try:
-                a, _ = self.srv.accept()
-            except OSError:
-                return
-            self.socks.append(a)
-            if n != self.victim:
-                b = socket.create_connection(self.target)
-                self.socks.append(b)
-                for src, dst in ((a, b), (b, a)):
-                    threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-            n += 1
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.srv.close()
-        for s in self.socks:
-            s.close()
-
-
 def test_a_stalled_channel_handshake_ends_both_sides_within_the_idle_timeout(
         mignet_cmd: list[str], subprocess_env: dict[str, str], creds: dict[str, Path]) -> None:
     """The destination never answers one channel's handshake: the source gives up within
@@ -124,7 +83,7 @@ def test_a_stalled_channel_handshake_ends_both_sides_within_the_idle_timeout(
     recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]),
                            "--idle-timeout", str(idle))
     host, port = uri.removeprefix("tcp:").rsplit(":", 1)
-    proxy = _StallProxy((host, int(port)), victim=1)
+    proxy = CuttableProxy((host, int(port)), stall=1)  # the first multifd channel
     try:
         t0 = time.monotonic()
         send = track(subprocess.Popen(
