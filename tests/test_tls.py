@@ -68,23 +68,19 @@ def test_an_unauthenticated_source_is_refused_before_a_page(
 def test_a_stalled_stranger_does_not_take_the_tls_listener(
         mignet_cmd: list[str], subprocess_env: dict[str, str], creds: dict[str, Path]) -> None:
     """A client that connects and says nothing does not hold up the source that comes
-    after it: every connection is handshaken in its own thread (the stranger is dropped
-    after the handshake grace, TLS_GRACE), so the source gets in at once, not after it."""
+    after it: every connection is handshaken in its own thread, so the source completes
+    while the stranger still waits for its handshake grace (TLS_GRACE) to pass — no
+    refusal comes before the completion."""
     import socket
-    import time
 
-    from mignet.cli.main import TLS_GRACE
     recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]))
     host, port = uri.removeprefix("tcp:").rsplit(":", 1)
     with socket.create_connection((host, int(port))):  # the stranger: connected, silent
-        t0 = time.monotonic()
         sent = _send(mignet_cmd, subprocess_env, uri, "--tls-creds", str(creds["client"]))
-        took = time.monotonic() - t0
-    stdout, stderr = recv.communicate(timeout=60)
+        stdout, stderr = recv.communicate(timeout=60)
     assert sent.returncode == 0 and recv.returncode == 0, sent.stderr + stderr
-    assert took < TLS_GRACE, took  # it did not wait for the stranger's grace to pass
     events = [json.loads(line)["event"] for line in stdout.splitlines()]
-    assert events[-1] == "completed", events
+    assert events[-1] == "completed" and "refused" not in events, events
 
 
 def test_a_destination_the_source_cannot_verify_is_refused(
