@@ -68,6 +68,9 @@ from mignet.wire.multifd import (
 QEVM_BYTES = QEMU_VM_FILE_MAGIC.to_bytes(4, "big")
 CLASSIFY_TIMEOUT = 30.0  # a connection must say what it is within this
 SETTLE_TIMEOUT = 2.0  # at a RAM EOS: how long to wait for connections still being classified
+#: ... of which a TLS handshake with nothing new to read: a source's last handshake segment
+#: in flight (one retransmission on a short link), not a stranger that stalled in it
+QUIET_HANDSHAKE_SETTLE = 0.25
 ACCEPT_THREAD_NAME = "mig/dst/multifd-accept"
 
 
@@ -367,19 +370,23 @@ class MultifdReceiver:
         """Take and classify every connection already made (QEMU's channels all connected
         before the EOS the main loader is at), waiting at most ``settle_timeout``. One
         still in its TLS handshake is waited for only while its socket holds bytes the
-        handshake has not read: a source's channel has sent its whole handshake, init
-        record and SYNC before the main stream's EOS, while a stranger stalled in its
-        handshake has nothing more to say and delays no one."""
+        handshake has not read, or for the first ``QUIET_HANDSHAKE_SETTLE`` s: a source's
+        channel has sent its whole handshake, init record and SYNC before the main
+        stream's EOS (that grace covers one of its segments still in flight), while a
+        stranger stalled in its handshake has nothing more to say."""
         self._accept_ready()
-        deadline = time.monotonic() + self.settle_timeout
+        start = time.monotonic()
+        deadline = start + self.settle_timeout
+        quiet_until = start + min(self.settle_timeout, QUIET_HANDSHAKE_SETTLE)
         with self._cond:
             while not self._stopping:
-                if not any(ch not in self._handshaking or _has_input(ch) for ch in self._unclassified):
+                now = time.monotonic()
+                if not any(ch not in self._handshaking or now < quiet_until or _has_input(ch)
+                           for ch in self._unclassified):
                     return
-                left = deadline - time.monotonic()
-                if left <= 0:
+                if now >= deadline:
                     return
-                self._cond.wait(min(left, 0.02))
+                self._cond.wait(min(deadline - now, 0.02))
 
     # --- the main loader's side --------------------------------------------------------
     def attach(self, loader: Loader) -> None:
