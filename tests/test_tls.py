@@ -147,6 +147,35 @@ def test_migrate_incoming_with_unusable_credentials_is_an_error_reply(
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("multifd", [False, True], ids=["one-stream", "multifd"])
+def test_migrate_cancel_cuts_a_tls_handshake_under_way(tmp_path: Path, creds: dict[str, Path],
+                                                       multifd: bool) -> None:
+    """serve with tls-creds: a client stalls half-way through its ClientHello, then
+    migrate-cancel. The handshake is cut at once (not after its 30 s limit): cancelled
+    within seconds, and the client reads EOF."""
+    import asyncio
+    import socket
+
+    from tests.support.qmp_serve import FINAL, serve
+
+    async def main() -> None:
+        async with serve(tmp_path, "dst", "--incoming", "defer") as dst:
+            await dst.x("object-add", {"qom-type": "tls-creds-x509", "id": "tls0",
+                                       "dir": str(creds["server"]), "endpoint": "server"})
+            await dst.x("migrate-set-capabilities",
+                        {"capabilities": [{"capability": "multifd", "state": multifd}]})
+            await dst.x("migrate-set-parameters", {"tls-creds": "tls0"})
+            host, port = (await dst.incoming_uri()).removeprefix("tcp:").rsplit(":", 1)
+            with socket.create_connection((host, int(port)), timeout=10) as stranger:
+                stranger.sendall(bytes.fromhex("16030100c8010000c40303"))  # half a ClientHello
+                await asyncio.sleep(0.5)  # accepted, its handshake waiting for the rest
+                await dst.x("migrate-cancel")
+                got = await dst.wait_status(*FINAL, timeout=5)
+                assert got["status"] == "cancelled", got
+                assert await asyncio.to_thread(stranger.recv, 1) == b""
+    asyncio.run(main())
+
+
 qemu = pytest.mark.skipif(qemu_skip_reason() is not None, reason=qemu_skip_reason() or "")
 
 

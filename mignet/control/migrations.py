@@ -91,6 +91,7 @@ class Migrations:
         self._listener: Listener | None = None
         self._recover_listener: Listener | None = None  # migrate-recover's, while it waits
         self._multifd_in: MultifdReceiver | None = None
+        self._tls_in: Channel | None = None  # the one-stream destination's, in its handshake
         self.objects = Objects()  # object-add's tls-creds-x509 and authz-list, by id
         # Each direction's channels as last seen (MultifdSender/Receiver.describe), kept
         # after the migration ends: x-mignet-query-multifd reads it.
@@ -347,7 +348,7 @@ class Migrations:
                 if multifd is None:
                     listener.close()
             if tls is not None and multifd is None:  # authenticated before a byte of the stream
-                channel = tls.server(channel)
+                channel = self._tls_incoming(tls, channel)
                 with self._mutex:
                     self._listener = None
                     self._multifd_in = multifd
@@ -444,6 +445,22 @@ class Migrations:
             if outcome is not None:
                 self._end(inc, "incoming", *outcome)
 
+    def _tls_incoming(self, tls: _Tls, raw: Channel) -> Channel:
+        """The one-stream destination's handshake, which a cancel cuts: the channel is
+        known (``on_wrapped``) before the handshake starts, so ``cancel`` shuts down its
+        live descriptor instead of waiting out the handshake limit."""
+        def on_wrapped(ch: Channel) -> None:
+            with self._mutex:
+                self._tls_in = ch
+                cancelling = self.state.incoming.phase is Phase.CANCELLING
+            if cancelling:
+                ch.shutdown()
+        try:
+            return tls.server(raw, on_wrapped)
+        finally:
+            with self._mutex:
+                self._tls_in = None
+
     def multifd_channels(self) -> dict[str, Any]:
         """Per-channel figures of the latest multifd migration in each direction (None for a
         direction that had none): channels, pages per channel, packets, syncs, refusals."""
@@ -503,6 +520,8 @@ class Migrations:
             with self._mutex:
                 if self._listener is not None:
                     self._listener.close()  # wakes accept()
+                if self._tls_in is not None:
+                    self._tls_in.shutdown()  # cuts its handshake
                 if self._loader is not None:
                     self._loader.cancel()
                 if self._multifd_in is not None:
