@@ -214,6 +214,8 @@ def tls_server(channel: SocketChannel, ctx: ssl.SSLContext,
     QEMU's ``tls-authz``; None lets in every verified client. ``timeout``: how long a peer
     may take to complete it. ``on_wrapped``: given the channel before its handshake
     starts (see :func:`_handshake`)."""
+    if authorize is not None and ctx.verify_mode != ssl.CERT_REQUIRED:
+        raise ValueError("tls_server: authorization needs a context that verifies peers")
     tls = _handshake(channel, ctx, True, None, timeout, on_wrapped)
     if authorize is not None:
         dname = peer_dname(tls)
