@@ -47,7 +47,7 @@ from mignet.migration.savevm import Sender, SendStats
 from mignet.tcp import SocketChannel
 from mignet.tcp.tls import HANDSHAKE_TIMEOUT, glob_rules, tls_client, tls_server, tls_server_context
 from mignet.transport import connect, listen
-from mignet.ui.terminal import console, run_with_progress, stats_table, transfer_progress
+from mignet.ui.terminal import console, multifd_channels, run_with_progress, stats_table, transfer_progress
 from mignet.units import PAGE_SIZE, human_bytes, rate
 from mignet.uri import parse_uri
 from mignet.wire.multifd import MAX_CHANNELS
@@ -210,8 +210,9 @@ def _run_load(loader: Loader, quiet: bool, extra_pages: MultifdReceiver | None =
         s = loader.stats
         done = s.ram_done + (extra_pages.pages * PAGE_SIZE if extra_pages is not None else 0)
         return done, s.ram_total or None, f"{s.device_sections} dev"
+    rows = multifd_channels(extra_pages.describe) if extra_pages is not None else None
     try:
-        with transfer_progress("receiving", poll, enabled=not quiet):
+        with transfer_progress("receiving", poll, enabled=not quiet, channels=rows):
             while thread.thread.is_alive():
                 thread.thread.join(0.2)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (_cancel_on_sigterm)
@@ -350,7 +351,7 @@ def cmd_send(args: argparse.Namespace) -> int:
                             rdma_pin_all=args.rdma_pin_all, pages_to=multifd,
                             return_path=return_path, idle_timeout=args.idle_timeout, **kwargs)
             try:
-                stats = _run_send(sender, quiet=args.quiet)
+                stats = _run_send(sender, quiet=args.quiet, multifd=multifd)
             except (ConnectionLostError, PeerFailedError) as exc:
                 if not args.snapshot:
                     raise
@@ -503,11 +504,12 @@ def _send_live(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_send(sender: Sender, quiet: bool) -> SendStats:
+def _run_send(sender: Sender, quiet: bool, multifd: MultifdSender | None = None) -> SendStats:
     def poll() -> tuple[int, int | None, str]:
         s = sender.stats
         return s.ram_done, s.ram_total, f"{s.zero_pages} zero pages"
-    return run_with_progress(sender.run, label="sending", poll=poll, cancel=sender.cancel, quiet=quiet)
+    return run_with_progress(sender.run, label="sending", poll=poll, cancel=sender.cancel, quiet=quiet,
+                             channels=multifd_channels(multifd.describe) if multifd is not None else None)
 
 
 def _block_list(ram: GuestRam) -> str:
