@@ -98,13 +98,18 @@ def test_bench_channels_runs_every_kind_and_fits_80_columns(mignet_cmd: list[str
     tables = "\n".join(lines).split("\nN  ")
     rows = {line.split()[0]: line for line in tables[1].splitlines()[1:]}
     assert set(rows) == {"1", "2"} and all(row.rstrip().endswith("0/0") for row in rows.values())
+    result = json.loads((tmp_path / "runs.json").read_text())
+    for run in (run for run in result["runs"] if run["kind"] != "qemu"):  # CPU by side, in full
+        split = run["detail"]
+        assert set(split) == {"send_user", "send_sys", "recv_user", "recv_sys"}, run
+        assert split["send_user"] > 0 and split["recv_user"] > 0, run
+        assert sum(split.values()) == pytest.approx(run["cpu"]), run
     if no_qemu:
         assert f"no QEMU → QEMU runs: {no_qemu}" in r.stdout
         return
     assert len(tables) == 3 and tables[2].startswith("qemu MiB/s"), r.stdout
     qrows = {line.split()[0]: line.split() for line in tables[2].splitlines()[1:]}
     assert set(qrows) == {"1", "2"}, r.stdout
-    result = json.loads((tmp_path / "runs.json").read_text())
     by_n = {run["channels"]: run for run in result["runs"] if run["kind"] == "qemu"}
     mignet = {run["channels"]: run for run in result["runs"] if run["kind"] == "mignet"}
     for n, row in qrows.items():
