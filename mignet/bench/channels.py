@@ -16,7 +16,9 @@ receiver together) does. Each run is two real processes on loopback, for both ki
 The image is a random file in /dev/shm, so neither sender spends time making data. Figures
 per run: the receiver's time from its first connection to holding every byte (what the
 user waits for), and user+system CPU of both processes from ``wait4`` (their whole lives,
-start-up included, the same for both kinds). For QEMU: from ``migrate`` to the destination's
+start-up included, the same for both kinds; each side's user and system CPU apart in the
+JSON, since the receiver's first touch of memory the host took back is system time that
+swings by seconds and would hide the kinds' own cost). For QEMU: from ``migrate`` to the destination's
 ``completed``, and both processes' CPU over that window (/proc; their whole-life CPU, start-up
 and preallocation included, is in the JSON and the summary). Before each run the machine's free memory is
 warmed as in ``bench tcp`` (freshly freed memory faults in at a fraction of the speed on
