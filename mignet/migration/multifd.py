@@ -657,6 +657,10 @@ def _channel_error(channel_id: int, exc: BaseException) -> MignetError:
 # --- the source side ---------------------------------------------------------------------
 SEND_THREAD_PREFIX = "mig/src/multifd/"
 _POLL = 0.2  # how often a blocked queue operation looks for a failure
+# Packets per hand-off to a channel thread: one queue hand-off per 128-page packet was
+# 2,048 thread wake-ups per GiB (docs/benchmarks.md, issue 11); each packet keeps its
+# own header and number on the wire, as QEMU's receiver expects.
+JOB_PACKETS = 4
 
 
 @dataclass
@@ -665,8 +669,10 @@ class _SendJob:
     stop: bool = False
     block: str = ""
     data: memoryview | None = None
-    offsets: np.ndarray | None = None
-    packet_num: int = 0
+    #: the data packets of the job, each (page offsets, packet number): up to
+    #: ``JOB_PACKETS``, written by one channel in one vectored write
+    packets: list[tuple[np.ndarray, int]] = field(default_factory=list)
+    packet_num: int = 0  # a SYNC's
 
 
 class MultifdSender:
@@ -749,8 +755,9 @@ class MultifdSender:
         if self._pending_count >= PACKET_PAGES:
             offs = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
             full = len(offs) - len(offs) % PACKET_PAGES
-            for start in range(0, full, PACKET_PAGES):
-                sent += self._put_pages(block, offs[start:start + PACKET_PAGES])
+            step = PACKET_PAGES * JOB_PACKETS
+            for start in range(0, full, step):
+                sent += self._put_pages(block, offs[start:min(start + step, full)])
             rest = offs[full:]
             self._pending = [rest] if len(rest) else []
             self._pending_count = len(rest)
@@ -764,9 +771,11 @@ class MultifdSender:
         return self._put_pages(block, np.concatenate(offs) if len(offs) > 1 else offs[0])
 
     def _put_pages(self, block: RamBlock, offsets: np.ndarray) -> int:
-        self._put(_SendJob(block=block.name, data=block.view(), offsets=offsets,
-                           packet_num=self._next_packet()))
-        return PACKET_LEN + len(offsets) * PAGE_SIZE
+        """One job: ``offsets`` cut into packets of ``PACKET_PAGES`` (the last may be short)."""
+        packets = [(offsets[i:i + PACKET_PAGES], self._next_packet())
+                   for i in range(0, len(offsets), PACKET_PAGES)]
+        self._put(_SendJob(block=block.name, data=block.view(), packets=packets))
+        return PACKET_LEN * len(packets) + len(offsets) * PAGE_SIZE
 
     def _next_packet(self) -> int:
         n = self._packet_num
@@ -855,12 +864,14 @@ class MultifdSender:
                     self.packets[cid] += 1
                     self._barrier.wait()
                     continue
-                assert job.data is not None and job.offsets is not None
-                offs = job.offsets
-                head = build_packet(block=job.block, offsets=offs, packet_num=job.packet_num)
-                ch.writev_all([head, *_page_views(job.data, offs.astype(np.int64))])
-                self.pages[cid] += len(offs)
-                self.packets[cid] += 1
+                assert job.data is not None
+                bufs: list[bytes | memoryview] = []
+                for offs, num in job.packets:
+                    bufs.append(build_packet(block=job.block, offsets=offs, packet_num=num))
+                    bufs += _page_views(job.data, offs.astype(np.int64))
+                ch.writev_all(bufs)
+                self.pages[cid] += sum(len(offs) for offs, _ in job.packets)
+                self.packets[cid] += len(job.packets)
         except threading.BrokenBarrierError:
             return  # another channel failed, or an abort: that is the error
         except BaseException as exc:  # noqa: BLE001 - any failure fails the migration
