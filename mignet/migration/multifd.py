@@ -681,10 +681,11 @@ class MultifdSender:
     The main thread (the :class:`~mignet.migration.savevm.Sender`) finds zero pages itself
     and sends them as ZERO records on the main stream; the data pages it hands to
     :meth:`queue_pages`, which gathers them into packets of up to ``PACKET_PAGES`` pages of
-    one RAM block (QEMU's ``multifd_queue_page``) and puts each on a shared queue; whichever
-    channel thread is free takes it (QEMU: the next idle channel) and writes the 1344-byte
-    header and the pages straight from guest RAM in one vectored write (runs of consecutive
-    pages as one view; no staging copy). :meth:`sync` is ``multifd_send_sync_main``: the
+    one RAM block (QEMU's ``multifd_queue_page``) and puts them on a shared queue, up to
+    ``JOB_PACKETS`` per job; whichever channel thread is free takes a job (QEMU: the next idle
+    channel, per packet) and writes each packet's 1344-byte header and its pages straight
+    from guest RAM, the job in one vectored write (runs of consecutive pages as one view; no
+    staging copy). :meth:`sync` is ``multifd_send_sync_main``: the
     pending pages go out, then one SYNC packet per channel; it returns once every channel has
     written its SYNC, and only then does the main stream write its RAM EOS. Each channel
     opens with the init record, written by :meth:`open` (``uuid``: QEMU 7.2's destination requires its own
