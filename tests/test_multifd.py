@@ -320,6 +320,33 @@ def test_duplicate_channel_id_is_refused(receiver: tuple[MultifdReceiver, str, l
         s.close()
 
 
+def test_the_migration_stream_is_main_even_when_junk_connects_right_after_it() -> None:
+    """Connections are classified in parallel: a stranger that connects just after the real
+    source (and speaks junk) must not win the race to be taken as the main stream, and the
+    source then be refused as "a second migration stream" (seen in about 1 run in 7 of the
+    scripted-source test). Junk is the main stream only when no earlier connection is
+    still being classified."""
+    for _ in range(30):
+        listener = listen_socket(parse_uri("tcp:127.0.0.1:0"))
+        refused: list[str] = []
+        rx = MultifdReceiver(listener, on_refused=refused.append, classify_timeout=10.0)
+        try:
+            main = _connect(str(listener.address))
+            junk = _connect(str(listener.address))
+            main.sendall(b"QEVM\x00\x00\x00\x03")
+            junk.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            ch = rx.accept_main(timeout=10)
+            assert ch.peek(4) == b"QEVM", refused
+            deadline = time.monotonic() + 10
+            while not refused and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert len(refused) == 1 and "neither a migration stream" in refused[0], refused
+            main.close()
+            junk.close()
+        finally:
+            rx.close()
+
+
 def test_plain_stream_unaffected_and_first_junk_connection_is_the_error(
         receiver: tuple[MultifdReceiver, str, list[str]]) -> None:
     rx, addr, _ = receiver

@@ -151,6 +151,10 @@ class MultifdReceiver:
         self._channels: dict[int, _ChannelState] = {}
         self._unclassified: set[Channel] = set()
         self._handshaking: set[Channel] = set()  # of the unclassified: in their TLS handshake
+        # accept order of the unclassified (a TLS channel keeps its raw socket's place): junk
+        # becomes the main stream only once every earlier connection is classified
+        self._order: dict[Channel, int] = {}
+        self._accepted = 0
         self._frozen = False  # the first RAM EOS passed: the channel set is complete
         self._ram: GuestRam | None = None
         self._generation = 0
@@ -201,6 +205,8 @@ class MultifdReceiver:
                     return
                 with self._cond:
                     self._unclassified.add(ch)
+                    self._accepted += 1
+                    self._order[ch] = self._accepted
                 start_thread(functools.partial(self._classify, ch), "mig/dst/multifd-classify")
 
     def _classify(self, ch: Channel) -> None:
@@ -223,6 +229,10 @@ class MultifdReceiver:
                                      "could pause")
                 return
             with self._cond:
+                if head != QEVM_BYTES:  # junk is the error only if no real source came first
+                    mine = self._order.get(raw, 0)
+                    self._cond.wait_for(lambda: self._main is not None or self._stopping or all(
+                        seq >= mine for seq in self._order.values()), self.classify_timeout)
                 if self._main is None:  # QEVM, or something the loader will name
                     self._main = ch
                     self._cond.notify_all()
@@ -236,6 +246,8 @@ class MultifdReceiver:
             with self._cond:
                 self._unclassified.discard(raw)
                 self._unclassified.discard(ch)
+                self._order.pop(raw, None)
+                self._order.pop(ch, None)
                 self._cond.notify_all()
 
     def _secure(self, raw: Channel) -> Channel:
@@ -253,6 +265,7 @@ class MultifdReceiver:
                 self._handshaking.discard(raw)
                 self._unclassified.add(tls)
                 self._handshaking.add(tls)
+                self._order[tls] = self._order.get(raw, 0)
                 stopping = self._stopping
             wrapped.append(tls)
             if stopping:
@@ -275,6 +288,7 @@ class MultifdReceiver:
         with self._cond:
             self._unclassified.discard(raw)
             self._unclassified.add(ch)
+            self._order[ch] = self._order.get(raw, 0)
             stopping = self._stopping
         if stopping:
             ch.shutdown()
