@@ -308,8 +308,6 @@ def check_send(args: argparse.Namespace) -> None:
         if args.stream:
             raise UsageError("--channels re-encodes the guest; a --stream file is replayed as "
                              "it was written", prog)
-        if parse_uri(args.uri).scheme not in ("tcp", "unix"):
-            raise UsageError("--channels (multifd) needs a tcp: or unix: URI", prog)
         if args.tls_creds:
             raise UsageError("--channels with --tls-creds is not implemented: one TLS stream", prog)
     if args.tls_creds and parse_uri(args.uri).scheme != "tcp":

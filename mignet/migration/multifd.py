@@ -276,6 +276,11 @@ class MultifdReceiver:
                 why = f"multifd channel id {cid} is already connected"
             elif self._stopping:
                 why = "the receiver is stopping"
+            if why is None and self._ram is not None:
+                try:
+                    self._share_ram(ch)
+                except MignetError as exc:
+                    why = str(exc)
             if why is None:
                 self._uuid = init.uuid
                 state = _ChannelState(cid, ch)
@@ -336,7 +341,18 @@ class MultifdReceiver:
     def _blocks_ready(self, ram: GuestRam) -> None:
         with self._cond:
             self._ram = ram
+            for state in self._channels.values():
+                self._share_ram(state.channel)
             self._cond.notify_all()
+
+    def _share_ram(self, ch: Channel) -> None:
+        """RDMA: the source WRITEs a channel's pages into the RAM the main connection
+        registered (one protection domain: its keys serve every queue pair); tell the
+        channel's source where that RAM lives. Called with ``_cond`` held, once both the
+        channel and the RAM exist."""
+        main = self._main.page_placement if self._main is not None else None
+        if ch.page_placement is not None and main is not None and self._ram is not None:
+            ch.page_placement.register_destination_ram(self._ram, shared=main)
 
     def _sync_main(self) -> None:
         """``multifd_recv_sync_main``: wait until every channel delivered its SYNC for this
@@ -395,7 +411,9 @@ class MultifdReceiver:
                     offs = pkt.offsets.astype(np.int64)
                     if block.pristine is not None:  # no longer known to hold zeros
                         block.pristine[offs // PAGE_SIZE] = False
-                    if ch.readv_into(_page_views(mv, offs)) == 0:
+                    # RDMA: the source WROTE the pages into place before it sent this packet
+                    # on the same queue pair, so they are there; only their offsets came.
+                    if ch.page_placement is None and ch.readv_into(_page_views(mv, offs)) == 0:
                         raise ConnectionLostError(
                             f"the channel closed before packet {pkt.packet_num}'s "
                             f"{pkt.normal_pages} pages")
@@ -589,6 +607,7 @@ class _SendJob:
     sync: bool = False
     stop: bool = False
     block: str = ""
+    region: RamBlock | None = None
     data: memoryview | None = None
     offsets: np.ndarray | None = None
     packet_num: int = 0
@@ -665,7 +684,7 @@ class MultifdSender:
         return self._put_pages(block, np.concatenate(offs) if len(offs) > 1 else offs[0])
 
     def _put_pages(self, block: RamBlock, offsets: np.ndarray) -> int:
-        self._put(_SendJob(block=block.name, data=block.view(), offsets=offsets,
+        self._put(_SendJob(block=block.name, region=block, data=block.view(), offsets=offsets,
                            packet_num=self._next_packet()))
         return PACKET_LEN + len(offsets) * PAGE_SIZE
 
@@ -735,11 +754,22 @@ class MultifdSender:
             ch.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"channels": len(self.channels), "pages": dict(enumerate(self.pages)),
-                "packets": sum(self.packets), "syncs": self.syncs}
+        out = {"channels": len(self.channels), "pages": dict(enumerate(self.pages)),
+               "packets": sum(self.packets), "syncs": self.syncs}
+        placed = [ch.page_placement.describe() for ch in self.channels if ch.page_placement is not None]
+        if placed:  # RDMA: what each channel WROTE into the destination's RAM
+            out["placement"] = placed
+        return out
 
     # --- a channel ---------------------------------------------------------------------
     def _thread(self, cid: int, ch: Channel) -> None:
+        # RDMA: pages are WRITTEN into the destination's RAM and the packet, sent after them
+        # on the same queue pair, carries only their offsets. A page's WRITE in round k+1
+        # must not land before the main stream's ZERO record for it in round k is applied:
+        # it waits until the destination has processed this channel's last SYNC (its
+        # receiver passes a SYNC only once the main loader reached that round's end).
+        placement = ch.page_placement
+        after = 0
         try:
             ch.write_all(build_init(self.uuid, cid))
             while True:
@@ -750,17 +780,25 @@ class MultifdSender:
                         return
                     continue
                 if job.stop:
+                    if placement is not None:
+                        placement.fence()
                     ch.shutdown(ShutdownHow.WRITE)
                     return
                 if job.sync:
                     ch.write_all(build_packet(flags=FLAG_SYNC, packet_num=job.packet_num))
+                    if placement is not None:
+                        after = placement.stream_position()
                     self.packets[cid] += 1
                     self._barrier.wait()
                     continue
                 assert job.data is not None and job.offsets is not None
                 offs = job.offsets
                 head = build_packet(block=job.block, offsets=offs, packet_num=job.packet_num)
-                ch.writev_all([head, *_page_views(job.data, offs.astype(np.int64))])
+                if placement is not None and job.region is not None:
+                    placement.write_pages(job.region, offs, after=after)
+                    ch.write_all(head)
+                else:
+                    ch.writev_all([head, *_page_views(job.data, offs.astype(np.int64))])
                 self.pages[cid] += len(offs)
                 self.packets[cid] += 1
         except threading.BrokenBarrierError:
@@ -774,15 +812,16 @@ class MultifdSender:
 
 def accept_incoming(listener: Any, timeout: float | None, on_refused: Callable[[str], None],
                     channels: bool = True, preempt: bool = False) -> tuple[Channel, MultifdReceiver | None]:
-    """Accept a migration's main connection, as ``recv`` and ``relay`` do: on tcp:/unix:
-    keep listening, so a multifd source (QEMU's capability, a relay's link) can add its
-    channels; elsewhere, or without ``channels`` (TLS: the first bytes are a handshake, not
-    a stream to classify), take the one connection. The listener is closed unless the
+    """Accept a migration's main connection, as ``recv`` and ``relay`` do: keep listening,
+    so a multifd source (QEMU's capability, a relay's link, ``send --channels``; over rdma:
+    each channel is a queue pair of its own) can add its channels; without ``channels``
+    (TLS: the first bytes are a handshake, not a stream to classify), take the one
+    connection. The listener is closed unless the
     returned receiver now owns it. A source that never comes is one line (TimedOut).
     ``preempt``: a postcopy preempt channel is expected (:meth:`MultifdReceiver.take_preempt`)."""
     multifd: MultifdReceiver | None = None
     try:
-        if channels and listener.address.scheme in ("tcp", "unix"):
+        if channels:
             multifd = MultifdReceiver(listener, on_refused=on_refused)
             multifd.expect_preempt = preempt
             return multifd.accept_main(timeout=timeout), multifd
