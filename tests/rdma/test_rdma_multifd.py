@@ -15,7 +15,10 @@ from typing import Any
 
 import pytest
 
+from mignet.errors import ConnectionLostError
 from mignet.guest.ram import GuestRam
+from mignet.uri import parse_uri
+from mignet.wire.multifd import build_init
 from tests.rdma.test_rdma_cli import rc_qps
 from tests.support.cli import one_line, send_into, start_recv
 from tests.support.processes import track
@@ -38,12 +41,16 @@ def _multifd_checks(sent: dict[str, Any], got: dict[str, Any], channels: int) ->
     assert stats["rdma"]["protocol"] == "mignet"
 
 
-@pytest.mark.parametrize("channels", [2, 4])
+@pytest.mark.parametrize(("channels", "pin_all"), [(2, False), (4, True)], ids=["2-chunks", "4-pin-all"])
 def test_send_channels_over_rdma_byte_identical(mignet_cmd: list[str], subprocess_env: dict[str, str],
-                                                rdma_uri: str, channels: int) -> None:
+                                                rdma_uri: str, channels: int, pin_all: bool) -> None:
+    """Chunk mode (each channel asks for the 1 MiB chunks it writes: one shared table) and
+    pin-all (the main connection registers all RAM up front: every channel uses its keys)."""
     recv, _ = start_recv(mignet_cmd, subprocess_env, uri=rdma_uri)
     sent, got = send_into(mignet_cmd, subprocess_env, recv, rdma_uri, "--size", "32M",
-                          "--fill", "mixed", "--seed", "5", "--channels", str(channels), timeout=240)
+                          "--fill", "mixed", "--seed", "5", "--channels", str(channels),
+                          *(["--rdma-pin-all"] if pin_all else []), timeout=240)
+    assert got["stats"]["rdma"]["pin_all"] is pin_all
     ram = GuestRam.generate(32 << 20, "mixed", seed=5)
     assert got["ram_digest"] == ram.digest("xxh3")
     _multifd_checks(sent, got, channels)
@@ -68,6 +75,42 @@ def test_live_send_channels_over_rdma(mignet_cmd: list[str], subprocess_env: dic
     _multifd_checks(sent, got, 2)
     assert sent["migration"]["ram"]["dirty-sync-count"] >= 2  # live rounds happened
     assert sent["migration"]["ram"]["multifd-bytes"] > 0
+
+
+def test_stray_connection_refused_migration_goes_on(mignet_cmd: list[str], subprocess_env: dict[str, str],
+                                                   rdma_uri: str) -> None:
+    """A connection that claims to be a channel of another migration (another UUID) while
+    one runs is refused (disconnected, named in recv's refusals); the migration completes."""
+    from mignet.rdma import connect_rdma
+
+    recv, _ = start_recv(mignet_cmd, subprocess_env, uri=rdma_uri)
+    send = track(subprocess.Popen(
+        [*mignet_cmd, "send", rdma_uri, "--size", "32M", "--fill", "mixed", "--channels", "2",
+         "--max-bandwidth", "8MiB/s", "--json", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env))
+    deadline = time.monotonic() + 120
+    while rc_qps() < 6 and time.monotonic() < deadline and send.poll() is None:
+        time.sleep(0.3)
+    assert send.poll() is None and rc_qps() >= 6, "the channels never connected"
+    stray = connect_rdma(parse_uri(rdma_uri))
+    stray.set_idle_timeout(read=30)
+    try:
+        stray.write_all(build_init(bytes(range(16)), 0))  # channel 0 of another migration
+        try:
+            got_bytes = stray.read_into(bytearray(1))
+        except ConnectionLostError:
+            got_bytes = 0
+        assert got_bytes == 0  # refused: disconnected without a byte
+    finally:
+        stray.close()
+    s_out, s_err = send.communicate(timeout=180)
+    r_out, r_err = recv.communicate(timeout=60)
+    assert send.returncode == 0 and recv.returncode == 0, (s_err, r_err)
+    sent, got = json.loads(s_out.splitlines()[-1]), json.loads(r_out.splitlines()[-1])
+    assert sent["ram_digest"] == got["ram_digest"]
+    refused = got["stats"]["multifd"]["refused"]
+    assert len(refused) == 1 and "multifd channel 0" in refused[0], refused
+    assert got["stats"]["multifd"]["channels"] == 2
 
 
 @pytest.mark.parametrize("victim", ["send", "recv"])
