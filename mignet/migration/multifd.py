@@ -176,6 +176,10 @@ class MultifdReceiver:
                     ch = self.listener.accept(timeout=0.5)
                 except TimeoutError:
                     return
+                except MignetError as exc:  # rdma: setting a connection up can fail midway
+                    self._report(f"a connection to {self.listener.address} failed while being "
+                                 f"accepted: {exc}")
+                    continue
                 with self._cond:
                     self._unclassified.add(ch)
                 start_thread(functools.partial(self._classify, ch), "mig/dst/multifd-classify")
@@ -293,9 +297,11 @@ class MultifdReceiver:
         self._refuse(ch, why)
 
     def _refuse(self, ch: Channel, why: str) -> None:
-        message = f"refused a connection from {ch.name}: {why}"
         ch.shutdown()
         ch.close()
+        self._report(f"refused a connection from {ch.name}: {why}")
+
+    def _report(self, message: str) -> None:
         with self._cond:
             self.refused.append(message)
         if self.on_refused is not None and not self._stopping:

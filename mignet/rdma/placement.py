@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from mignet.channel import MemoryRegion
-from mignet.errors import ConnectionLostError, MisuseError, ProtocolError, SetupError
+from mignet.errors import ConnectionLostError, MisuseError, ProtocolError
 from mignet.rdma import verbs
 from mignet.rdma.control import CHUNK_REQ, CHUNK_RES, MODE, PLACED, Msg, RemoteBlock, pack_blocks, unpack_blocks
 from mignet.units import PAGE_SIZE
@@ -131,11 +131,9 @@ class RdmaPlacement:
     def _share(self, main: RdmaPlacement) -> None:
         if not main._entries:
             raise MisuseError("the placement to share has not registered its RAM yet")
-        ours, theirs = getattr(self.channel.conn.pd, "pd", None), getattr(main.channel.conn.pd, "pd", None)
-        if isinstance(ours, int) and isinstance(theirs, int) and ours != theirs:
-            raise SetupError("two RDMA connections to one source have different protection "
-                             "domains here, so one registration cannot serve both: use tcp: "
-                             "for --channels")
+        # Both connections' PDs are librdmacm's one PD of the device (pyverbs 44 cannot
+        # show the pointer: its PD.pd property crashes on a PD wrapped from a CMID). Were
+        # they not, the source's first WRITE would fail with a remote access error.
         self.pin_all = main.pin_all
         self._local_blocks, self._dst_chunks = main._local_blocks, main._dst_chunks
         self._entries, self._registrar, self._dst_lock = main._entries, main._registrar, main._dst_lock
