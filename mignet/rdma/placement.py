@@ -131,9 +131,9 @@ class RdmaPlacement:
     def _share(self, main: RdmaPlacement) -> None:
         if not main._entries:
             raise MisuseError("the placement to share has not registered its RAM yet")
-        # Both connections' PDs are librdmacm's one PD of the device (pyverbs 44 cannot
-        # show the pointer: its PD.pd property crashes on a PD wrapped from a CMID). Were
-        # they not, the source's first WRITE would fail with a remote access error.
+        # Both connections' PDs are librdmacm's one PD of the device (not checked: reading
+        # a CMID's PD pointer through pyverbs 44 crashed here). Were they not, the source's
+        # first WRITE would fail with a remote access error.
         self.pin_all = main.pin_all
         self._local_blocks, self._dst_chunks = main._local_blocks, main._dst_chunks
         self._entries, self._registrar, self._dst_lock = main._entries, main._registrar, main._dst_lock

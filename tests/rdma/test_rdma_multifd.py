@@ -86,12 +86,13 @@ def test_stray_connection_refused_migration_goes_on(mignet_cmd: list[str], subpr
     recv, _ = start_recv(mignet_cmd, subprocess_env, uri=rdma_uri)
     send = track(subprocess.Popen(
         [*mignet_cmd, "send", rdma_uri, "--size", "32M", "--fill", "mixed", "--channels", "2",
-         "--max-bandwidth", "8MiB/s", "--json", "--quiet"],
+         "--max-bandwidth", "4MiB/s", "--json", "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env))
     deadline = time.monotonic() + 120
     while rc_qps() < 6 and time.monotonic() < deadline and send.poll() is None:
         time.sleep(0.3)
     assert send.poll() is None and rc_qps() >= 6, "the channels never connected"
+    time.sleep(2)  # the migration's own channels have introduced themselves (6 s of transfer)
     stray = connect_rdma(parse_uri(rdma_uri))
     stray.set_idle_timeout(read=30)
     try:
