@@ -4,6 +4,7 @@ print no notice about a choice the user did not make."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -77,17 +78,48 @@ def test_a_failed_ib_write_bw_run_is_failed_not_zero() -> None:
     assert median_of_ok([None, None]) is None
 
 
-def test_bench_channels_runs_both_kinds_and_fits_80_columns(mignet_cmd: list[str],
-                                                            subprocess_env: dict[str, str]) -> None:
-    r = subprocess.run([*mignet_cmd, "bench", "channels", "--size", "16M", "--channels", "1,2",
-                        "--repeat", "1"], capture_output=True, text=True, env=subprocess_env, timeout=300)
+def test_bench_channels_runs_every_kind_and_fits_80_columns(mignet_cmd: list[str],
+                                                             subprocess_env: dict[str, str],
+                                                             tmp_path: Path) -> None:
+    """mignet, the raw loop and (where it is installed) QEMU 7.2 → QEMU 7.2 multifd, each N,
+    in one run: every run succeeds, QEMU's figures are its own (it sent at least the random
+    image, its CPU is not zero) and the ratio against mignet is the ratio of the medians."""
+    from tests.support.qemu_peer import qemu_skip_reason
+
+    no_qemu = qemu_skip_reason()
+    r = subprocess.run([*mignet_cmd, "bench", "channels", "--size", "64M", "--channels", "1,2",
+                        "--repeat", "1", "--json-out", str(tmp_path / "runs.json")], capture_output=True, text=True,
+                       env=subprocess_env, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert all(len(line) <= 80 for line in lines), [line for line in lines if len(line) > 80]
     runs = [line for line in lines if " N=" in line]
-    assert len(runs) == 4 and not any("FAILED" in line for line in runs), r.stdout
-    rows = {line.split()[0]: line for line in lines if line[:1] in "12" and "/" in line}
+    assert len(runs) == (4 if no_qemu else 6) and not any("FAILED" in line for line in runs), r.stdout
+    tables = "\n".join(lines).split("\nN  ")
+    rows = {line.split()[0]: line for line in tables[1].splitlines()[1:]}
     assert set(rows) == {"1", "2"} and all(row.rstrip().endswith("0/0") for row in rows.values())
+    result = json.loads((tmp_path / "runs.json").read_text())
+    for run in (run for run in result["runs"] if run["kind"] != "qemu"):  # CPU by side, in full
+        split = run["detail"]
+        assert set(split) == {"send_user", "send_sys", "recv_user", "recv_sys"}, run
+        assert split["send_user"] > 0 and split["recv_user"] > 0, run
+        assert sum(split.values()) == pytest.approx(run["cpu"]), run
+    if no_qemu:
+        assert f"no QEMU → QEMU runs: {no_qemu}" in r.stdout
+        return
+    assert len(tables) == 3 and tables[2].startswith("qemu MiB/s"), r.stdout
+    qrows = {line.split()[0]: line.split() for line in tables[2].splitlines()[1:]}
+    assert set(qrows) == {"1", "2"}, r.stdout
+    by_n = {run["channels"]: run for run in result["runs"] if run["kind"] == "qemu"}
+    mignet = {run["channels"]: run for run in result["runs"] if run["kind"] == "mignet"}
+    for n, row in qrows.items():
+        q = by_n[int(n)]
+        assert q["seconds"] > 0 and q["detail"]["transferred"] >= 64 << 20, q
+        assert 0 < q["cpu"] <= q["detail"]["cpu_life"], q
+        assert q["detail"]["total_time_ms"] > 0, q
+        assert float(row[1]) == pytest.approx(q["mib_s"], abs=1), row
+        assert float(row[2]) == pytest.approx(mignet[int(n)]["mib_s"] / q["mib_s"], abs=0.01), row
+        assert row[3] == ("mignet" if float(row[2]) > 1 else "qemu") and row[-1] == "0", row
 
 
 def test_bench_channels_reports_a_failed_run_and_leaves_it_out(tmp_path: Path) -> None:

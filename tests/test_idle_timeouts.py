@@ -136,20 +136,23 @@ def test_a_relay_whose_source_stalls_ends(pair: tuple[SocketChannel, SocketChann
 
 def test_opening_channels_closes_the_open_ones_when_one_fails() -> None:
     from mignet.errors import SetupError
-    from mignet.migration.multifd import open_channels
+    from mignet.migration.multifd import MultifdSender
 
     opened: list[SocketChannel] = []
+    peers: list[SocketChannel] = []
 
     def connect_one() -> SocketChannel:
         if len(opened) == 2:
             raise SetupError("connection refused")
         a, b = channel_pair()
-        b.close()
+        peers.append(b)  # open: each channel's init record is written as it connects
         opened.append(a)
         return a
     with pytest.raises(SetupError):
-        open_channels(connect_one, 4)
+        MultifdSender.open(connect_one, 4)
     assert len(opened) == 2 and all(ch.closed for ch in opened)
+    for b in peers:
+        b.close()
 
 
 def test_recv_idle_timeout_option_ends_a_stalled_source_in_one_line(

@@ -7,7 +7,6 @@ names the channel), and the receiver must not claim a complete guest."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import threading
 import time
@@ -17,56 +16,10 @@ import pytest
 
 from tests.support.cli import one_line, start_recv
 from tests.support.processes import track
-from tests.support.streams import reset_close
+from tests.support.proxy import CuttableProxy
 
 CUT_AFTER = 4 << 20  # bytes a channel forwards before it is reset
 PROMPT = 2.0  # seconds from the cut to each side's exit (the issue's bound)
-
-
-class CuttingProxy:
-    """Forwards every connection to ``target``; resets connection number ``victim`` (0: the
-    main stream, 1: the first multifd channel, ...) after it forwarded ``CUT_AFTER`` bytes."""
-
-    def __init__(self, target: tuple[str, int], victim: int) -> None:
-        self.target, self.victim = target, victim
-        self.srv = socket.create_server(("127.0.0.1", 0))
-        self.port = self.srv.getsockname()[1]
-        self.cut_at: float | None = None
-        self.socks: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        n = 0
-        while True:
-            try:
-                a, _ = self.srv.accept()
-            except OSError:
-                return
-            b = socket.create_connection(self.target)
-            self.socks += [a, b]
-            threading.Thread(target=self._pump, args=(a, b, n == self.victim), daemon=True).start()
-            threading.Thread(target=self._pump, args=(b, a, False), daemon=True).start()
-            n += 1
-
-    def _pump(self, src: socket.socket, dst: socket.socket, cut: bool) -> None:
-        moved = 0
-        try:
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-                moved += len(data)
-                if cut and moved >= CUT_AFTER:
-                    for s in (src, dst):  # RST both ways, as a dying link or peer would
-                        reset_close(s)
-                    self.cut_at = time.monotonic()
-                    return
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.srv.close()
-        for s in self.socks:
-            s.close()
 
 
 @pytest.mark.parametrize("victim", [1, 2], ids=["channel-0", "channel-1"])
@@ -75,10 +28,10 @@ def test_a_channel_reset_mid_stream_fails_both_sides_within_2s(
     out = tmp_path / "received"
     recv, uri = start_recv(mignet_cmd, subprocess_env, "--out", str(out))
     host, port = uri.removeprefix("tcp:").rsplit(":", 1)
-    proxy = CuttingProxy((host, int(port)), victim)
+    proxy = CuttableProxy((host, int(port)), reset=victim, reset_after=CUT_AFTER)
     try:
         send = track(subprocess.Popen(
-            [*mignet_cmd, "send", f"tcp:127.0.0.1:{proxy.port}", "--size", "256M", "--channels", "2",
+            [*mignet_cmd, "send", proxy.uri, "--size", "256M", "--channels", "2",
              "--max-bandwidth", "64MiB/s", "--json", "--quiet"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env))
         ended: dict[str, float] = {}

@@ -66,7 +66,8 @@ def test_sender_packets_init_and_sync_order() -> None:
     """In-process, two socketpairs: each channel opens with its init record, packets hold
     at most 128 pages of one block with their data, SYNC packets come only from sync()."""
     pairs = [socket.socketpair() for _ in range(2)]
-    sender = MultifdSender([SocketChannel(a) for a, _ in pairs], uuid=bytes(range(16)))
+    ends = iter(pairs)
+    sender = MultifdSender.open(lambda: SocketChannel(next(ends)[0]), 2, uuid=bytes(range(16)))
     got: dict[int, list[tuple[int, list[int], bytes]]] = {}
 
     def drain(cid: int, s: socket.socket) -> None:
@@ -100,6 +101,49 @@ def test_sender_packets_init_and_sync_order() -> None:
         for i, off in enumerate(offsets):
             assert data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] == block.data[off:off + PAGE_SIZE].tobytes()
     assert sender.describe()["syncs"] == 1
+
+
+def test_one_queue_call_of_many_packets_keeps_each_packet_whole() -> None:
+    """A call that fills several packets hands them to a channel thread together (one
+    hand-off per few packets, not per packet); on the wire each is still its own packet of
+    at most 128 pages with its own number, and every page arrives once with its data."""
+    pairs = [socket.socketpair() for _ in range(2)]
+    ends = iter(pairs)
+    sender = MultifdSender.open(lambda: SocketChannel(next(ends)[0]), 2, uuid=bytes(range(16)))
+    got: list[tuple[int, int, list[int], bytes]] = []
+    lock = threading.Lock()
+
+    def drain(s: socket.socket) -> None:
+        f = s.makefile("rb")
+        parse_init(f.read(INIT_SIZE))
+        while head := f.read(PACKET_LEN):
+            pkt = parse_packet(head)
+            data = f.read(pkt.payload_size)
+            with lock:
+                got.append((pkt.flags, pkt.packet_num, pkt.offsets.tolist(), data))
+    readers = [threading.Thread(target=drain, args=(b,)) for _, b in pairs]
+    for t in readers:
+        t.start()
+    block = RamBlock("pc.ram", np.random.default_rng(2).integers(0, 256, 3000 * PAGE_SIZE, dtype=np.uint8))
+    sender.start()
+    pages = np.sort(np.random.default_rng(3).choice(3000, 1000, replace=False)).astype(np.uint64)
+    queued = sender.queue_pages(block, pages * np.uint64(PAGE_SIZE))
+    assert queued == 7 * (PACKET_LEN + PACKET_PAGES * PAGE_SIZE)  # 7 full packets, 104 pending
+    sender.sync()
+    sender.finish()
+    sender.close()
+    for t in readers:
+        t.join(10)
+    data_pkts = [p for p in got if not p[0] & 1]
+    assert sorted(len(p[2]) for p in data_pkts) == [104] + [128] * 7
+    assert sorted(p[1] for p in got) == list(range(10))  # 8 data + 2 SYNC, each numbered once
+    seen = [off for p in data_pkts for off in p[2]]
+    assert sorted(seen) == (pages * PAGE_SIZE).tolist()
+    for _, _, offsets, data in data_pkts:
+        for i, off in enumerate(offsets):
+            assert data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] == block.data[off:off + PAGE_SIZE].tobytes()
+    d = sender.describe()
+    assert sum(d["pages"].values()) == 1000 and d["packets"] == 10
 
 
 def test_a_failing_channel_fails_the_migration_in_one_line(mignet_cmd: list[str],
@@ -161,7 +205,7 @@ def test_refusals(mignet_cmd: list[str], subprocess_env: dict[str, str], extra: 
 
 def test_sender_sync_after_abort_raises() -> None:
     a, b = socket.socketpair()
-    sender = MultifdSender([SocketChannel(a)])
+    sender = MultifdSender.open(lambda: SocketChannel(a), 1)
     sender.start()
     sender.abort()
     with pytest.raises(ConnectionLostError):

@@ -17,56 +17,14 @@ from mignet.cli import exits
 from mignet.guest.directory import block_filename
 from tests.support.cli import one_line, start_recv
 from tests.support.qemu_peer import QemuSource, qemu_skip_reason
+from tests.support.tls import make_creds
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 
 
-def _run(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _ca(where: Path, name: str) -> Path:
-    where.mkdir(parents=True)
-    _run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca-cert.pem",
-         "-days", "2", "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
-         "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=where)
-    return where
-
-
-def _cert(ca: Path, out: Path, role: str) -> None:
-    """``role``-cert.pem / -key.pem in ``out``, signed by ``ca``, as QEMU checks them."""
-    purpose = "serverAuth" if role == "server" else "clientAuth"
-    ext = out / f"{role}.ext"
-    ext.write_text("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-                   f"extendedKeyUsage={purpose}\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{role}-key.pem", "-out", f"{role}.csr",
-         "-subj", f"/CN=mignet test {role}", cwd=out)
-    _run("x509", "-req", "-in", f"{role}.csr", "-CA", str(ca / "ca-cert.pem"), "-CAkey", str(ca / "ca-key.pem"),
-         "-CAcreateserial", "-out", f"{role}-cert.pem", "-days", "2", "-extfile", str(ext), cwd=out)
-
-
 @pytest.fixture(scope="module")
 def creds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """server/ and client/ folders of one CA; rogue/: a client of another CA; anon/: only
-    the CA (a client without a certificate)."""
-    root = tmp_path_factory.mktemp("tls")
-    ca, other = _ca(root / "ca", "mignet test CA"), _ca(root / "other-ca", "someone else")
-    folders = {}
-    for name, signer, role in [("server", ca, "server"), ("client", ca, "client"), ("rogue", other, "client")]:
-        d = root / name
-        d.mkdir()
-        shutil.copy(ca / "ca-cert.pem", d / "ca-cert.pem")
-        _cert(signer, d, role)
-        folders[name] = d
-    anon = root / "anon"
-    anon.mkdir()
-    shutil.copy(ca / "ca-cert.pem", anon / "ca-cert.pem")
-    folders["anon"] = anon
-    wrong_ca = root / "wrong-ca"
-    wrong_ca.mkdir()
-    shutil.copy(other / "ca-cert.pem", wrong_ca / "ca-cert.pem")
-    folders["wrong-ca"] = wrong_ca
-    return folders
+    return make_creds(tmp_path_factory.mktemp("tls"))
 
 
 def _send(cmd: list[str], env: dict[str, str], uri: str, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -109,17 +67,20 @@ def test_an_unauthenticated_source_is_refused_before_a_page(
 
 def test_a_stalled_stranger_does_not_take_the_tls_listener(
         mignet_cmd: list[str], subprocess_env: dict[str, str], creds: dict[str, Path]) -> None:
-    """A client that connects and says nothing is dropped after the handshake grace
-    (TLS_GRACE), and the source that queued behind it still gets in."""
+    """A client that connects and says nothing does not hold up the source that comes
+    after it: every connection is handshaken in its own thread, so the source completes
+    while the stranger still waits for its handshake grace (TLS_GRACE) to pass — no
+    refusal comes before the completion."""
     import socket
+
     recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]))
     host, port = uri.removeprefix("tcp:").rsplit(":", 1)
     with socket.create_connection((host, int(port))):  # the stranger: connected, silent
         sent = _send(mignet_cmd, subprocess_env, uri, "--tls-creds", str(creds["client"]))
-    stdout, stderr = recv.communicate(timeout=60)
+        stdout, stderr = recv.communicate(timeout=60)
     assert sent.returncode == 0 and recv.returncode == 0, sent.stderr + stderr
     events = [json.loads(line)["event"] for line in stdout.splitlines()]
-    assert events[0] == "refused" and events[-1] == "completed", events
+    assert events[-1] == "completed" and "refused" not in events, events
 
 
 def test_a_destination_the_source_cannot_verify_is_refused(
@@ -137,6 +98,82 @@ def test_a_destination_the_source_cannot_verify_is_refused(
         assert recv.poll() is None  # still listening for the real source
         recv.kill()
         recv.wait()
+
+
+def test_a_source_that_never_came_points_at_the_refused(
+        mignet_cmd: list[str], subprocess_env: dict[str, str], creds: dict[str, Path]) -> None:
+    """recv --timeout with only a refused client meanwhile: the timeout's one line says how
+    many were refused and where to read why (with TLS they did connect)."""
+    recv, uri = start_recv(mignet_cmd, subprocess_env, "--tls-creds", str(creds["server"]), "--timeout", "4")
+    assert _send(mignet_cmd, subprocess_env, uri, "--tls-creds", str(creds["rogue"])).returncode != 0
+    stdout, stderr = recv.communicate(timeout=60)
+    assert recv.returncode == exits.TIMEOUT, stderr
+    one_line(stderr, "(1 refused: see the refused events)")
+    assert [json.loads(line)["event"] for line in stdout.splitlines()] == ["refused", "error"]
+
+
+def test_recv_with_a_bad_credentials_folder_fails_at_start(
+        mignet_cmd: list[str], subprocess_env: dict[str, str], tmp_path: Path) -> None:
+    """The server's credentials are loaded once, before listening: a folder without them is
+    a setup error in one line at once, not a refusal of every source that comes (and,
+    without --timeout, a wait for ever)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = subprocess.run([*mignet_cmd, "recv", "--listen", "tcp:127.0.0.1:0", "--quiet",
+                           "--tls-creds", str(empty)],
+                          capture_output=True, text=True, env=subprocess_env, timeout=30)
+    assert done.returncode == exits.SETUP, done
+    one_line(done.stderr, "cannot load ca-cert.pem")
+    assert "listening" not in done.stdout
+
+
+def test_migrate_incoming_with_unusable_credentials_is_an_error_reply(
+        tmp_path: Path, creds: dict[str, Path]) -> None:
+    """QMP: a tls-creds-x509 object whose folder has the CA but no server certificate
+    (object-add checks only the CA): migrate-incoming answers the error and does not
+    listen, instead of refusing every source later."""
+    import asyncio
+
+    from tests.support.qmp_serve import serve
+
+    async def main() -> None:
+        async with serve(tmp_path, "dst", "--incoming", "defer") as dst:
+            await dst.x("object-add", {"qom-type": "tls-creds-x509", "id": "tls0",
+                                       "dir": str(creds["anon"]), "endpoint": "server"})
+            await dst.x("migrate-set-parameters", {"tls-creds": "tls0"})
+            cls, desc = await dst.error("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+            assert cls == "GenericError" and "server-cert.pem" in desc and "\n" not in desc, desc
+            assert (await dst.x("query-migrate")).get("status") in (None, "none")
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("multifd", [False, True], ids=["one-stream", "multifd"])
+def test_migrate_cancel_cuts_a_tls_handshake_under_way(tmp_path: Path, creds: dict[str, Path],
+                                                       multifd: bool) -> None:
+    """serve with tls-creds: a client stalls half-way through its ClientHello, then
+    migrate-cancel. The handshake is cut at once (not after its 30 s limit): cancelled
+    within seconds, and the client reads EOF."""
+    import asyncio
+    import socket
+
+    from tests.support.qmp_serve import FINAL, serve
+
+    async def main() -> None:
+        async with serve(tmp_path, "dst", "--incoming", "defer") as dst:
+            await dst.x("object-add", {"qom-type": "tls-creds-x509", "id": "tls0",
+                                       "dir": str(creds["server"]), "endpoint": "server"})
+            await dst.x("migrate-set-capabilities",
+                        {"capabilities": [{"capability": "multifd", "state": multifd}]})
+            await dst.x("migrate-set-parameters", {"tls-creds": "tls0"})
+            host, port = (await dst.incoming_uri()).removeprefix("tcp:").rsplit(":", 1)
+            with socket.create_connection((host, int(port)), timeout=10) as stranger:
+                stranger.sendall(bytes.fromhex("16030100c8010000c40303"))  # half a ClientHello
+                await asyncio.sleep(0.5)  # accepted, its handshake waiting for the rest
+                await dst.x("migrate-cancel")
+                got = await dst.wait_status(*FINAL, timeout=5)
+                assert got["status"] == "cancelled", got
+                assert await asyncio.to_thread(stranger.recv, 1) == b""
+    asyncio.run(main())
 
 
 qemu = pytest.mark.skipif(qemu_skip_reason() is not None, reason=qemu_skip_reason() or "")
@@ -333,3 +370,35 @@ def test_a_tls_listener_ends_at_its_timeout_in_one_line(mignet_cmd: list[str], s
                 "--timeout", "1", "--quiet"], capture_output=True, text=True, env=subprocess_env, timeout=60)
     assert r.returncode == exits.TIMEOUT
     one_line(r.stderr, "within 1")
+
+
+def test_a_tls_channel_peeks_without_consuming(creds: dict[str, Path]) -> None:
+    """What a destination classifies a connection by, after its handshake: a peek decrypts
+    into the channel's own buffer, the next reads return those bytes first (vectored reads
+    across it too), and a waiter sees them as ready although the socket has nothing new."""
+    import threading
+
+    from mignet.channel import IOCondition
+    from mignet.tcp import connect_socket, listen_socket
+    from mignet.tcp.tls import TlsChannel, tls_client, tls_server, tls_server_context
+    from mignet.uri import parse_uri
+
+    with listen_socket(parse_uri("tcp:127.0.0.1:0")) as listener:
+        box: dict[str, TlsChannel] = {}
+        t = threading.Thread(target=lambda: box.update(
+            server=tls_server(listener.accept(timeout=10), tls_server_context(creds["server"]), timeout=10)))
+        t.start()
+        client = tls_client(connect_socket(listener.address), creds["client"], "localhost", timeout=10)
+        t.join(10)
+    server = box["server"]
+    with client, server:
+        client.write_all(b"QEVM\x00\x00\x00\x03rest")
+        server.set_idle_timeout(read=5)
+        assert server.peek(4) == b"QEVM"
+        assert server.peek(8) == b"QEVM\x00\x00\x00\x03"  # more is decrypted into the buffer
+        assert server.wait_cond(IOCondition.IN, timeout=0)
+        head, tail = bytearray(2), bytearray(10)
+        assert server.readv_into([head, tail]) == 12
+        assert bytes(head + tail) == b"QEVM\x00\x00\x00\x03rest"
+        client.close()
+        assert server.peek(1) == b""  # the end, once the buffer is drained

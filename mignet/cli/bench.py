@@ -80,7 +80,8 @@ def add_parser(sub: Any) -> None:
     pc.set_defaults(func=cmd_bench_postcopy)
 
     c = bsub.add_parser(
-        "channels", help="multifd: mignet send/recv with N channels vs a raw N-connection loop, CPU s/GiB")
+        "channels", help="multifd: mignet send/recv with N channels vs a raw N-connection loop and "
+                         "QEMU 7.2 multifd, CPU s/GiB")
     c.add_argument("--size", default="1G", type=options.size, metavar="SIZE",
                    help="guest RAM per run (binary), a random image in /dev/shm")
     c.add_argument("--channels", default="1,2,4", type=_channel_list, metavar="LIST",

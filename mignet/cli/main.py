@@ -37,18 +37,17 @@ from mignet.errors import (
     MigrationCancelled,
     PeerFailedError,
     SetupError,
-    TimedOut,
 )
 from mignet.guest.devices import DeviceSet
 from mignet.guest.directory import GuestDir, open_snapshot
 from mignet.guest.ram import DIGESTS, GuestRam, RamBlock, RamDigests, allocate_guest_memory
 from mignet.migration.loadvm import IDLE_TIMEOUT, Loader, LoadResult, LoadStats, start_load_thread
-from mignet.migration.multifd import MultifdReceiver, MultifdSender, accept_incoming, open_channels
+from mignet.migration.multifd import Handshake, MultifdReceiver, MultifdSender, accept_incoming
 from mignet.migration.savevm import Sender, SendStats
 from mignet.tcp import SocketChannel
-from mignet.tcp.tls import glob_rules, tls_client, tls_server
+from mignet.tcp.tls import HANDSHAKE_TIMEOUT, glob_rules, tls_client, tls_server, tls_server_context
 from mignet.transport import connect, listen
-from mignet.ui.terminal import console, run_with_progress, stats_table, transfer_progress
+from mignet.ui.terminal import console, multifd_channels, run_with_progress, stats_table, transfer_progress
 from mignet.units import PAGE_SIZE, human_bytes, rate
 from mignet.uri import parse_uri
 from mignet.wire.multifd import MAX_CHANNELS
@@ -58,6 +57,7 @@ from mignet.wire.multifd import MAX_CHANNELS
 def cmd_recv(args: argparse.Namespace) -> int:
     _cancel_on_sigterm()
     out = GuestDir(Path(args.out), force=args.force, digest=args.digest) if args.out else None
+    handshake = _tls_handshake(args)  # credentials that cannot load fail here, before listening
     listener = listen(args.listen)
     if not args.quiet:
         console.print(f"mignet: listening on {listener.address}")
@@ -68,12 +68,10 @@ def cmd_recv(args: argparse.Namespace) -> int:
                       "encrypted or authenticated: use --tls-creds DIR", soft_wrap=True)
     if args.json:
         emit_json({"event": "listening", "uri": str(address)})
-    multifd: MultifdReceiver | None = None
-    if args.tls_creds:  # one connection, authenticated before a byte of the stream
-        channel: Channel = _accept_tls(listener, args)
-    else:
-        channel, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why),
-                                           preempt=args.postcopy_preempt)
+    # With --tls-creds every connection (the main one and each multifd channel) is
+    # authenticated and authorized before a byte of it is read as migration data.
+    channel, multifd = accept_incoming(listener, args.timeout, lambda why: _refused(args, why),
+                                       preempt=args.postcopy_preempt, handshake=handshake)
     loader = Loader(channel, devices=DeviceSet.empty(), max_ram_bytes=args.max_ram,
                     block_factory=out.block_factory if out else RamBlock.anonymous,
                     idle_timeout=args.idle_timeout, postcopy=args.postcopy, vcpus=args.vcpus)
@@ -157,38 +155,25 @@ def _refused(args: argparse.Namespace, why: str) -> None:
         console.print(f"mignet: {escape(why)}", soft_wrap=True)
 
 
-#: How long a connection to a TLS listener may take over its handshake before it is dropped
-#: and the next one taken: below a TLS client's own 30 s, so a real source that queued
-#: behind a stalled stranger still gets its turn.
+#: How long a connection to a TLS listener may take over its handshake before it is
+#: refused: below a TLS client's own 30 s. Each connection is handshaken in its own thread,
+#: so a stalled stranger holds up no other connection; the source's own channels come well
+#: within it.
 TLS_GRACE = 10.0
 
 
-def _accept_tls(listener: Any, args: argparse.Namespace) -> Channel:
-    """The first connection that completes the TLS handshake and is authorized. Others (a
-    port scanner, a stalled or unauthenticated client) are refused, said as ``refused``,
-    and the listener keeps listening until ``--timeout``: a stranger cannot take the one
-    migration's place."""
-    deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    try:
-        while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:  # 0 would make the socket non-blocking
-                raise _tls_late(listener, args.timeout)
-            try:
-                raw = listener.accept(timeout=left)
-            except TimeoutError:
-                raise _tls_late(listener, args.timeout) from None
-            try:
-                return tls_server(cast(SocketChannel, raw), Path(args.tls_creds), args.tls_verify_peer,
-                                  glob_rules(args.tls_authz), timeout=TLS_GRACE)
-            except ConnectionLostError as exc:
-                _refused(args, f"refused a connection: {exc}")
-    finally:
-        listener.close()
-
-
-def _tls_late(listener: Any, timeout: float) -> TimedOut:
-    return TimedOut(f"no source completed a TLS handshake on {listener.address} within {timeout:g} s")
+def _tls_handshake(args: argparse.Namespace) -> Handshake | None:
+    """``recv --tls-creds``: the server's handshake for each accepted connection (None
+    without TLS). The credentials are loaded here, once: a folder that cannot serve is a
+    SetupError at start. A port scanner, a stalled, unauthenticated or unauthorized client
+    is refused (said as ``refused``), and the listener keeps listening: a stranger cannot
+    take the migration's place, nor add a channel to it."""
+    if not args.tls_creds:
+        return None
+    authorize = glob_rules(args.tls_authz)
+    ctx = tls_server_context(Path(args.tls_creds), args.tls_verify_peer or authorize is not None)
+    return lambda raw, on_wrapped: tls_server(cast(SocketChannel, raw), ctx, authorize, timeout=TLS_GRACE,
+                                              on_wrapped=on_wrapped)
 
 
 def _postcopy_phase(args: argparse.Namespace, loader: Loader, phase: str) -> None:
@@ -225,8 +210,9 @@ def _run_load(loader: Loader, quiet: bool, extra_pages: MultifdReceiver | None =
         s = loader.stats
         done = s.ram_done + (extra_pages.pages * PAGE_SIZE if extra_pages is not None else 0)
         return done, s.ram_total or None, f"{s.device_sections} dev"
+    rows = multifd_channels(extra_pages.describe) if extra_pages is not None else None
     try:
-        with transfer_progress("receiving", poll, enabled=not quiet):
+        with transfer_progress("receiving", poll, enabled=not quiet, channels=rows):
             while thread.thread.is_alive():
                 thread.thread.join(0.2)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (_cancel_on_sigterm)
@@ -308,8 +294,6 @@ def check_send(args: argparse.Namespace) -> None:
         if args.stream:
             raise UsageError("--channels re-encodes the guest; a --stream file is replayed as "
                              "it was written", prog)
-        if args.tls_creds:
-            raise UsageError("--channels with --tls-creds is not implemented: one TLS stream", prog)
     if args.tls_creds and parse_uri(args.uri).scheme != "tcp":
         raise UsageError("--tls-creds needs a tcp: URI (as QEMU's TLS migration)", prog)
     refuse_unless(args, bool(args.tls_creds), ["tls_hostname"], "without --tls-creds")
@@ -365,7 +349,7 @@ def cmd_send(args: argparse.Namespace) -> int:
                             rdma_pin_all=args.rdma_pin_all, pages_to=multifd,
                             return_path=return_path, idle_timeout=args.idle_timeout, **kwargs)
             try:
-                stats = _run_send(sender, quiet=args.quiet)
+                stats = _run_send(sender, quiet=args.quiet, multifd=multifd)
             except (ConnectionLostError, PeerFailedError) as exc:
                 if not args.snapshot:
                     raise
@@ -403,8 +387,8 @@ def _channels_for(args: argparse.Namespace) -> Iterator[MultifdSender | None]:
     if args.channels <= 1:
         yield None
         return
-    multifd = MultifdSender(open_channels(lambda: connect(args.uri), args.channels),
-                            idle_timeout=args.idle_timeout)
+    # with --tls-creds each channel has its own TLS session, as QEMU's multifd_tls_channel_connect
+    multifd = MultifdSender.open(lambda: _connect_main(args), args.channels, idle_timeout=args.idle_timeout)
     multifd.start()
     try:
         yield multifd
@@ -414,12 +398,16 @@ def _channels_for(args: argparse.Namespace) -> Iterator[MultifdSender | None]:
 
 
 def _connect_main(args: argparse.Namespace) -> Channel:
-    """The main connection, with QEMU's TLS when --tls-creds says so."""
+    """A connection to the destination (the main one, or a multifd channel), with QEMU's
+    TLS when --tls-creds says so. A destination that stalls the handshake is given up on
+    within the idle limit, as a stall later would be."""
     channel = connect(args.uri)
     if not args.tls_creds:
         return channel
     host = str(parse_uri(args.uri).host)
-    return tls_client(cast(SocketChannel, channel), Path(args.tls_creds), args.tls_hostname or host)
+    limit = HANDSHAKE_TIMEOUT if args.idle_timeout is None else min(args.idle_timeout, HANDSHAKE_TIMEOUT)
+    return tls_client(cast(SocketChannel, channel), Path(args.tls_creds), args.tls_hostname or host,
+                      timeout=limit)
 
 
 def _send_stream(args: argparse.Namespace) -> int:
@@ -514,11 +502,12 @@ def _send_live(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_send(sender: Sender, quiet: bool) -> SendStats:
+def _run_send(sender: Sender, quiet: bool, multifd: MultifdSender | None = None) -> SendStats:
     def poll() -> tuple[int, int | None, str]:
         s = sender.stats
         return s.ram_done, s.ram_total, f"{s.zero_pages} zero pages"
-    return run_with_progress(sender.run, label="sending", poll=poll, cancel=sender.cancel, quiet=quiet)
+    return run_with_progress(sender.run, label="sending", poll=poll, cancel=sender.cancel, quiet=quiet,
+                             channels=multifd_channels(multifd.describe) if multifd is not None else None)
 
 
 def _block_list(ram: GuestRam) -> str:

@@ -15,6 +15,7 @@ status is published, so a client that sees "completed" may change options at onc
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from mignet.guest.ram import GuestRam, RamBlock
 from mignet.guest.userfault import Userfaultfd
 from mignet.guest.workload import Workload
 from mignet.migration.loadvm import Loader, LoadThread, load_in_coroutine, start_load_thread
-from mignet.migration.multifd import MultifdReceiver, MultifdSender, PollableListener, open_channels
+from mignet.migration.multifd import MultifdReceiver, MultifdSender, PollableListener
 from mignet.migration.postcopy_source import PostcopyParams, PostcopySource
 from mignet.migration.precopy import Precopy, PrecopyParams, RoundStats
 from mignet.migration.savevm import Sender
@@ -38,7 +39,7 @@ from mignet.migration.status import DirectionState, MigrationState, Phase, RamCo
 from mignet.runtime.halves import bottom_half, upper_half
 from mignet.runtime.threads import make_bulk, name_native_thread
 from mignet.tcp import SocketChannel
-from mignet.tcp.tls import tls_client, tls_server
+from mignet.tcp.tls import tls_client, tls_server, tls_server_context
 from mignet.transport import Listener, connect, listen
 from mignet.units import PAGE_SIZE
 from mignet.uri import parse_uri
@@ -90,6 +91,7 @@ class Migrations:
         self._listener: Listener | None = None
         self._recover_listener: Listener | None = None  # migrate-recover's, while it waits
         self._multifd_in: MultifdReceiver | None = None
+        self._tls_in: Channel | None = None  # the one-stream destination's, in its handshake
         self.objects = Objects()  # object-add's tls-creds-x509 and authz-list, by id
         # Each direction's channels as last seen (MultifdSender/Receiver.describe), kept
         # after the migration ends: x-mignet-query-multifd reads it.
@@ -113,7 +115,7 @@ class Migrations:
         snapshot = self.options.begin("outgoing", config)
         try:
             channels = _multifd_channels(uri, snapshot.capabilities, snapshot.parameters)
-            tls = self._tls(uri, snapshot.parameters, "client", multifd=channels > 0)
+            tls = self._tls(uri, snapshot.parameters, "client")
             postcopy = bool(snapshot.capabilities["postcopy-ram"])
             preempt = postcopy and bool(snapshot.capabilities["postcopy-preempt"])
             if postcopy:
@@ -159,14 +161,19 @@ class Migrations:
         name_native_thread(OUTGOING_THREAD)
         make_bulk()  # below the main loop's CPU priority, as the loader (runtime/threads.py)
         try:
-            channel = connect(uri)
-            if tls is not None:  # QEMU's TLS: the handshake before the stream's first byte
-                channel = tls_client(cast(SocketChannel, channel), tls.creds.dir, tls.hostname)
+            def connect_tls() -> Channel:
+                """QEMU's TLS: the handshake before the connection's first byte, on the
+                main one and on each multifd channel (multifd_tls_channel_connect)."""
+                raw = connect(uri)
+                if tls is None:
+                    return raw
+                return tls_client(cast(SocketChannel, raw), tls.creds.dir, tls.hostname)
+            channel = connect_tls()
             if preempt_on:  # as mignet send: right after the main one, silent until postcopy
                 preempt = connect(uri)
             if channels:
                 # as QEMU: the main stream connects first, then one connection per channel
-                multifd = MultifdSender(open_channels(lambda: connect(uri), channels))
+                multifd = MultifdSender.open(connect_tls, channels)
                 self._multifd_seen["outgoing"] = multifd.describe
                 multifd.start()
             assert self.guest.ram is not None
@@ -276,7 +283,7 @@ class Migrations:
         snapshot = self.options.begin("incoming", config)
         try:
             multifd = bool(_multifd_channels(uri, snapshot.capabilities, snapshot.parameters))
-            tls = self._tls(uri, snapshot.parameters, "server", multifd=multifd)
+            tls = self._tls(uri, snapshot.parameters, "server")
             postcopy = bool(snapshot.capabilities["postcopy-ram"])
             preempt = postcopy and bool(snapshot.capabilities["postcopy-preempt"])
             if postcopy:
@@ -322,8 +329,11 @@ class Migrations:
         try:
             try:
                 if multifd_on or preempt:  # keep listening: more connections come
-                    # multifd and preempt are only on tcp:/unix:, whose listeners are pollable
-                    multifd = MultifdReceiver(cast(PollableListener, listener), on_refused=self._refused)
+                    # multifd and preempt are only on tcp:/unix:, whose listeners are pollable.
+                    # With TLS each connection is handshaken (and authorized) before it is
+                    # classified; one that fails is refused, and the listener goes on.
+                    multifd = MultifdReceiver(cast(PollableListener, listener), on_refused=self._refused,
+                                              handshake=tls.server if tls is not None else None)
                     multifd.expect_preempt = preempt
                     multifd.bulk_threads = True  # as the loader: QMP answers first
                     self._multifd_seen["incoming"] = multifd.describe
@@ -337,9 +347,8 @@ class Migrations:
             finally:
                 if multifd is None:
                     listener.close()
-            if tls is not None:  # authenticated (and authorized) before a byte of the stream
-                channel = tls_server(cast(SocketChannel, channel), tls.creds.dir,
-                                     tls.creds.verify_peer, tls.authorize)
+            if tls is not None and multifd is None:  # authenticated before a byte of the stream
+                channel = self._tls_incoming(tls, channel)
                 with self._mutex:
                     self._listener = None
                     self._multifd_in = multifd
@@ -436,12 +445,28 @@ class Migrations:
             if outcome is not None:
                 self._end(inc, "incoming", *outcome)
 
+    def _tls_incoming(self, tls: _Tls, raw: Channel) -> Channel:
+        """The one-stream destination's handshake, which a cancel cuts: the channel is
+        known (``on_wrapped``) before the handshake starts, so ``cancel`` shuts down its
+        live descriptor instead of waiting out the handshake limit."""
+        def on_wrapped(ch: Channel) -> None:
+            with self._mutex:
+                self._tls_in = ch
+                cancelling = self.state.incoming.phase is Phase.CANCELLING
+            if cancelling:
+                ch.shutdown()
+        try:
+            return tls.server(raw, on_wrapped)
+        finally:
+            with self._mutex:
+                self._tls_in = None
+
     def multifd_channels(self) -> dict[str, Any]:
         """Per-channel figures of the latest multifd migration in each direction (None for a
         direction that had none): channels, pages per channel, packets, syncs, refusals."""
         return {d: (f() if (f := self._multifd_seen.get(d)) else None) for d in ("outgoing", "incoming")}
 
-    def _tls(self, uri: str, params: Mapping[str, Any], endpoint: str, multifd: bool) -> _Tls | None:
+    def _tls(self, uri: str, params: Mapping[str, Any], endpoint: str) -> _Tls | None:
         """QEMU's ``tls-creds``/``tls-hostname``/``tls-authz`` for a migration, checked at
         its start (an id that names no object is refused then, as in QEMU)."""
         creds_id = str(params.get("tls-creds", ""))
@@ -450,13 +475,15 @@ class Migrations:
         address = parse_uri(uri)
         if address.scheme != "tcp":
             raise RequestRefused(f"TLS needs a tcp: URI, not {address.scheme}:")
-        if multifd:
-            raise RequestRefused("multifd with TLS is not supported by mignet: turn one of them off")
         creds = self.objects.tls_creds(creds_id, endpoint)
         authz_id = str(params.get("tls-authz", ""))
         authorize = self.objects.authz(authz_id).allows if authz_id and endpoint == "server" else None
         hostname = str(params.get("tls-hostname", "")) or str(address.host)
-        return _Tls(creds, authorize, hostname)
+        # The destination loads its credentials now: a folder that cannot serve is this
+        # command's error, not a refusal of every source that comes.
+        ctx = (tls_server_context(creds.dir, creds.verify_peer or authorize is not None)
+               if endpoint == "server" else None)
+        return _Tls(creds, authorize, hostname, ctx)
 
     def _postcopy_check(self, uri: str, tls: bool) -> None:
         """postcopy-ram on an incoming migration: what mignet's postcopy cannot do is refused
@@ -493,6 +520,8 @@ class Migrations:
             with self._mutex:
                 if self._listener is not None:
                     self._listener.close()  # wakes accept()
+                if self._tls_in is not None:
+                    self._tls_in.shutdown()  # cuts its handshake
                 if self._loader is not None:
                     self._loader.cancel()
                 if self._multifd_in is not None:
@@ -597,6 +626,12 @@ class _Tls:
     creds: TlsCredsX509
     authorize: Callable[[str], bool] | None
     hostname: str
+    server_ctx: ssl.SSLContext | None = None  # the destination's, loaded once per migration
+
+    def server(self, raw: Channel, on_wrapped: Callable[[Channel], None] | None = None) -> Channel:
+        """The destination's handshake on one accepted connection (authorization too)."""
+        assert self.server_ctx is not None
+        return tls_server(cast(SocketChannel, raw), self.server_ctx, self.authorize, on_wrapped=on_wrapped)
 
 
 def _multifd_channels(uri: str, caps: Mapping[str, bool], params: Mapping[str, Any]) -> int:

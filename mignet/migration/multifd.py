@@ -8,7 +8,11 @@ the whole load:
 
 * an accept thread takes every connection and classifies it by its first bytes (QEMU 7.2
   itself takes the first connection as the main one; peeking does not depend on the order
-  connections are accepted in): ``QEVM`` is the main stream; ``0x11223344`` a multifd
+  connections are accepted in). With TLS (``handshake``) every connection first completes
+  its own handshake, authorization included, as QEMU's ``migration_channel_process_incoming``
+  does before ``migration_ioc_process_incoming``: a peer that fails it is refused before a
+  byte of it is read as migration data, and the bytes classified are the decrypted ones.
+  Then ``QEVM`` is the main stream; ``0x11223344`` a multifd
   channel; anything else is handed over as the main stream (the loader then says it is not
   a migration stream) while no main stream exists yet, and refused after;
 * channels must all carry the UUID of the first, with distinct ids, and arrive before the
@@ -64,7 +68,17 @@ from mignet.wire.multifd import (
 QEVM_BYTES = QEMU_VM_FILE_MAGIC.to_bytes(4, "big")
 CLASSIFY_TIMEOUT = 30.0  # a connection must say what it is within this
 SETTLE_TIMEOUT = 2.0  # at a RAM EOS: how long to wait for connections still being classified
+#: ... of which a TLS handshake with nothing new to read: a source's last handshake segment
+#: in flight (one retransmission on a short link), not a stranger that stalled in it
+QUIET_HANDSHAKE_SETTLE = 0.25
 ACCEPT_THREAD_NAME = "mig/dst/multifd-accept"
+
+
+#: TLS on an accepted connection: (the raw connection, ``on_wrapped``) -> the
+#: authenticated, authorized channel, or MignetError to refuse it. ``on_wrapped`` (may be
+#: None) gets the channel that stands for the connection before its handshake starts, so a
+#: stop can interrupt the handshake (the raw one's descriptor is already detached).
+Handshake = Callable[[Channel, Callable[[Channel], None] | None], Channel]
 
 
 class PollableListener(Protocol):
@@ -101,9 +115,14 @@ class MultifdReceiver:
     def __init__(self, listener: PollableListener, *,
                  on_refused: Callable[[str], None] | None = None,
                  classify_timeout: float = CLASSIFY_TIMEOUT,
-                 settle_timeout: float = SETTLE_TIMEOUT) -> None:
+                 settle_timeout: float = SETTLE_TIMEOUT,
+                 handshake: Handshake | None = None) -> None:
         self.listener = listener
         self.on_refused = on_refused
+        #: TLS: turns an accepted connection into the authenticated, authorized channel
+        #: (bounded by its own timeout), or raises MignetError to refuse it. Every
+        #: connection goes through it before it is classified (main, multifd, stray).
+        self.handshake = handshake
         # Called from a channel thread once a packet's pages are in place (the relay
         # forwards them); ``offsets`` are the packet's byte offsets, in packet order.
         self.on_pages: Callable[[RamBlock, np.ndarray], None] | None = None
@@ -131,6 +150,7 @@ class MultifdReceiver:
         self._uuid: bytes | None = None
         self._channels: dict[int, _ChannelState] = {}
         self._unclassified: set[Channel] = set()
+        self._handshaking: set[Channel] = set()  # of the unclassified: in their TLS handshake
         self._frozen = False  # the first RAM EOS passed: the channel set is complete
         self._ram: GuestRam | None = None
         self._generation = 0
@@ -153,7 +173,10 @@ class MultifdReceiver:
                                              "the migration's connection came")
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise TimeoutError(f"no connection on {self.listener.address} within {timeout} s")
+                    refused = (f" ({len(self.refused)} refused: see the refused events)"
+                               if self.refused else "")
+                    raise TimeoutError(f"no migration connected on {self.listener.address} within "
+                                       f"{timeout} s{refused}")
                 self._cond.wait(left if left is not None else 0.5)
             return self._main
 
@@ -185,7 +208,10 @@ class MultifdReceiver:
                 start_thread(functools.partial(self._classify, ch), "mig/dst/multifd-classify")
 
     def _classify(self, ch: Channel) -> None:
+        raw = ch
         try:
+            if self.handshake is not None:
+                ch = self._secure(raw)
             if self.expect_preempt and self._take_as_preempt(ch):
                 return
             head = self._peek(ch, 4)
@@ -209,11 +235,55 @@ class MultifdReceiver:
                 f"neither a migration stream nor a multifd channel (it began {head!r})"
             self._refuse(ch, f"{what}")
         except (MignetError, OSError, TimeoutError) as exc:
-            self._refuse(ch, str(exc))
+            self._refuse(ch, str(exc).removeprefix(f"{ch.name}: "))
         finally:
             with self._cond:
+                self._unclassified.discard(raw)
                 self._unclassified.discard(ch)
                 self._cond.notify_all()
+
+    def _secure(self, raw: Channel) -> Channel:
+        """``raw`` after its TLS handshake: the channel that stands for it from now on. It
+        is registered before the handshake starts (``on_wrapped``), so a stop shuts down
+        the live descriptor and cuts a handshake under way. Its first bytes must come
+        within ``classify_timeout``: a TLS read that met half a record would otherwise
+        wait for the rest forever."""
+        assert self.handshake is not None
+        wrapped: list[Channel] = []
+
+        def on_wrapped(tls: Channel) -> None:
+            with self._cond:
+                self._unclassified.discard(raw)
+                self._handshaking.discard(raw)
+                self._unclassified.add(tls)
+                self._handshaking.add(tls)
+                stopping = self._stopping
+            wrapped.append(tls)
+            if stopping:
+                tls.shutdown()
+
+        with self._cond:
+            self._handshaking.add(raw)
+        try:
+            ch = self.handshake(raw, on_wrapped)
+        except BaseException:
+            with self._cond:
+                for gone in wrapped:  # closed by the handshake; the caller refuses ``raw``
+                    self._unclassified.discard(gone)
+            raise
+        finally:
+            with self._cond:
+                self._handshaking.discard(raw)
+                self._handshaking.difference_update(wrapped)
+                self._cond.notify_all()
+        with self._cond:
+            self._unclassified.discard(raw)
+            self._unclassified.add(ch)
+            stopping = self._stopping
+        if stopping:
+            ch.shutdown()
+        ch.set_idle_timeout(read=self.classify_timeout)
+        return ch
 
     def _take_as_preempt(self, ch: Channel) -> bool:
         """Whether ``ch`` is the preempt channel: QEMU connects it right after the main
@@ -309,15 +379,25 @@ class MultifdReceiver:
 
     def _settle(self) -> None:
         """Take and classify every connection already made (QEMU's channels all connected
-        before the EOS the main loader is at), waiting at most ``settle_timeout``."""
+        before the EOS the main loader is at), waiting at most ``settle_timeout``. One
+        still in its TLS handshake is waited for only while its socket holds bytes the
+        handshake has not read, or for the first ``QUIET_HANDSHAKE_SETTLE`` s: a source's
+        channel has sent its whole handshake, init record and SYNC before the main
+        stream's EOS (that grace covers one of its segments still in flight), while a
+        stranger stalled in its handshake has nothing more to say."""
         self._accept_ready()
-        deadline = time.monotonic() + self.settle_timeout
+        start = time.monotonic()
+        deadline = start + self.settle_timeout
+        quiet_until = start + min(self.settle_timeout, QUIET_HANDSHAKE_SETTLE)
         with self._cond:
-            while self._unclassified and not self._stopping:
-                left = deadline - time.monotonic()
-                if left <= 0:
+            while not self._stopping:
+                now = time.monotonic()
+                if not any(ch not in self._handshaking or now < quiet_until or _has_input(ch)
+                           for ch in self._unclassified):
                     return
-                self._cond.wait(left)
+                if now >= deadline:
+                    return
+                self._cond.wait(min(deadline - now, 0.02))
 
     # --- the main loader's side --------------------------------------------------------
     def attach(self, loader: Loader) -> None:
@@ -560,6 +640,16 @@ class MultifdReceiver:
                     "syncs": self._generation, "refused": list(self.refused)}
 
 
+def _has_input(ch: Channel) -> bool:
+    """Whether ``ch``'s socket holds unread bytes (a poll: never reads, so it cannot race
+    the thread in its handshake)."""
+    try:
+        fds = ch.poll_fds(IOCondition.IN)
+        return bool(fds) and _readable(fds[0][0], 0)
+    except (OSError, ValueError):  # closed meanwhile
+        return False
+
+
 def _readable(fd: int, timeout: float) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
@@ -589,23 +679,12 @@ def _channel_error(channel_id: int, exc: BaseException) -> MignetError:
 
 
 # --- the source side ---------------------------------------------------------------------
-def open_channels(connect: Callable[[], Channel], count: int) -> list[Channel]:
-    """``count`` connections for a :class:`MultifdSender` (after the main one, as QEMU 7.2's
-    destination expects); if one cannot be opened, those already open are closed."""
-    channels: list[Channel] = []
-    try:
-        for _ in range(count):
-            channels.append(connect())
-    except BaseException:
-        for ch in channels:
-            ch.close()
-        raise
-    return channels
-
-
-
 SEND_THREAD_PREFIX = "mig/src/multifd/"
 _POLL = 0.2  # how often a blocked queue operation looks for a failure
+# Packets per hand-off to a channel thread: one queue hand-off per 128-page packet was
+# 2,048 thread wake-ups per GiB (docs/benchmarks.md, issue 11); each packet keeps its
+# own header and number on the wire, as QEMU's receiver expects.
+JOB_PACKETS = 4
 
 
 @dataclass
@@ -615,8 +694,10 @@ class _SendJob:
     block: str = ""
     region: RamBlock | None = None
     data: memoryview | None = None
-    offsets: np.ndarray | None = None
-    packet_num: int = 0
+    #: the data packets of the job, each (page offsets, packet number): up to
+    #: ``JOB_PACKETS``, written by one channel in one vectored write
+    packets: list[tuple[np.ndarray, int]] = field(default_factory=list)
+    packet_num: int = 0  # a SYNC's
 
 
 class MultifdSender:
@@ -625,18 +706,20 @@ class MultifdSender:
     The main thread (the :class:`~mignet.migration.savevm.Sender`) finds zero pages itself
     and sends them as ZERO records on the main stream; the data pages it hands to
     :meth:`queue_pages`, which gathers them into packets of up to ``PACKET_PAGES`` pages of
-    one RAM block (QEMU's ``multifd_queue_page``) and puts each on a shared queue; whichever
-    channel thread is free takes it (QEMU: the next idle channel) and writes the 1344-byte
-    header and the pages straight from guest RAM in one vectored write (runs of consecutive
-    pages as one view; no staging copy). :meth:`sync` is ``multifd_send_sync_main``: the
+    one RAM block (QEMU's ``multifd_queue_page``) and puts them on a shared queue, up to
+    ``JOB_PACKETS`` per job; whichever channel thread is free takes a job (QEMU: the next idle
+    channel, per packet) and writes each packet's 1344-byte header and its pages straight
+    from guest RAM, the job in one vectored write (runs of consecutive pages as one view; no
+    staging copy). :meth:`sync` is ``multifd_send_sync_main``: the
     pending pages go out, then one SYNC packet per channel; it returns once every channel has
     written its SYNC, and only then does the main stream write its RAM EOS. Each channel
-    opens with the init record (``uuid``: QEMU 7.2's destination requires its own
+    opens with the init record, written by :meth:`open` (``uuid``: QEMU 7.2's destination requires its own
     ``qemu_uuid``, all zeros unless it was started with ``-uuid``). A failing channel fails
     the migration: the main thread re-raises ``multifd channel N: ...`` at its next call."""
 
     def __init__(self, channels: list[Channel], *, uuid: bytes = bytes(16),
                  queue_depth: int | None = None, idle_timeout: float | None = IDLE_TIMEOUT) -> None:
+        """``channels``: as :meth:`open` makes them, each with its init record written."""
         if not channels:
             raise ValueError("multifd needs at least one channel")
         self.channels = channels
@@ -655,6 +738,29 @@ class MultifdSender:
         self.packets = [0] * len(channels)
         self.syncs = 0
         self._threads: list[threading.Thread] = []
+
+    @classmethod
+    def open(cls, connect: Callable[[], Channel], count: int, *, uuid: bytes = bytes(16),
+             **kwargs: Any) -> MultifdSender:
+        """``count`` channels from ``connect`` (after the main one, as QEMU 7.2's destination
+        expects), each announced — its init record written — as soon as it is connected,
+        before the next one connects; if one cannot be opened, those already open are
+        closed. ``kwargs`` as the constructor's.
+
+        The one place an init record is written. Right after the connection, not in the
+        channel's thread: a QEMU 7.2 destination with TLS handshakes connections on its
+        main loop, which then blocks reading the channel's init record
+        (``multifd_recv_new_channel``), so the next channel's handshake waits for it."""
+        channels: list[Channel] = []
+        try:
+            for cid in range(count):
+                channels.append(connect())
+                channels[-1].write_all(build_init(uuid, cid))
+        except BaseException:
+            for ch in channels:
+                ch.close()
+            raise
+        return cls(channels, uuid=uuid, **kwargs)
 
     def start(self) -> None:
         for cid, ch in enumerate(self.channels):
@@ -675,8 +781,9 @@ class MultifdSender:
         if self._pending_count >= PACKET_PAGES:
             offs = np.concatenate(self._pending) if len(self._pending) > 1 else self._pending[0]
             full = len(offs) - len(offs) % PACKET_PAGES
-            for start in range(0, full, PACKET_PAGES):
-                sent += self._put_pages(block, offs[start:start + PACKET_PAGES])
+            step = PACKET_PAGES * JOB_PACKETS
+            for start in range(0, full, step):
+                sent += self._put_pages(block, offs[start:min(start + step, full)])
             rest = offs[full:]
             self._pending = [rest] if len(rest) else []
             self._pending_count = len(rest)
@@ -690,9 +797,11 @@ class MultifdSender:
         return self._put_pages(block, np.concatenate(offs) if len(offs) > 1 else offs[0])
 
     def _put_pages(self, block: RamBlock, offsets: np.ndarray) -> int:
-        self._put(_SendJob(block=block.name, region=block, data=block.view(), offsets=offsets,
-                           packet_num=self._next_packet()))
-        return PACKET_LEN + len(offsets) * PAGE_SIZE
+        """One job: ``offsets`` cut into packets of ``PACKET_PAGES`` (the last may be short)."""
+        packets = [(offsets[i:i + PACKET_PAGES], self._next_packet())
+                   for i in range(0, len(offsets), PACKET_PAGES)]
+        self._put(_SendJob(block=block.name, region=block, data=block.view(), packets=packets))
+        return PACKET_LEN * len(packets) + len(offsets) * PAGE_SIZE
 
     def _next_packet(self) -> int:
         n = self._packet_num
@@ -777,7 +886,6 @@ class MultifdSender:
         placement = ch.page_placement
         after = 0
         try:
-            ch.write_all(build_init(self.uuid, cid))
             while True:
                 try:
                     job = self._jobs.get(timeout=_POLL)
@@ -797,16 +905,22 @@ class MultifdSender:
                     self.packets[cid] += 1
                     self._barrier.wait()
                     continue
-                assert job.data is not None and job.offsets is not None
-                offs = job.offsets
-                head = build_packet(block=job.block, offsets=offs, packet_num=job.packet_num)
+                assert job.data is not None
+                heads = [build_packet(block=job.block, offsets=offs, packet_num=num)
+                         for offs, num in job.packets]
                 if placement is not None and job.region is not None:
-                    placement.write_pages(job.region, offs, after=after)
-                    ch.write_all(head)
+                    # every packet's pages first, then the headers (after them on this QP)
+                    placement.write_pages(job.region, np.concatenate([o for o, _ in job.packets]),
+                                          after=after)
+                    ch.writev_all(heads)
                 else:
-                    ch.writev_all([head, *_page_views(job.data, offs.astype(np.int64))])
-                self.pages[cid] += len(offs)
-                self.packets[cid] += 1
+                    bufs: list[bytes | memoryview] = []
+                    for head, (offs, _) in zip(heads, job.packets, strict=True):
+                        bufs.append(head)
+                        bufs += _page_views(job.data, offs.astype(np.int64))
+                    ch.writev_all(bufs)
+                self.pages[cid] += sum(len(offs) for offs, _ in job.packets)
+                self.packets[cid] += len(job.packets)
         except threading.BrokenBarrierError:
             return  # another channel failed, or an abort: that is the error
         except BaseException as exc:  # noqa: BLE001 - any failure fails the migration
@@ -817,21 +931,24 @@ class MultifdSender:
 
 
 def accept_incoming(listener: Any, timeout: float | None, on_refused: Callable[[str], None],
-                    channels: bool = True, preempt: bool = False) -> tuple[Channel, MultifdReceiver | None]:
+                    channels: bool = True, preempt: bool = False,
+                    handshake: Handshake | None = None
+                    ) -> tuple[Channel, MultifdReceiver | None]:
     """Accept a migration's main connection, as ``recv`` and ``relay`` do: keep listening,
     so a multifd source (QEMU's capability, a relay's link, ``send --channels``; over rdma:
-    each channel is a queue pair of its own) can add its channels; without ``channels``
-    (TLS: the first bytes are a handshake, not a stream to classify), take the one
-    connection. The listener is closed unless the
-    returned receiver now owns it. A source that never comes is one line (TimedOut).
-    ``preempt``: a postcopy preempt channel is expected (:meth:`MultifdReceiver.take_preempt`)."""
+    each channel is a queue pair of its own) can add its channels; without ``channels``,
+    take the one connection. ``handshake`` (TLS) is done on every connection before it is
+    classified (see the module docstring). The listener is closed unless the returned
+    receiver now owns it. A source that never comes is one line (TimedOut). ``preempt``: a
+    postcopy preempt channel is expected (:meth:`MultifdReceiver.take_preempt`)."""
     multifd: MultifdReceiver | None = None
     try:
         if channels:
-            multifd = MultifdReceiver(listener, on_refused=on_refused)
+            multifd = MultifdReceiver(listener, on_refused=on_refused, handshake=handshake)
             multifd.expect_preempt = preempt
             return multifd.accept_main(timeout=timeout), multifd
-        return listener.accept(timeout=timeout), None
+        channel = listener.accept(timeout=timeout)
+        return (channel if handshake is None else handshake(channel, None)), None
     except TimeoutError as exc:
         if multifd is not None:
             multifd.close()

@@ -46,7 +46,7 @@ from mignet.errors import ConnectionLostError, ProtocolError
 from mignet.guest.devices import KNOWN_DEVICES, DeviceSet
 from mignet.guest.ram import GuestRam, RamBlock
 from mignet.migration.loadvm import IDLE_TIMEOUT, MAX_RUN, Loader
-from mignet.migration.multifd import MultifdReceiver, MultifdSender, open_channels
+from mignet.migration.multifd import MultifdReceiver, MultifdSender
 from mignet.wire import (
     PAGE_SIZE,
     DeviceState,
@@ -320,7 +320,7 @@ class Relay:
         self.outbound.set_idle_timeout(write=IDLE_TIMEOUT)  # a far side that stops reading ends it
         if self.channels:
             # QEMU 7.2's destination takes its first connection as the main stream.
-            self.multifd_out = MultifdSender(open_channels(self.connect_out, self.channels))
+            self.multifd_out = MultifdSender.open(self.connect_out, self.channels)
             self.multifd_out.start()
         self._out.append(self.encoder.header())
         if self.stats.machine_type:

@@ -18,9 +18,9 @@ import socket
 import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from mignet.channel import Buffer, ShutdownHow, WritableBuffer
+from mignet.channel import Buffer, IOCondition, ShutdownHow, WritableBuffer
 from mignet.errors import ConnectionLostError, SetupError
 from mignet.tcp.socket_channel import _SHUT, SocketChannel
 
@@ -30,14 +30,44 @@ HANDSHAKE_TIMEOUT = 30.0
 class TlsChannel(SocketChannel):
     """A SocketChannel whose socket is an ``ssl.SSLSocket``: SSL sockets have no vectored
     calls and no MSG_PEEK, so reads fill one buffer at a time, writes send one buffer, and
-    the kernel's low-water hint is off (decrypted bytes may wait inside the SSL object)."""
+    the kernel's low-water hint is off (decrypted bytes may wait inside the SSL object).
+    A peek decrypts into a small buffer of this channel that the next reads drain first, so
+    a listener can tell what a connection is after its handshake (multifd's init record or
+    a stream's magic), as it does on a plain socket."""
 
     duplex_threads = False  # one SSL object: a read and a write must not overlap
+
+    def __init__(self, sock: socket.socket, name: str | None = None) -> None:
+        super().__init__(sock, name)
+        self._peeked = bytearray()  # decrypted by a peek, not yet read
 
     def hint_bulk_reads(self, low_water: int) -> None:
         pass
 
+    def wait_cond(self, cond: IOCondition, timeout: float | None = None) -> bool:
+        """Bytes already decrypted (peeked, or a record's rest inside the SSL object) are
+        ready although the socket underneath may have nothing more to say."""
+        if cond & IOCondition.IN and not self.closed and self._buffered():
+            return True
+        return super().wait_cond(cond, timeout)
+
+    def _buffered(self) -> int:
+        sock = self.sock
+        pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
+        return len(self._peeked) + pending
+
     def _readv(self, bufs: Sequence[WritableBuffer]) -> int | None:
+        if self._peeked:
+            n = 0
+            for buf in bufs:
+                view = memoryview(buf).cast("B")
+                take = min(len(view), len(self._peeked) - n)
+                view[:take] = self._peeked[n:n + take]
+                n += take
+                if n == len(self._peeked):
+                    break
+            del self._peeked[:n]
+            return n
         return self._io(lambda: self.sock.recv_into(bufs[0]))
 
     def _writev(self, bufs: Sequence[Buffer]) -> int | None:
@@ -55,7 +85,17 @@ class TlsChannel(SocketChannel):
             raise self._lost(exc) from exc
 
     def _peek(self, size: int) -> bytes | None:
-        raise ConnectionLostError(f"{self.name}: a TLS channel cannot be peeked at")
+        """Up to ``size`` bytes, decrypting more into the peek buffer when it holds fewer
+        (one read, and with bytes already there only one that cannot block); None when
+        there is nothing yet."""
+        if len(self._peeked) < size and (not self._peeked or self._buffered() > len(self._peeked)
+                                         or self._ready.poll(0)):
+            more = bytearray(size - len(self._peeked))
+            n = self._io(lambda: self.sock.recv_into(more))
+            if n is None and not self._peeked:
+                return None
+            self._peeked += more[:n or 0]
+        return bytes(self._peeked[:size])
 
     def _shutdown(self, how: ShutdownHow) -> None:
         """No half-close: ``SSLSocket.shutdown`` drops the TLS state, after which reads
@@ -100,22 +140,42 @@ def _context(creds: Path, server: bool, verify_peer: bool) -> ssl.SSLContext:
     return ctx
 
 
-def _handshake(channel: SocketChannel, ctx: ssl.SSLContext, server: bool,
-               hostname: str | None, timeout: float = HANDSHAKE_TIMEOUT) -> TlsChannel:
+def _handshake(channel: SocketChannel, ctx: ssl.SSLContext, server: bool, hostname: str | None,
+               timeout: float, on_wrapped: Callable[[TlsChannel], None] | None) -> TlsChannel:
+    """The handshake on ``channel``'s socket. Wrapping detaches the socket from ``channel``
+    (its descriptor now belongs to the SSL socket), so the TlsChannel exists before the
+    handshake and ``on_wrapped`` gets it first: whoever may have to interrupt the
+    handshake (a receiver that stops) shuts down the live descriptor, not the dead one."""
     sock = channel.sock
-    sock.settimeout(timeout)
     try:
-        tls = ctx.wrap_socket(sock, server_side=server, server_hostname=None if server else hostname)
-    except (ssl.SSLError, ssl.CertificateError) as exc:
+        tls = TlsChannel(ctx.wrap_socket(sock, server_side=server, do_handshake_on_connect=False,
+                                         server_hostname=None if server else hostname), channel.name)
+    except (OSError, ValueError) as exc:
         sock.close()
+        raise ConnectionLostError(f"{channel.name}: TLS failed to start ({exc})") from None
+    if on_wrapped is not None:
+        on_wrapped(tls)
+    ssock = cast(ssl.SSLSocket, tls.sock)
+    ssock.settimeout(timeout)
+    try:
+        ssock.do_handshake()
+    except (ssl.SSLError, ssl.CertificateError) as exc:
+        tls.close()
         who = "client" if server else "server"
         raise ConnectionLostError(f"{channel.name}: TLS handshake failed: the {who} is not "
                                   f"authenticated ({getattr(exc, 'reason', None) or exc})") from None
-    except OSError as exc:  # timeouts included
-        sock.close()
+    except TimeoutError:
+        tls.close()
+        if server:
+            raise ConnectionLostError(f"{channel.name}: the client did not complete the TLS "
+                                      f"handshake in {timeout:g} s") from None
+        raise ConnectionLostError(f"{channel.name}: the destination did not complete the TLS "
+                                  f"handshake in {timeout:g} s: check that it has tls-creds") from None
+    except OSError as exc:
+        tls.close()
         raise ConnectionLostError(f"{channel.name}: TLS handshake failed ({exc})") from None
-    tls.settimeout(None)
-    return TlsChannel(tls, channel.name)
+    ssock.settimeout(None)
+    return tls
 
 
 def peer_dname(channel: TlsChannel) -> str:
@@ -135,16 +195,28 @@ _SHORT = {"commonName": "CN", "organizationName": "O", "organizationalUnitName":
           "emailAddress": "emailAddress", "domainComponent": "DC"}
 
 
-def tls_server(channel: SocketChannel, creds: Path, verify_peer: bool = True,
+def tls_server_context(creds: Path, verify_peer: bool = True) -> ssl.SSLContext:
+    """The listening end's credentials, loaded once for every connection it will accept, so
+    a folder that cannot serve is a SetupError before anyone connects (QEMU loads them
+    when its tls-creds-x509 object is made). ``verify_peer``: require a client
+    certificate; authorization (``tls_server``'s ``authorize``) needs it."""
+    return _context(creds, True, verify_peer)
+
+
+def tls_server(channel: SocketChannel, ctx: ssl.SSLContext,
                authorize: Callable[[str], bool] | None = None,
-               timeout: float = HANDSHAKE_TIMEOUT) -> TlsChannel:
-    """The listening end's handshake on an accepted connection; refused peers never get in.
+               timeout: float = HANDSHAKE_TIMEOUT,
+               on_wrapped: Callable[[TlsChannel], None] | None = None) -> TlsChannel:
+    """The listening end's handshake on an accepted connection (``ctx`` from
+    :func:`tls_server_context`); refused peers never get in.
 
     ``authorize``: given the client's distinguished name (``CN=laptop,O=Example Org``), as
     QEMU's ``tls-authz``; None lets in every verified client. ``timeout``: how long a peer
-    may take to complete it."""
-    tls = _handshake(channel, _context(creds, True, verify_peer or authorize is not None), True, None,
-                     timeout)
+    may take to complete it. ``on_wrapped``: given the channel before its handshake
+    starts (see :func:`_handshake`)."""
+    if authorize is not None and ctx.verify_mode != ssl.CERT_REQUIRED:
+        raise ValueError("tls_server: authorization needs a context that verifies peers")
+    tls = _handshake(channel, ctx, True, None, timeout, on_wrapped)
     if authorize is not None:
         dname = peer_dname(tls)
         if not authorize(dname):
@@ -161,9 +233,11 @@ def glob_rules(rules: Sequence[str]) -> Callable[[str], bool] | None:
     return lambda dname: any(fnmatch.fnmatchcase(dname, rule) for rule in rules)
 
 
-def tls_client(channel: SocketChannel, creds: Path, hostname: str) -> TlsChannel:
-    """The connecting end's handshake, checking the server's certificate for ``hostname``."""
-    return _handshake(channel, _context(creds, False, True), False, hostname)
+def tls_client(channel: SocketChannel, creds: Path, hostname: str,
+               timeout: float = HANDSHAKE_TIMEOUT) -> TlsChannel:
+    """The connecting end's handshake, checking the server's certificate for ``hostname``;
+    ``timeout``: how long a destination may take to complete it."""
+    return _handshake(channel, _context(creds, False, True), False, hostname, timeout, None)
 
 
-__all__ = ["TlsChannel", "peer_dname", "tls_client", "tls_server"]
+__all__ = ["TlsChannel", "peer_dname", "tls_client", "tls_server", "tls_server_context"]

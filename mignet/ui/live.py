@@ -15,10 +15,11 @@ from mignet.guest.devices import DeviceSet
 from mignet.guest.ram import GuestRam
 from mignet.guest.workload import Workload
 from mignet.migration.loadvm import IDLE_TIMEOUT
+from mignet.migration.multifd import MultifdSender
 from mignet.migration.postcopy_source import PostcopyParams, PostcopySource
 from mignet.migration.precopy import Precopy, PrecopyParams
 from mignet.migration.savevm import PageChannels, Sender
-from mignet.ui.terminal import run_with_progress, stats_table
+from mignet.ui.terminal import multifd_channels, run_with_progress, stats_table
 from mignet.units import human_bytes
 
 
@@ -68,8 +69,10 @@ def run_live(channel: Channel, ram: GuestRam, devices: DeviceSet, *, dirty_rate:
     def poll() -> tuple[int, int | None, str]:
         info = precopy.query_migrate()
         return info.get("ram", {}).get("transferred", 0), None, progress_note(info)
+    rows = multifd_channels(pages_to.describe) if isinstance(pages_to, MultifdSender) else None
     run_with_progress(precopy.run, label="live migration", poll=poll, cancel=precopy.cancel,
-                      quiet=quiet, force_after=(force_after, precopy.force_switchover) if force_after else None)
+                      quiet=quiet, force_after=(force_after, precopy.force_switchover) if force_after else None,
+                      channels=rows)
     return precopy, workload
 
 
