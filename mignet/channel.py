@@ -67,14 +67,20 @@ class RemotePagePlacement(Protocol):
         """Source, before the stream starts: how the destination should register its RAM
         (QEMU's ``rdma-pin-all``); ``None`` takes the transport's default."""
 
-    def register_destination_ram(self, blocks: Iterable[MemoryRegion]) -> None:
+    def register_destination_ram(self, blocks: Iterable[MemoryRegion], shared: Any = None) -> None:
         """Destination, when the stream announces its blocks: register them for remote
         writes and tell the source where each lives. Their pages then change behind the
-        loader's back."""
+        loader's back. ``shared``: another connection's placement (from the same source:
+        multifd's main connection) whose registrations serve this connection too."""
 
-    def write_pages(self, block: MemoryRegion, offsets: Any) -> int:
+    def write_pages(self, block: MemoryRegion, offsets: Any, after: int | None = None) -> int:
         """Source: write the pages at ``offsets`` (numpy array of byte offsets) of
-        ``block`` into the destination's copy; returns bytes written."""
+        ``block`` into the destination's copy; returns bytes written. They land only after
+        the destination processed this connection's stream up to ``after`` (a
+        ``stream_position``); None: all of it (a ZERO record there may name these pages)."""
+
+    def stream_position(self) -> int:
+        """Source: where this connection's stream is now, for ``write_pages(after=…)``."""
 
     def fence(self) -> None:
         """Source: return once every page written so far has landed at the destination

@@ -100,6 +100,15 @@ def test_recv_and_relay_check_before_listening(mignet_cmd: list[str], subprocess
     assert not path.exists()
 
 
+def test_send_takes_channels_over_rdma(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
+    """Multifd over rdma: is no usage error: send gets as far as the transport (here: no RDMA
+    device on the host, or nothing listening on one that has it) and says that in one line."""
+    r = _run(mignet_cmd, subprocess_env, "send", "rdma:10.9.0.1:1", "--size", "4M", "--channels", "2",
+             timeout=120)
+    assert r.returncode not in (0, exits.USAGE), r.stderr
+    one_line(r.stderr, "")
+
+
 def test_unknown_option_is_one_line(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:
     r = _run(mignet_cmd, subprocess_env, "send", "tcp:127.0.0.1:1", "--size", "1M", "--bogus")
     _usage_error(r, "unrecognized arguments: --bogus")

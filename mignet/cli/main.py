@@ -294,8 +294,6 @@ def check_send(args: argparse.Namespace) -> None:
         if args.stream:
             raise UsageError("--channels re-encodes the guest; a --stream file is replayed as "
                              "it was written", prog)
-        if parse_uri(args.uri).scheme not in ("tcp", "unix"):
-            raise UsageError("--channels (multifd) needs a tcp: or unix: URI", prog)
     if args.tls_creds and parse_uri(args.uri).scheme != "tcp":
         raise UsageError("--tls-creds needs a tcp: URI (as QEMU's TLS migration)", prog)
     refuse_unless(args, bool(args.tls_creds), ["tls_hostname"], "without --tls-creds")

@@ -52,7 +52,8 @@ def add_parser(sub: Any) -> None:
 def check_relay(args: argparse.Namespace) -> None:
     """Refused before anything listens: what cannot work, or would be ignored."""
     if args.channels > 1 and parse_uri(args.to).scheme not in ("tcp", "unix"):
-        raise UsageError("--channels (multifd) needs a tcp: or unix: --to", options.prog(args))
+        raise UsageError("--channels (multifd) needs a tcp: or unix: --to (over rdma: only "
+                         "mignet send --channels, into recv, runs multifd)", options.prog(args))
     refuse_unless(args, args.json, ["progress"], "without --json")
 
 

@@ -640,7 +640,8 @@ def _multifd_channels(uri: str, caps: Mapping[str, bool], params: Mapping[str, A
         return 0
     scheme = parse_uri(uri).scheme
     if scheme not in ("tcp", "unix"):
-        raise RequestRefused(f"multifd is not supported on {scheme}: URIs (as in QEMU): "
+        raise RequestRefused(f"multifd is not supported on {scheme}: URIs (as in QEMU; over "
+                             "rdma: only mignet send --channels, into recv, runs multifd): "
                              "use tcp: or unix:, or turn the multifd capability off")
     if params.get("multifd-compression", "none") != "none":
         raise RequestRefused(f"multifd-compression '{params['multifd-compression']}' is not "

@@ -203,6 +203,10 @@ class MultifdReceiver:
                     ch = self.listener.accept(timeout=0.5)
                 except TimeoutError:
                     return
+                except MignetError as exc:  # rdma: setting a connection up can fail midway
+                    self._report(f"a connection to {self.listener.address} failed while being "
+                                 f"accepted: {exc}")
+                    continue
                 with self._cond:
                     self._unclassified.add(ch)
                     self._accepted += 1
@@ -360,6 +364,11 @@ class MultifdReceiver:
                 why = f"multifd channel id {cid} is already connected"
             elif self._stopping:
                 why = "the receiver is stopping"
+            if why is None and self._ram is not None:
+                try:
+                    self._share_ram(ch)
+                except MignetError as exc:
+                    why = str(exc)
             if why is None:
                 self._uuid = init.uuid
                 state = _ChannelState(cid, ch)
@@ -372,9 +381,11 @@ class MultifdReceiver:
         self._refuse(ch, why)
 
     def _refuse(self, ch: Channel, why: str) -> None:
-        message = f"refused a connection from {ch.name}: {why}"
         ch.shutdown()
         ch.close()
+        self._report(f"refused a connection from {ch.name}: {why}")
+
+    def _report(self, message: str) -> None:
         with self._cond:
             self.refused.append(message)
         if self.on_refused is not None and not self._stopping:
@@ -430,7 +441,18 @@ class MultifdReceiver:
     def _blocks_ready(self, ram: GuestRam) -> None:
         with self._cond:
             self._ram = ram
+            for state in self._channels.values():
+                self._share_ram(state.channel)
             self._cond.notify_all()
+
+    def _share_ram(self, ch: Channel) -> None:
+        """RDMA: the source WRITEs a channel's pages into the RAM the main connection
+        registered (one protection domain: its keys serve every queue pair); tell the
+        channel's source where that RAM lives. Called with ``_cond`` held, once both the
+        channel and the RAM exist."""
+        main = self._main.page_placement if self._main is not None else None
+        if ch.page_placement is not None and main is not None and self._ram is not None:
+            ch.page_placement.register_destination_ram(self._ram, shared=main)
 
     def _sync_main(self) -> None:
         """``multifd_recv_sync_main``: wait until every channel delivered its SYNC for this
@@ -489,7 +511,9 @@ class MultifdReceiver:
                     offs = pkt.offsets.astype(np.int64)
                     if block.pristine is not None:  # no longer known to hold zeros
                         block.pristine[offs // PAGE_SIZE] = False
-                    if ch.readv_into(_page_views(mv, offs)) == 0:
+                    # RDMA: the source WROTE the pages into place before it sent this packet
+                    # on the same queue pair, so they are there; only their offsets came.
+                    if ch.page_placement is None and ch.readv_into(_page_views(mv, offs)) == 0:
                         raise ConnectionLostError(
                             f"the channel closed before packet {pkt.packet_num}'s "
                             f"{pkt.normal_pages} pages")
@@ -682,6 +706,7 @@ class _SendJob:
     sync: bool = False
     stop: bool = False
     block: str = ""
+    region: RamBlock | None = None
     data: memoryview | None = None
     #: the data packets of the job, each (page offsets, packet number): up to
     #: ``JOB_PACKETS``, written by one channel in one vectored write
@@ -789,7 +814,7 @@ class MultifdSender:
         """One job: ``offsets`` cut into packets of ``PACKET_PAGES`` (the last may be short)."""
         packets = [(offsets[i:i + PACKET_PAGES], self._next_packet())
                    for i in range(0, len(offsets), PACKET_PAGES)]
-        self._put(_SendJob(block=block.name, data=block.view(), packets=packets))
+        self._put(_SendJob(block=block.name, region=block, data=block.view(), packets=packets))
         return PACKET_LEN * len(packets) + len(offsets) * PAGE_SIZE
 
     def _next_packet(self) -> int:
@@ -858,11 +883,22 @@ class MultifdSender:
             ch.close()
 
     def describe(self) -> dict[str, Any]:
-        return {"channels": len(self.channels), "pages": dict(enumerate(self.pages)),
-                "packets": sum(self.packets), "syncs": self.syncs}
+        out = {"channels": len(self.channels), "pages": dict(enumerate(self.pages)),
+               "packets": sum(self.packets), "syncs": self.syncs}
+        placed = [ch.page_placement.describe() for ch in self.channels if ch.page_placement is not None]
+        if placed:  # RDMA: what each channel WROTE into the destination's RAM
+            out["placement"] = placed
+        return out
 
     # --- a channel ---------------------------------------------------------------------
     def _thread(self, cid: int, ch: Channel) -> None:
+        # RDMA: pages are WRITTEN into the destination's RAM and the packet, sent after them
+        # on the same queue pair, carries only their offsets. A page's WRITE in round k+1
+        # must not land before the main stream's ZERO record for it in round k is applied:
+        # it waits until the destination has processed this channel's last SYNC (its
+        # receiver passes a SYNC only once the main loader reached that round's end).
+        placement = ch.page_placement
+        after = 0
         try:
             while True:
                 try:
@@ -872,19 +908,31 @@ class MultifdSender:
                         return
                     continue
                 if job.stop:
+                    if placement is not None:
+                        placement.fence()
                     ch.shutdown(ShutdownHow.WRITE)
                     return
                 if job.sync:
                     ch.write_all(build_packet(flags=FLAG_SYNC, packet_num=job.packet_num))
+                    if placement is not None:
+                        after = placement.stream_position()
                     self.packets[cid] += 1
                     self._barrier.wait()
                     continue
                 assert job.data is not None
-                bufs: list[bytes | memoryview] = []
-                for offs, num in job.packets:
-                    bufs.append(build_packet(block=job.block, offsets=offs, packet_num=num))
-                    bufs += _page_views(job.data, offs.astype(np.int64))
-                ch.writev_all(bufs)
+                heads = [build_packet(block=job.block, offsets=offs, packet_num=num)
+                         for offs, num in job.packets]
+                if placement is not None and job.region is not None:
+                    # every packet's pages first, then the headers (after them on this QP)
+                    placement.write_pages(job.region, np.concatenate([o for o, _ in job.packets]),
+                                          after=after)
+                    ch.writev_all(heads)
+                else:
+                    bufs: list[bytes | memoryview] = []
+                    for head, (offs, _) in zip(heads, job.packets, strict=True):
+                        bufs.append(head)
+                        bufs += _page_views(job.data, offs.astype(np.int64))
+                    ch.writev_all(bufs)
                 self.pages[cid] += sum(len(offs) for offs, _ in job.packets)
                 self.packets[cid] += len(job.packets)
         except threading.BrokenBarrierError:
@@ -900,16 +948,16 @@ def accept_incoming(listener: Any, timeout: float | None, on_refused: Callable[[
                     channels: bool = True, preempt: bool = False,
                     handshake: Handshake | None = None
                     ) -> tuple[Channel, MultifdReceiver | None]:
-    """Accept a migration's main connection, as ``recv`` and ``relay`` do: on tcp:/unix:
-    keep listening, so a multifd source (QEMU's capability, a relay's link) can add its
-    channels; elsewhere, or without ``channels``, take the one connection. ``handshake``
-    (TLS) is done on every connection before it is classified (see the module docstring).
-    The listener is closed unless the returned receiver now owns it. A source that never
-    comes is one line (TimedOut). ``preempt``: a postcopy preempt channel is expected
-    (:meth:`MultifdReceiver.take_preempt`)."""
+    """Accept a migration's main connection, as ``recv`` and ``relay`` do: keep listening,
+    so a multifd source (QEMU's capability, a relay's link, ``send --channels``; over rdma:
+    each channel is a queue pair of its own) can add its channels; without ``channels``,
+    take the one connection. ``handshake`` (TLS) is done on every connection before it is
+    classified (see the module docstring). The listener is closed unless the returned
+    receiver now owns it. A source that never comes is one line (TimedOut). ``preempt``: a
+    postcopy preempt channel is expected (:meth:`MultifdReceiver.take_preempt`)."""
     multifd: MultifdReceiver | None = None
     try:
-        if channels and listener.address.scheme in ("tcp", "unix"):
+        if channels:
             multifd = MultifdReceiver(listener, on_refused=on_refused, handshake=handshake)
             multifd.expect_preempt = preempt
             return multifd.accept_main(timeout=timeout), multifd

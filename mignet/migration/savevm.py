@@ -213,17 +213,17 @@ class Sender:
         # Encode ZERO records only when they are written: encoding moves the CONTINUE block.
         send_zero = nzero > 0 and (self.placement is None or not self.first_pass)
         zero_records = enc.zero_records(block.name, offsets[zero]) if send_zero else b""
-        if self.placement is not None:
-            if len(data):
-                self._account(self.placement.write_pages(block, data))
-            if send_zero:
-                self._write([zero_records])
-        elif self.pages_to is not None:
+        if self.pages_to is not None:  # multifd, whatever the transport
             if send_zero:
                 self._write([zero_records])
             if len(data):
                 self._cancel.check()
                 self._account_multifd(self.pages_to.queue_pages(block, data))
+        elif self.placement is not None:
+            if len(data):
+                self._account(self.placement.write_pages(block, data))
+            if send_zero:
+                self._write([zero_records])
         else:
             bufs: list[object] = [zero_records] if send_zero else []
             bufs += enc.page_records(block.name, block.data, data, self._staging)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from mignet.channel import Buffer, IOCondition, ShutdownHow, WritableBuffer
-from mignet.errors import ConnectionLostError, MigrationCancelled, ProtocolError, SetupError, TimedOut
+from mignet.errors import ConnectionLostError, MigrationCancelled, ProtocolError, TimedOut
 from mignet.rdma import connection, qemu_channel, qemu_control, verbs
 from mignet.rdma.control import HEADER, TAG, Msg
 from mignet.rdma.endpoint import OPEN, VerbsEndpoint
@@ -432,23 +432,26 @@ class RdmaChannel(VerbsEndpoint):
 
 
 class RdmaListener:
-    """``listen_rdma``'s result: accepts exactly one connection (as QEMU's RDMA incoming)."""
+    """``listen_rdma``'s result. QEMU's RDMA incoming takes one connection; this one takes
+    as many as its owner accepts (a multifd source's channels, each its own queue pair), and
+    each connection lives on after the listener is closed."""
 
     def __init__(self, endpoint: connection.PassiveEndpoint) -> None:
         self.endpoint = endpoint
         self.address = endpoint.address
-        self._accepted = False
 
     @classmethod
     def open(cls, address: Address) -> RdmaListener:
         return cls(connection.PassiveEndpoint(address))
 
+    def fileno(self) -> int:
+        """Readable when a connection request waits."""
+        return self.endpoint.fileno()
+
     def accept(self, timeout: float | None = None) -> RdmaChannel | QemuRdmaChannel:
-        """The one connection, in the protocol its private data names: mignet's own
+        """The next connection, in the protocol its private data names: mignet's own
         (:class:`RdmaChannel`), or QEMU's (:class:`QemuRdmaChannel`, when real QEMU
         migrates here with ``migrate rdma:…``)."""
-        if self._accepted:
-            raise SetupError(f"{self.address}: an RDMA listener accepts one connection")
         name = str(self.address)
         holder: list[RdmaChannel | QemuRdmaChannel] = []
 
@@ -472,7 +475,6 @@ class RdmaListener:
             for chan in holder:
                 chan.abandon()
             raise
-        self._accepted = True
         chan = holder[0]
         if isinstance(chan, QemuRdmaChannel):
             chan.started()

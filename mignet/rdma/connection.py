@@ -4,10 +4,13 @@ Why async rdma_cm with our own PD/CQ/QP (as rdma-core's own tests do) rather tha
 synchronous CMID helpers: those pick their own CQ and cannot carry work-request ids, and we
 need one CQ with a completion channel whose fd we poll together with the cm fd.
 
-Ownership quirk of pyverbs 44: a child CMID made from a CONNECT_REQUEST shares the listener's
-event channel, context and PD, and ``CMID.close()`` on it nulls the listener's objects. So an
-accepted connection takes over the listener (QEMU's RDMA incoming accepts exactly one
-connection too) and tears everything down in dependency order.
+Ownership quirks of pyverbs 44: a child CMID made from a CONNECT_REQUEST shares the
+listener's event channel, context and PD wrappers, and ``CMID.close()`` on it nulls them. So
+each accepted id gets wrappers of its own (over the same librdmacm context and PD: keys
+registered on one connection are valid on all of them) and is moved to an event channel of
+its own (``verbs.migrate_id``). The listener then stays the listener's: it can accept more
+connections (multifd's channels) and is closed by its owner; each connection tears down its
+own objects in dependency order.
 """
 
 from __future__ import annotations
@@ -17,7 +20,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from mignet.errors import ConnectionLostError, SetupError, TimedOut
-from mignet.rdma.verbs import CmEvents, check_device, cm_event_name, create_with_fd, load_pyverbs
+from mignet.rdma.verbs import (
+    CmEvents,
+    check_device,
+    cm_event_name,
+    create_with_fd,
+    load_pyverbs,
+    migrate_id,
+    request_id,
+)
 from mignet.uri import Address
 
 #: Connection-level events after which the peer is gone.
@@ -137,7 +148,11 @@ class PassiveEndpoint:
         import pyverbs.cm_enums as ce
         import pyverbs.enums as e
         from pyverbs.cmid import CMID
+        from pyverbs.device import Context
+        from pyverbs.pd import PD
 
+        if self.cmid is None:
+            raise ConnectionLostError(f"{self.address}: the listener is closed")
         try:
             ev = self.cm.get(timeout)
         except TimeoutError:
@@ -149,32 +164,48 @@ class PassiveEndpoint:
                                       f"{cm_event_name(kind)}")
         private = bytes(ev.private_data)
         child = CMID(creator=ev, listen_id=self.cmid)
-        ev.ack_cm_event()
+        Context(cmid=child)  # wrappers of its own: its close nulls only these, never the
+        PD(child)            # listener's
+        own: CmEvents | None = None
         try:
+            try:
+                cm_id = request_id(ev)
+            finally:
+                ev.ack_cm_event()  # before migrating: librdmacm waits for its events' acks
+            own = CmEvents()
+            migrate_id(cm_id, own)
             chosen = plan(private)
         except BaseException:
             try:
                 child.reject()
             except Exception:  # noqa: BLE001 - the peer sees a rejection or a timeout
                 pass
+            child.close()
+            if own is not None:
+                own.close()
             raise
         pd = child.pd
         comp, comp_fd, cq, qp = _make_queues(child, pd, chosen.send_depth, chosen.recv_depth)
-        conn = Conn(self.cm, child, self.cmid, pd, comp, comp_fd, cq, qp, chosen.send_depth,
+        assert own is not None
+        conn = Conn(own, child, None, pd, comp, comp_fd, cq, qp, chosen.send_depth,
                     chosen.recv_depth)
-        self.cmid = None  # the connection owns the listener and the event channel now
         try:
             _modify(child, qp, e.IBV_QPS_INIT, e.IBV_QPS_RTR, e.IBV_QPS_RTS)
             chosen.prepare(conn)  # receives must be posted before the peer may send
             child.accept(_conn_param(qp.qp_num, chosen.reply, accept=True))
-            self.cm.expect(ce.RDMA_CM_EVENT_ESTABLISHED, 30.0, f"accepting on {self.address}")
+            own.expect(ce.RDMA_CM_EVENT_ESTABLISHED, 30.0, f"accepting on {self.address}")
         except BaseException:
             conn.close([])
             raise
         return conn
 
+    def fileno(self) -> int:
+        """Readable when a connection request waits (a multifd receiver polls it)."""
+        return self.cm.fd
+
     def close(self) -> None:
-        if self.cmid is not None:  # never accepted: we still own the id and channel
+        """Stop listening; connections accepted from it live on (each owns its objects)."""
+        if self.cmid is not None:
             self.cmid.close()
             self.cmid = None
             self.cm.close()

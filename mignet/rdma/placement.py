@@ -23,20 +23,30 @@ it, whereas a WRITE lands at once. If the page is then written again, that WRITE
 before the loader applies the older ZERO record and be wiped. So before a WRITE the source
 waits until the destination reports that its loader has processed every stream message sent
 so far (carried in each control header). In a first pass this costs one round trip per RAM
-section (64 MiB), since only the section header precedes the pages.
+section (64 MiB), since only the section header precedes the pages. A connection whose
+stream carries no ZERO records (a multifd channel: its order against the main stream's comes
+from the caller's own barrier) names the point to wait for instead (``write_pages(after=…)``,
+``stream_position``), so its writes wait once per barrier, not per message.
+
+Several connections from one source process to one destination process (multifd's
+channels, each its own queue pair) share one librdmacm protection domain, so the keys of
+one registration serve them all: the destination registers its RAM once
+(``register_destination_ram(blocks, shared=…)`` reuses another placement's registrations,
+chunks included) and each connection tells its own source where the blocks live.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
 from mignet.channel import MemoryRegion
-from mignet.errors import ConnectionLostError, ProtocolError
+from mignet.errors import ConnectionLostError, MisuseError, ProtocolError
 from mignet.rdma import verbs
 from mignet.rdma.control import CHUNK_REQ, CHUNK_RES, MODE, PLACED, Msg, RemoteBlock, pack_blocks, unpack_blocks
 from mignet.units import PAGE_SIZE
@@ -63,9 +73,12 @@ class RdmaPlacement:
         self.pin_all = False
         self.window = WRITE_WINDOW
         self._mrs: list[tuple[Any, int]] = []  # (MR, bytes) to release on close
-        # destination
+        # destination (shared by every placement that registers through ``_registrar``)
         self._local_blocks: list[MemoryRegion] = []
         self._dst_chunks: dict[tuple[int, int], Any] = {}
+        self._entries: list[RemoteBlock] = []
+        self._registrar: RdmaPlacement = self  # whose MRs these are
+        self._dst_lock = threading.Lock()
         # source
         self._remote: dict[str, RemoteBlock] | None = None
         self._remote_chunks: dict[tuple[int, int], int] = {}
@@ -89,8 +102,15 @@ class RdmaPlacement:
         channel.on_write_done = self._on_write_done
 
     # --- destination -----------------------------------------------------------------
-    def register_destination_ram(self, blocks: Iterable[MemoryRegion]) -> None:
-        """Register every block for remote writes and send the block list to the source."""
+    def register_destination_ram(self, blocks: Iterable[MemoryRegion], shared: Any = None) -> None:
+        """Register every block for remote writes and send the block list to the source.
+
+        ``shared``: the placement of another connection from the same source process that
+        registered these blocks already (multifd: the main connection's); its registrations,
+        and the chunks either registers later, serve this connection too."""
+        if shared is not None:
+            self._share(shared)
+            return
         e = self.channel._e
         # Chunks stay registered until the end, so chunk mode too ends up pinning all of it:
         # refuse now, before a page has moved, rather than after some.
@@ -105,7 +125,19 @@ class RdmaPlacement:
                                     e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE)
                 rkey = mr.rkey
             entries.append(RemoteBlock(i, block.name, block.data.ctypes.data, block.size, rkey))
+        self._entries = entries
         self.channel.send_control(Msg.BLOCKS, pack_blocks(entries))
+
+    def _share(self, main: RdmaPlacement) -> None:
+        if not main._entries:
+            raise MisuseError("the placement to share has not registered its RAM yet")
+        # Both connections' PDs are librdmacm's one PD of the device (not checked: reading
+        # a CMID's PD pointer through pyverbs 44 crashed here). Were they not, the source's
+        # first WRITE would fail with a remote access error.
+        self.pin_all = main.pin_all
+        self._local_blocks, self._dst_chunks = main._local_blocks, main._dst_chunks
+        self._entries, self._registrar, self._dst_lock = main._entries, main._registrar, main._dst_lock
+        self.channel.send_control(Msg.BLOCKS, pack_blocks(self._entries))
 
     def _on_reg_request(self, payload: bytes) -> None:
         """Chunk mode: register the chunks the source is about to write; reply with rkeys."""
@@ -118,13 +150,14 @@ class RdmaPlacement:
             start = ci * CHUNK
             if start >= block.size:
                 raise ProtocolError(f"chunk {ci} lies outside RAM block {block.name!r}")
-            mr = self._dst_chunks.get((bi, ci))
-            if mr is None:
-                length = min(CHUNK, block.size - start)
-                verbs.check_memlock(verbs.pinned_bytes() + length)
-                mr = self._register(block.data.ctypes.data + start, length,
-                                    e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE)
-                self._dst_chunks[(bi, ci)] = mr
+            with self._dst_lock:  # connections sharing the registrations ask at once
+                mr = self._dst_chunks.get((bi, ci))
+                if mr is None:
+                    length = min(CHUNK, block.size - start)
+                    verbs.check_memlock(verbs.pinned_bytes() + length)
+                    mr = self._registrar._register(block.data.ctypes.data + start, length,
+                                                   e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_REMOTE_WRITE)
+                    self._dst_chunks[(bi, ci)] = mr
             out += CHUNK_RES.pack(bi, ci, block.data.ctypes.data + start, mr.rkey)
         self.channel.send_control(Msg.REG_RESULT, bytes(out))
 
@@ -178,9 +211,14 @@ class RdmaPlacement:
         if self._error is not None:
             raise ConnectionLostError(self._error)
 
-    def write_pages(self, block: MemoryRegion, offsets: np.ndarray) -> int:
+    def stream_position(self) -> int:
+        """Source: the stream messages sent so far, for a later ``write_pages(after=…)``."""
+        return int(self.channel.data_sent)
+
+    def write_pages(self, block: MemoryRegion, offsets: np.ndarray, after: int | None = None) -> int:
         """WRITE the pages at ``offsets`` (sorted byte offsets) of ``block`` into the
-        destination's copy; returns the bytes written."""
+        destination's copy; returns the bytes written. They land only once the destination
+        has processed the stream up to ``after`` (a ``stream_position``; None: all of it)."""
         ch = self.channel
         if self._remote is None:
             self._local_key(block)  # register ours while the destination's list is on its way
@@ -193,8 +231,9 @@ class RdmaPlacement:
             raise ProtocolError(f"the destination has no RAM block {block.name!r} of "
                                 f"{block.size} bytes to write into")
         # Never overtake a ZERO record the destination has not applied (module docstring).
-        if ch.peer_processed < ch.data_sent:
-            ch.wait_until(lambda: ch.peer_processed >= ch.data_sent,
+        point = ch.data_sent if after is None else after
+        if ch.peer_processed < point:
+            ch.wait_until(lambda: ch.peer_processed >= point,
                           "waiting for the destination to apply the stream")
         runs = _runs(offsets)
         if remote.chunked:

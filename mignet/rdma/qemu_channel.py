@@ -396,9 +396,11 @@ class QemuPlacement:
         self.compressed_bytes = 0
 
     # --- the loader's side -----------------------------------------------------------
-    def register_destination_ram(self, blocks: Iterable[MemoryRegion]) -> None:
+    def register_destination_ram(self, blocks: Iterable[MemoryRegion], shared: Any = None) -> None:
         """The stream's block list: lay the blocks out, register them all if pin-all, and
         answer a RAM_BLOCKS_REQUEST that was waiting for them."""
+        if shared is not None:
+            raise MisuseError("QEMU's RDMA protocol has no multifd channels to share RAM with")
         e = self.channel._e
         blocks = list(blocks)
         # Chunks stay registered to the end, so chunk mode pins it all as well: refuse now.
@@ -485,7 +487,10 @@ class QemuPlacement:
     def announce(self, pin_all: bool | None = None) -> None:
         raise MisuseError("mignet speaks QEMU's RDMA protocol as a destination only")
 
-    def write_pages(self, block: MemoryRegion, offsets: Any) -> int:
+    def write_pages(self, block: MemoryRegion, offsets: Any, after: int | None = None) -> int:
+        raise MisuseError("mignet speaks QEMU's RDMA protocol as a destination only")
+
+    def stream_position(self) -> int:
         raise MisuseError("mignet speaks QEMU's RDMA protocol as a destination only")
 
     def fence(self) -> None:

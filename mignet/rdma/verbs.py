@@ -7,6 +7,7 @@ objects or a ``SetupError`` whose one line tells the user what to do.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import functools
 import os
@@ -160,6 +161,53 @@ def readable(fd: int, timeout: float | None = 0.0) -> bool:
     p = select.poll()
     p.register(fd, select.POLLIN)
     return bool(p.poll(None if timeout is None else timeout * 1000.0))
+
+
+# --- one listener, many connections ------------------------------------------------------
+def _own_pointer(obj: Any) -> int:
+    """The C pointer a pyverbs object wraps where it is the object's last own field (Cython
+    lays a class's own fields out after its bases'): CMEvent's event, CMEventChannel's
+    channel. Callers check what they read against something known before using it."""
+    size = ctypes.sizeof(ctypes.c_void_p)
+    return ctypes.c_void_p.from_address(id(obj) + type(obj).__basicsize__ - size).value or 0
+
+
+@functools.cache
+def _rdmacm() -> Any:
+    lib = ctypes.CDLL("librdmacm.so.1", use_errno=True)  # loaded already, by pyverbs
+    lib.rdma_migrate_id.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.rdma_migrate_id.restype = ctypes.c_int
+    return lib
+
+
+def request_id(event: Any) -> int:
+    """The ``rdma_cm_id`` of a CONNECT_REQUEST ``event`` (before it is acked).
+
+    Why: pyverbs 44 neither exposes it nor wraps ``rdma_migrate_id``, and every id a listener
+    creates reports its events on the listener's channel, where pyverbs cannot tell whose an
+    event is. Moving each accepted id to a channel of its own (``migrate_id``) lets one
+    listener accept several connections (multifd) with each seeing only its own events."""
+    ptr = _own_pointer(event)
+    # struct rdma_cm_event { rdma_cm_id *id; rdma_cm_id *listen_id; int event; ... }
+    if not ptr or ctypes.c_int.from_address(ptr + 16).value != int(event.event_type):
+        raise SetupError("this pyverbs lays out rdma_cm events differently: one RDMA listener "
+                         "cannot take several connections here (use tcp: for --channels)")
+    return ctypes.c_void_p.from_address(ptr).value or 0
+
+
+def migrate_id(cm_id: int, events: CmEvents) -> None:
+    """``rdma_migrate_id``: from now on ``cm_id`` reports its events on ``events``. Its
+    events on the old channel must all be acked first (librdmacm waits for them)."""
+    chan = _own_pointer(events.chan)
+    if not chan or ctypes.c_int.from_address(chan).value != events.fd:  # struct { int fd; }
+        raise SetupError("this pyverbs lays out rdma_cm event channels differently: one RDMA "
+                         "listener cannot take several connections here (use tcp: for --channels)")
+    if _rdmacm().rdma_migrate_id(cm_id, chan) != 0:
+        err = ctypes.get_errno()
+        raise SetupError(f"rdma_migrate_id failed: {os.strerror(err)}")
+    # struct rdma_cm_id { ibv_context *verbs; rdma_event_channel *channel; ... }
+    if ctypes.c_void_p.from_address(cm_id + 8).value != chan:
+        raise SetupError("rdma_migrate_id did not move the connection to its own event channel")
 
 
 # --- names for diagnostics ----------------------------------------------------------------
