@@ -294,16 +294,29 @@ class RdmaChannel(VerbsEndpoint):
 
     def wait_until(self, ready: Callable[[], bool], what: str, timeout: float | None = None) -> None:
         """Wait (in poll(), or yielding in a coroutine) until ``ready()``; raise
-        ConnectionLostError on disconnect, MigrationCancelled on cancel."""
+        ConnectionLostError on disconnect, MigrationCancelled on cancel, TimedOut after
+        ``timeout`` s, or once the peer did nothing for the write idle limit: what the source
+        waits for here (registered chunks, WRITE completions, its stream being applied) is
+        the destination's answer, and a stopped destination must not hold it forever."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        idle = self._idle_write
+        since = time.monotonic()
         while True:
-            self._progress()
+            if self._progress():
+                since = time.monotonic()
             if ready():
                 return
             self._check_usable()
-            left = None if deadline is None else deadline - time.monotonic()
+            now = time.monotonic()
+            left = None if deadline is None else deadline - now
             if left is not None and left <= 0:
                 raise TimedOut(f"{self.name}: timed out {what}")
+            if idle is not None:
+                if now - since >= idle:
+                    raise TimedOut(f"{self.name}: the peer answered nothing for {idle:g} s "
+                                   f"({what}); giving up (a stalled peer or network: check "
+                                   "the other side)")
+                left = since + idle - now if left is None else min(left, since + idle - now)
             self.wait_cond(IOCondition.IN, left)
 
     # --- Channel primitives ----------------------------------------------------------

@@ -220,6 +220,9 @@ class RdmaPlacement:
         destination's copy; returns the bytes written. They land only once the destination
         has processed the stream up to ``after`` (a ``stream_position``; None: all of it)."""
         ch = self.channel
+        # Posting a WRITE to a peer that went away still succeeds (the QP only errors after
+        # its retries, seconds later): take in a disconnect that is already there first.
+        ch._progress()
         if self._remote is None:
             self._local_key(block)  # register ours while the destination's list is on its way
             ch.wait_until(lambda: self._remote is not None or self._error is not None,
