@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -56,6 +57,9 @@ MAX_WRITE = 1 << 20
 WRITE_WINDOW = 32  # outstanding signalled RDMA WRITEs
 READAHEAD_CHUNKS = 16  # chunk mode: registrations requested ahead of the writes
 PLACED_EVERY = 8 << 20  # the source reports landed bytes this often (destination progress)
+# ... and at least this often (s) while WRITEs land: they bypass the destination's CPU, and a
+# slow (rate-limited) stream must not look stalled to the destination's idle limit
+PLACED_INTERVAL = 0.5
 
 
 def pin_all_default() -> bool:
@@ -90,6 +94,7 @@ class RdmaPlacement:
         self.bytes_written = 0
         self.landed = 0  # source: bytes whose WRITE completed
         self._landed_told = 0
+        self._told_at = time.monotonic()
         # destination: what the source reported as landed, and who wants to know
         self.placed_bytes = 0
         self.on_placed: Callable[[int], None] | None = None
@@ -197,8 +202,10 @@ class RdmaPlacement:
                 self._error = f"RDMA WRITE failed ({status}): the destination went away"
             return
         self.landed += length
-        if self.landed - self._landed_told >= PLACED_EVERY or not self.outstanding:
-            self._landed_told = self.landed
+        now = time.monotonic()
+        if (self.landed - self._landed_told >= PLACED_EVERY or not self.outstanding
+                or now - self._told_at >= PLACED_INTERVAL):
+            self._landed_told, self._told_at = self.landed, now
             self.channel.send_control(Msg.PLACED, PLACED.pack(self.landed))
 
     @property
