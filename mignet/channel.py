@@ -62,6 +62,10 @@ class RemotePagePlacement(Protocol):
     #: Destination: called (in the loader's thread) with the bytes the source reports as
     #: landed so far, for progress; page data never shows up in the stream's own counters.
     on_placed: Callable[[int], None] | None
+    #: The RDMA protocol spoken on the connection: "mignet" (its own) or "qemu" (QEMU's,
+    #: whose pages go only inside registration rounds that the stream marks with HOOK
+    #: records, and whose zero pages travel with the rest, not as ZERO records).
+    protocol: str
 
     def announce(self, pin_all: bool | None = None) -> None:
         """Source, before the stream starts: how the destination should register its RAM
@@ -72,9 +76,17 @@ class RemotePagePlacement(Protocol):
         writes and tell the source where each lives. Their pages then change behind the
         loader's back."""
 
-    def write_pages(self, block: MemoryRegion, offsets: Any) -> int:
+    def write_pages(self, block: MemoryRegion, offsets: Any, zero: Any = None) -> int:
         """Source: write the pages at ``offsets`` (numpy array of byte offsets) of
-        ``block`` into the destination's copy; returns bytes written."""
+        ``block`` into the destination's copy; returns bytes written. ``zero`` (QEMU's
+        protocol): which of them are all zero, so a zero chunk can go as one message."""
+
+    def begin_round(self) -> None:
+        """Source, QEMU's protocol: the stream's HOOK record went out; pages may follow."""
+
+    def end_round(self, blocks: Sequence[MemoryRegion] | None = None) -> None:
+        """Source, QEMU's protocol: every page of the round landed; at setup (``blocks``:
+        the stream's block list) learn the destination's blocks. The stream goes on after."""
 
     def fence(self) -> None:
         """Source: return once every page written so far has landed at the destination

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import collections
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,8 @@ def pin_all_default() -> bool:
 
 class RdmaPlacement:
     """``RemotePagePlacement`` for an :class:`~mignet.rdma.channel.RdmaChannel`."""
+
+    protocol = "mignet"
 
     def __init__(self, channel: Any) -> None:
         self.channel = channel
@@ -178,9 +180,16 @@ class RdmaPlacement:
         if self._error is not None:
             raise ConnectionLostError(self._error)
 
-    def write_pages(self, block: MemoryRegion, offsets: np.ndarray) -> int:
+    def begin_round(self) -> None:
+        """mignet's protocol has no registration rounds (QEMU's has): pages go any time."""
+
+    def end_round(self, blocks: Sequence[MemoryRegion] | None = None) -> None:
+        """No rounds (``begin_round``)."""
+
+    def write_pages(self, block: MemoryRegion, offsets: np.ndarray, zero: Any = None) -> int:
         """WRITE the pages at ``offsets`` (sorted byte offsets) of ``block`` into the
-        destination's copy; returns the bytes written."""
+        destination's copy; returns the bytes written. ``zero`` is not needed: zero pages
+        are the stream's (ZERO records) in mignet's protocol."""
         ch = self.channel
         if self._remote is None:
             self._local_key(block)  # register ours while the destination's list is on its way
