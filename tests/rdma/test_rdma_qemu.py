@@ -170,7 +170,9 @@ def test_send_into_qemu_with_other_ram_fails_both_sides_in_one_line(
         t0 = time.monotonic()
         sent = _send_snapshot(mignet_cmd, subprocess_env, rdma_uri, snap)
         seconds = time.monotonic() - t0
-        assert seconds < 60
+        # QEMU exits without disconnecting first; rdma_cm reports it 25-30 s later here (the
+        # send's start-up is 10-15 s of that in the guest); --idle-timeout (60 s) bounds it.
+        assert seconds < 100
         status = dst.wait_exit(60)  # QEMU ends itself after a failed incoming load
         log = dst.log_path.read_text(errors="replace")
     assert status not in (None, 0), log
