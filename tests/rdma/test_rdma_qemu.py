@@ -185,6 +185,31 @@ def test_send_into_qemu_with_other_ram_fails_both_sides_in_one_line(
     print(f"\nwrong RAM: send failed after {seconds:.1f} s: {line}\nQEMU (exit {status}): {said[0]}")
 
 
+def test_send_live_snapshot_into_qemu_over_rdma(mignet_cmd: list[str], subprocess_env: dict[str, str],
+                                               rdma_uri: str, shm_dir: Path,
+                                               snapshot: tuple[Path, np.ndarray]) -> None:
+    """``--live``: the snapshot runs here (vCPUs writing), live precopy rounds go to QEMU in
+    QEMU's protocol (later rounds re-WRITE dirty pages into registered chunks), and QEMU's
+    RAM equals the source's at stop-and-copy."""
+    from mignet.guest.directory import open_snapshot
+    from mignet.guest.ram import RamBlock
+
+    snap, _ = snapshot
+    names = [block.name for block in open_snapshot(snap).ram]
+    with QemuDestination(shm_dir / "dst", mem_mib=MEM_MIB, extra_args=TCG) as dst:
+        dst.migrate_incoming(rdma_uri)
+        time.sleep(1)
+        sent = _send_snapshot(mignet_cmd, subprocess_env, rdma_uri, snap, "--live",
+                              "--dirty-rate", "4MiB/s")
+        assert sent.returncode == 0, sent.stderr
+        assert dst.wait_migration(timeout=120, poll=0.01)["status"] == "completed"
+        received = RamBlock("m0", np.fromfile(dst.image_path, np.uint8)).digest("xxh3")
+    done = json.loads(sent.stdout.strip().splitlines()[-1])
+    assert done["live"] is True and done["rdma"]["protocol"] == "qemu"
+    assert done["block_digests"][names.index("m0")] == received
+    assert done["rdma"]["rounds"] >= 3  # setup, at least one RAM round, the end
+
+
 @pytest.mark.parametrize("pin_all", [False, True], ids=["chunks", "pin-all"])
 def test_send_qemu_protocol_into_recv_digest_matches(mignet_cmd: list[str], subprocess_env: dict[str, str],
                                                      rdma_uri: str, pin_all: bool) -> None:
