@@ -62,6 +62,10 @@ class RemotePagePlacement(Protocol):
     #: Destination: called (in the loader's thread) with the bytes the source reports as
     #: landed so far, for progress; page data never shows up in the stream's own counters.
     on_placed: Callable[[int], None] | None
+    #: The RDMA protocol spoken on the connection: "mignet" (its own) or "qemu" (QEMU's,
+    #: whose pages go only inside registration rounds that the stream marks with HOOK
+    #: records, and whose zero pages travel with the rest, not as ZERO records).
+    protocol: str
 
     def announce(self, pin_all: bool | None = None) -> None:
         """Source, before the stream starts: how the destination should register its RAM
@@ -73,14 +77,24 @@ class RemotePagePlacement(Protocol):
         loader's back. ``shared``: another connection's placement (from the same source:
         multifd's main connection) whose registrations serve this connection too."""
 
-    def write_pages(self, block: MemoryRegion, offsets: Any, after: int | None = None) -> int:
+    def write_pages(self, block: MemoryRegion, offsets: Any, zero: Any = None,
+                    after: int | None = None) -> int:
         """Source: write the pages at ``offsets`` (numpy array of byte offsets) of
-        ``block`` into the destination's copy; returns bytes written. They land only after
-        the destination processed this connection's stream up to ``after`` (a
-        ``stream_position``); None: all of it (a ZERO record there may name these pages)."""
+        ``block`` into the destination's copy; returns bytes written. ``zero`` (QEMU's
+        protocol): which of them are all zero, so a zero chunk can go as one message.
+        ``after`` (mignet's protocol, multifd channels): they land only after the
+        destination processed this connection's stream up to that ``stream_position``;
+        None: all of it (a ZERO record there may name these pages)."""
 
     def stream_position(self) -> int:
         """Source: where this connection's stream is now, for ``write_pages(after=…)``."""
+
+    def begin_round(self) -> None:
+        """Source, QEMU's protocol: the stream's HOOK record went out; pages may follow."""
+
+    def end_round(self, blocks: Sequence[MemoryRegion] | None = None) -> None:
+        """Source, QEMU's protocol: every page of the round landed; at setup (``blocks``:
+        the stream's block list) learn the destination's blocks. The stream goes on after."""
 
     def fence(self) -> None:
         """Source: return once every page written so far has landed at the destination

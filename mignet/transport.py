@@ -31,14 +31,17 @@ def listen(uri: str) -> Listener:
     return listen_socket(address)
 
 
-def connect(uri: str, timeout: float | None = 30.0) -> Channel:
+def connect(uri: str, timeout: float | None = 30.0, rdma_protocol: str = "mignet",
+            rdma_pin_all: bool = False) -> Channel:
+    """Connect to ``uri``. On rdma:, ``rdma_protocol`` "qemu" speaks QEMU's own RDMA
+    protocol (into ``qemu -incoming rdma:``), which settles ``rdma_pin_all`` here."""
     address = parse_uri(uri)
     if address.scheme == "rdma":
         try:
             from mignet.rdma import connect_rdma
         except ImportError as exc:
             raise SetupError(f"rdma: URIs need pyverbs ({exc}); run tools/rxe/setup.sh") from exc
-        return connect_rdma(address, timeout)
+        return connect_rdma(address, timeout, rdma_protocol, rdma_pin_all)
     from mignet.tcp import connect_socket
 
     return connect_socket(address, timeout)

@@ -113,10 +113,11 @@ def test_send_json_has_one_shape_with_and_without_live(mignet_cmd: list[str],
         assert sent["ram_digest"] == got["ram_digest"] and sent["digest"] == "xxh3"
         assert sent["live"] is bool(extra)
         assert (sent["migration"] is not None) is bool(extra)
+        assert sent["rdma"] is None  # over rdma: which protocol ran (tests/rdma)
         shapes.append(sorted(sent))
     assert shapes[0] == shapes[1]
     assert shapes[0] == sorted(["event", "digest", "ram_digest", "block_digests", "transferred", "seconds",
-                                "confirmed", "live", "migration", "multifd", "stream"])
+                                "confirmed", "live", "migration", "multifd", "stream", "rdma"])
 
 
 def test_demo_json_and_quiet(mignet_cmd: list[str], subprocess_env: dict[str, str]) -> None:

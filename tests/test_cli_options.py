@@ -37,6 +37,7 @@ BAD_SENDS = [
     (["--stream", "/dev/null", "--max-bandwidth", "1M"], "--max-bandwidth has no effect with --stream"),
     (["--size", "16M", "--rdma-pin-all"], "--rdma-pin-all has no effect without an rdma: URI"),
     (["--size", "16M", "--live", "--return-path"], "--return-path has no effect with --live"),
+    (["--size", "16M", "--rdma-protocol", "qemu"], "--rdma-protocol has no effect without an rdma: URI"),
 ]
 
 
@@ -174,3 +175,19 @@ def test_recv_timeout_must_be_a_finite_number_of_seconds(mignet_cmd: list[str],
     assert r.returncode == 2
     one_line(r.stderr, "must be more than 0 seconds, not inf")
 
+
+
+def test_qemu_rdma_protocol_refuses_what_it_cannot_carry(mignet_cmd: list[str],
+                                                         subprocess_env: dict[str, str],
+                                                         tmp_path: Path) -> None:
+    """QEMU's RDMA protocol needs the guest re-encoded (HOOK records) and carries no return
+    path or multifd here: all refused before connecting (no RDMA device is needed to say so)."""
+    stream = tmp_path / "s.bin"
+    stream.write_bytes(b"")
+    uri = "rdma:10.9.0.1:4444"
+    _usage_error(_run(mignet_cmd, subprocess_env, "send", uri, "--rdma-protocol", "qemu",
+                      "--stream", str(stream)), "a --stream file is replayed as it was written")
+    _usage_error(_run(mignet_cmd, subprocess_env, "send", uri, "--rdma-protocol", "qemu",
+                      "--size", "8M", "--return-path"), "drop --return-path")
+    _usage_error(_run(mignet_cmd, subprocess_env, "send", uri, "--rdma-protocol", "qemu",
+                      "--size", "8M", "--channels", "2"), "QEMU 7.2 has no multifd over rdma:")

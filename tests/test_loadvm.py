@@ -176,6 +176,8 @@ class _WrittenElsewhere:
     """A real RemotePagePlacement in spirit: pages go into the destination's RAM directly
     (here: a numpy copy), the stream carries only ZERO records after the first pass."""
 
+    protocol = "mignet"  # mignet's own RDMA protocol: no registration rounds
+
     on_placed = None
 
     def __init__(self, dst: GuestRam) -> None:

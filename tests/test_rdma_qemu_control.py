@@ -45,3 +45,30 @@ def test_headers_are_checked_as_qemu_checks_them() -> None:
     with pytest.raises(ProtocolError, match="too short for 2 commands"):
         q.commands(q.REGISTER, memoryview(bytes(24)), 2, "REGISTER_REQUEST")
     assert q.control_name(9) == "REGISTER_FINISHED" and q.control_name(99) == "type 99"
+
+
+def test_zero_runs_of_a_batch_follow_its_chunked_runs() -> None:
+    """The source sends an all-zero run of a chunk not registered yet as COMPRESS: which runs
+    (``placement._runs``: contiguous pages, cut at 1 MiB) are all zero, against brute force."""
+    import numpy as np
+
+    from mignet.rdma.placement import _runs
+    from mignet.rdma.qemu_source import _zero_runs
+
+    rng = np.random.default_rng(3)
+    pages = np.sort(rng.choice(1024, 700, replace=False)).astype(np.int64)  # 4 MiB, gaps
+    offsets = pages * 4096
+    zero = rng.random(len(pages)) < 0.9
+    zero[(offsets >= 1 << 20) & (offsets < 2 << 20)] = True  # one whole zero chunk
+    runs = _runs(offsets)
+    got = _zero_runs(offsets, zero, runs)
+    by_offset = dict(zip(offsets.tolist(), zero.tolist(), strict=True))
+    want = [all(by_offset[o] for o in range(s, s + n, 4096)) for s, n in runs]
+    assert got == want and any(want) and not all(want)
+    assert _zero_runs(offsets, None, runs) == [False] * len(runs)
+
+
+def test_hook_record_is_qemus_flag() -> None:
+    from mignet.wire import StreamEncoder
+
+    assert StreamEncoder.hook() == (0x80).to_bytes(8, "big")  # RAM_SAVE_FLAG_HOOK

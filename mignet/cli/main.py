@@ -233,6 +233,12 @@ def _load_stats_dict(s: LoadStats) -> dict[str, Any]:
             "postcopy": s.postcopy.to_json() if s.postcopy is not None else None}
 
 
+def _rdma_row(rdma: dict[str, Any]) -> tuple[str, str]:
+    """Which RDMA protocol ran (mignet's own or QEMU's) and how RAM was registered."""
+    mode = "rdma-pin-all" if rdma["pin_all"] else "1 MiB chunks registered on demand"
+    return ("RDMA protocol", f"{rdma['protocol']} ({mode})")
+
+
 def _print_load_table(result: LoadResult, digests: RamDigests | None, out: GuestDir | None,
                       rdma: dict[str, Any] | None = None) -> None:
     s = result.stats
@@ -251,8 +257,7 @@ def _print_load_table(result: LoadResult, digests: RamDigests | None, out: Guest
         if lat["p50"] is not None:
             rows.append(("fault latency p50/p99/max", f"{lat['p50']} / {lat['p99']} / {lat['max']} ms"))
     if rdma is not None:  # the peer chose the protocol: QEMU's own, or mignet's
-        mode = "rdma-pin-all" if rdma["pin_all"] else "1 MiB chunks registered on demand"
-        rows.append(("RDMA protocol", f"{rdma['protocol']} ({mode})"))
+        rows.append(_rdma_row(rdma))
     if s.placed_bytes:  # RDMA: page data bypassed the stream
         rows += [("written by RDMA", human_bytes(s.placed_bytes)),
                  ("setup (RAM registration)", f"{s.setup_seconds:.2f} s")]
@@ -268,8 +273,9 @@ def _print_load_table(result: LoadResult, digests: RamDigests | None, out: Guest
 
 # --- send ----------------------------------------------------------------------------
 def _source_ram(args: argparse.Namespace) -> GuestRam:
-    if args.image:
-        return GuestRam.from_image(Path(args.image), name=args.block_name)
+    if args.image:  # copy-on-write for rdma:, which registers it (open_snapshot's private)
+        return GuestRam.from_image(Path(args.image), name=args.block_name,
+                                   private=parse_uri(args.uri).scheme == "rdma")
     return GuestRam.generate(args.size, args.fill, seed=args.seed)
 
 
@@ -322,8 +328,18 @@ def check_send(args: argparse.Namespace) -> None:
     refuse_unless(args, not args.stream,
                   ["max_bandwidth", "return_path", "rdma_pin_all", "channels", "digest"],
                   "with --stream (the file is replayed byte for byte)")
-    refuse_unless(args, parse_uri(args.uri).scheme == "rdma", ["rdma_pin_all"],
+    refuse_unless(args, parse_uri(args.uri).scheme == "rdma", ["rdma_pin_all", "rdma_protocol"],
                   "without an rdma: URI")
+    if args.rdma_protocol == "qemu":
+        if args.stream:
+            raise UsageError("--rdma-protocol qemu re-encodes the guest (HOOK records where QEMU "
+                             "registers RAM); a --stream file is replayed as it was written", prog)
+        if args.return_path:
+            raise UsageError("--return-path over QEMU's RDMA protocol needs a second RDMA "
+                             "connection, which mignet does not open: drop --return-path", prog)
+        if args.channels > 1:
+            raise UsageError("--channels over QEMU's RDMA protocol: QEMU 7.2 has no multifd "
+                             "over rdma:, so neither has mignet there; drop one of them", prog)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -333,7 +349,8 @@ def cmd_send(args: argparse.Namespace) -> int:
         return _send_live(args)
     kwargs: dict[str, Any] = {}
     if args.snapshot:
-        snap = open_snapshot(Path(args.snapshot))
+        # rdma: registers the RAM, which a read-only file mapping cannot be: copy-on-write
+        snap = open_snapshot(Path(args.snapshot), private=parse_uri(args.uri).scheme == "rdma")
         ram, devices = snap.ram, snap.devices
         kwargs = {"machine_type": snap.machine_type, "ram_section_id": snap.ram_section_id,
                   "description": snap.description}
@@ -343,8 +360,10 @@ def cmd_send(args: argparse.Namespace) -> int:
     channel = _connect_main(args)
     try:
         with _channels_for(args) as multifd:
-            # A replay goes to real QEMU: by default ask it to confirm the load (return path).
-            return_path = bool(args.snapshot) if args.return_path is None else args.return_path
+            # A replay goes to real QEMU: by default ask it to confirm the load (return path),
+            # except over QEMU's RDMA protocol, which carries none here.
+            return_path = (bool(args.snapshot) and args.rdma_protocol != "qemu"
+                           if args.return_path is None else args.return_path)
             sender = Sender(channel, ram, devices, max_bandwidth=args.max_bandwidth,
                             rdma_pin_all=args.rdma_pin_all, pages_to=multifd,
                             return_path=return_path, idle_timeout=args.idle_timeout, **kwargs)
@@ -360,23 +379,27 @@ def cmd_send(args: argparse.Namespace) -> int:
                                 ) from None
     finally:
         channel.close()
+    rdma = channel.page_placement.describe() if channel.page_placement is not None else None
     digests = ram.digests(args.digest) if args.json or not args.quiet else None
     if not args.quiet:
-        _print_send_table(stats, digests)
+        _print_send_table(stats, digests, rdma)
     if args.json:
         emit_json(_send_completed(digests, stats.transferred, stats.elapsed, confirmed=stats.confirmed,
-                                   multifd=multifd.describe() if multifd is not None else None))
+                                   multifd=multifd.describe() if multifd is not None else None,
+                                   rdma=rdma))
     return 0
 
 
 def _send_completed(digests: RamDigests | None, transferred: int, seconds: float, *,
                     confirmed: bool | None = None, migration: dict[str, Any] | None = None,
-                    multifd: dict[str, Any] | None = None, stream: str | None = None) -> dict[str, Any]:
+                    multifd: dict[str, Any] | None = None, stream: str | None = None,
+                    rdma: dict[str, Any] | None = None) -> dict[str, Any]:
     """``send --json``'s last line: one shape whatever was sent (docs/cli.md), so a
-    script reads the same keys with and without --live; what does not apply is null."""
+    script reads the same keys with and without --live; what does not apply is null.
+    ``rdma``: over rdma:, which protocol ran and its counters (as recv's stats.rdma)."""
     return {"event": "completed", **digest_keys(digests), "transferred": transferred,
             "seconds": round(seconds, 4), "confirmed": confirmed, "live": migration is not None,
-            "migration": migration, "multifd": multifd, "stream": stream}
+            "migration": migration, "multifd": multifd, "stream": stream, "rdma": rdma}
 
 
 @contextmanager
@@ -399,9 +422,11 @@ def _channels_for(args: argparse.Namespace) -> Iterator[MultifdSender | None]:
 
 def _connect_main(args: argparse.Namespace) -> Channel:
     """A connection to the destination (the main one, or a multifd channel), with QEMU's
-    TLS when --tls-creds says so. A destination that stalls the handshake is given up on
-    within the idle limit, as a stall later would be."""
-    channel = connect(args.uri)
+    TLS when --tls-creds says so; on rdma: in the protocol --rdma-protocol names. A
+    destination that stalls the handshake is given up on within the idle limit, as a stall
+    later would be."""
+    channel = connect(args.uri, rdma_protocol=args.rdma_protocol or "mignet",
+                      rdma_pin_all=bool(args.rdma_pin_all))
     if not args.tls_creds:
         return channel
     host = str(parse_uri(args.uri).host)
@@ -496,9 +521,11 @@ def _send_live(args: argparse.Namespace) -> int:
         console.print(f"source {row[0]} at {when}: {row[1]}")
     if args.json:
         info = precopy.query_migrate()
+        placement = channel.page_placement
         emit_json(_send_completed(digests, info["ram"]["transferred"], info["total-time"] / 1000,
                                    confirmed=precopy.sender.stats.confirmed, migration=info,
-                                   multifd=multifd.describe() if multifd else None))
+                                   multifd=multifd.describe() if multifd else None,
+                                   rdma=placement.describe() if placement is not None else None))
     return 0
 
 
@@ -515,9 +542,13 @@ def _block_list(ram: GuestRam) -> str:
     return ", ".join(blocks[:3]) + (f" (+{len(blocks) - 3} more)" if len(blocks) > 3 else "")
 
 
-def _print_send_table(s: SendStats, digests: RamDigests | None) -> None:
+def _print_send_table(s: SendStats, digests: RamDigests | None,
+                      rdma: dict[str, Any] | None = None) -> None:
+    rows: list[tuple[str, Any]] = [("RAM", human_bytes(s.ram_total))]
+    if rdma is not None:
+        rows.append(_rdma_row(rdma))
     stats_table("outgoing migration completed", [
-        ("RAM", human_bytes(s.ram_total)),
+        *rows,
         ("stream bytes", human_bytes(s.transferred)),
         ("pages: data / zero", f"{s.normal_pages} / {s.zero_pages}"),
         ("time", f"{s.elapsed:.2f} s"),
@@ -659,6 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rdma-pin-all", action="store_true", default=None,
                    help="rdma: URIs: the destination registers all its RAM before the first page "
                         "(QEMU's rdma-pin-all) instead of 1 MiB chunks on demand")
+    s.add_argument("--rdma-protocol", choices=["mignet", "qemu"], default=None,
+                   help="rdma: URIs: mignet's own protocol (into mignet recv; the default) or "
+                        "QEMU 7.2's (into qemu -incoming rdma:)")
     s.add_argument("--channels", type=options.count_range(1, MAX_CHANNELS), default=1, metavar="N",
                    help="QEMU 7.2's multifd: page data over N extra connections (N >= 2; "
                         "the destination needs the multifd capability and multifd-channels N)")

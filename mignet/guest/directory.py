@@ -331,8 +331,9 @@ def _read(path: Path, name: str) -> bytes:
         raise SetupError(f"{path / name} cannot be read ({exc.strerror}): the snapshot is damaged") from None
 
 
-def open_snapshot(path: Path) -> Snapshot:
-    """Read a directory written by ``mignet recv --out``; RAM is mapped read-only.
+def open_snapshot(path: Path, private: bool = False) -> Snapshot:
+    """Read a directory written by ``mignet recv --out``; RAM is mapped read-only, or
+    copy-on-write with ``private`` (for RDMA, which must register it; the files never change).
 
     Refuses (one line each) a directory without a manifest, one whose receive did not
     finish, and one whose files disagree with its manifest. Each block's file is the one the
@@ -353,7 +354,7 @@ def open_snapshot(path: Path) -> Snapshot:
     try:
         for entry in manifest.get("blocks", []):
             file = _member(path, entry["file"], entry["name"])
-            block = RamBlock.from_file(str(entry["name"]), file, writable=False)
+            block = RamBlock.from_file(str(entry["name"]), file, writable=False, private=private)
             if block.size != entry["size"]:
                 raise SetupError(f"{file} is {block.size} bytes, the manifest says {entry['size']}")
             ram.add(block)

@@ -140,9 +140,13 @@ class RamBlock:
                    mapping)
 
     @classmethod
-    def from_file(cls, name: str, path: Path, *, writable: bool, size: int | None = None) -> RamBlock:
+    def from_file(cls, name: str, path: Path, *, writable: bool, size: int | None = None,
+                  private: bool = False) -> RamBlock:
         """Map a file (e.g. QEMU's memory-backend-file image). A new file is created
-        sparse (all zeros) when ``size`` is given, and is then pristine."""
+        sparse (all zeros) when ``size`` is given, and is then pristine. ``private`` (not
+        ``writable``): copy-on-write, so that RDMA can register it (the kernel pins
+        registered memory for writing, and refuses a read-only shared mapping: EFAULT);
+        the file itself never changes."""
         created = False
         if size is not None and (not path.exists() or path.stat().st_size == 0):
             with open(path, "wb") as f:
@@ -156,7 +160,10 @@ class RamBlock:
             raise SetupError(f"guest image {path} is {actual} bytes, not a whole number of 4 KiB pages")
         if size is not None and actual != size:
             raise SetupError(f"guest image {path} is {actual} bytes, the stream says {size}")
-        data = np.memmap(path, dtype=np.uint8, mode="r+" if writable else "r", shape=(actual,))
+        if writable:
+            data = np.memmap(path, dtype=np.uint8, mode="r+", shape=(actual,))
+        else:
+            data = np.memmap(path, dtype=np.uint8, mode="c" if private else "r", shape=(actual,))
         pristine = np.ones(actual // PAGE_SIZE, dtype=bool) if created else None
         return cls(name, data, pristine)
 
@@ -301,8 +308,9 @@ class GuestRam:
         return cls([block])
 
     @classmethod
-    def from_image(cls, path: Path, *, name: str = "pc.ram", writable: bool = False) -> GuestRam:
-        return cls([RamBlock.from_file(name, path, writable=writable)])
+    def from_image(cls, path: Path, *, name: str = "pc.ram", writable: bool = False,
+                   private: bool = False) -> GuestRam:
+        return cls([RamBlock.from_file(name, path, writable=writable, private=private)])
 
 
 def fill_random(data: np.ndarray, seed: int, chunk: int = 64 << 20) -> None:

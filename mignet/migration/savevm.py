@@ -108,6 +108,11 @@ class Sender:
         self.shut_from: Callable[[float], int] | None = None
         self._cancel = Cancel("outgoing migration", on_cancel=self._shutdown_all)
         self.placement = channel.page_placement
+        # QEMU's RDMA protocol (into qemu -incoming rdma:): QEMU's destination takes page
+        # registrations only between a HOOK record it read in the stream and the end of
+        # that round, which must come before the section's EOS; and its RAM is not known to
+        # be zero (ROMs), so zero pages go with the others (an all-zero chunk as COMPRESS).
+        self.rounds = self.placement is not None and self.placement.protocol == "qemu"
         self.rdma_pin_all = rdma_pin_all  # QEMU's rdma-pin-all; None: the transport's default
         # The destination starts zeroed: in the first pass zero pages need not be sent when
         # pages travel outside the stream (RDMA); later passes must clear pages that became zero.
@@ -182,6 +187,15 @@ class Sender:
             self._write([*bufs, setup[:-tail]])
             self._sync_pages()
             bufs = [setup[-tail:]]
+        elif self.rounds:  # QEMU's ram_save_setup: the block list, HOOK, its round, EOS
+            assert self.placement is not None
+            tail = len(enc.ram_section_close())
+            setup = bufs.pop()
+            assert isinstance(setup, bytes)
+            self._write([*bufs, setup[:-tail], enc.hook()])
+            self.placement.begin_round()
+            self.placement.end_round(list(self.ram))  # where the destination's blocks are
+            bufs = [setup[-tail:]]
         self._write(bufs)
 
     def send_pages(self, block: RamBlock, batches: Iterable[tuple[int, int]]) -> None:
@@ -205,15 +219,16 @@ class Sender:
         first pass: the destination starts zeroed)."""
         enc = self.encoder
         if not self._section_open:
-            self._write([enc.ram_section(final=False)])
-            self._section_open = True
+            self._open_section(final=False)
         offsets = idx.astype(np.uint64) * np.uint64(PAGE_SIZE)
         nzero = int(np.count_nonzero(zero))
         data = offsets[~zero] if nzero else offsets
         # Encode ZERO records only when they are written: encoding moves the CONTINUE block.
-        send_zero = nzero > 0 and (self.placement is None or not self.first_pass)
+        send_zero = nzero > 0 and not self.rounds and (self.placement is None or not self.first_pass)
         zero_records = enc.zero_records(block.name, offsets[zero]) if send_zero else b""
-        if self.pages_to is not None:  # multifd, whatever the transport
+        if self.placement is not None and self.rounds:  # every page by RDMA, zero ones too
+            self._account(self.placement.write_pages(block, offsets, zero))
+        elif self.pages_to is not None:  # multifd, whatever the transport
             if send_zero:
                 self._write([zero_records])
             if len(data):
@@ -234,9 +249,23 @@ class Sender:
         if self._since_section >= self.section_bytes:
             self.close_section()
 
+    def _open_section(self, final: bool) -> None:
+        """A SECTION_PART (END when ``final``) header; on QEMU's RDMA protocol with the
+        HOOK that starts its registration round (QEMU's ram_control_before_iterate)."""
+        if self.rounds:
+            assert self.placement is not None
+            self._write([self.encoder.ram_section(final), self.encoder.hook()])
+            self.placement.begin_round()
+        else:
+            self._write([self.encoder.ram_section(final)])
+        self._section_open = True
+
     def close_section(self) -> None:
         if self._section_open:
             self._sync_pages()
+            if self.rounds:  # every WRITE landed, round over: before EOS, as QEMU's ram.c
+                assert self.placement is not None
+                self.placement.end_round()
             self._write([self.encoder.ram_section_close()])
             self._section_open = False
             self._since_section = 0
@@ -250,6 +279,10 @@ class Sender:
             self._write([enc.ram_section(final=True)])
             self._sync_pages()
             self._write([enc.ram_section_close()])
+        elif self.rounds:  # QEMU's ram_save_complete: an (empty) round of its own
+            self._open_section(final=True)
+            self.close_section()
+            self.stats.sections -= 1  # not a RAM iteration
         else:
             self._write([enc.ram_section(final=True), enc.ram_section_close()])
         if self.placement is not None:
@@ -299,7 +332,20 @@ class Sender:
                     self._shut(self.shut_from(self.confirm_timeout))
                 else:
                     self._await_shut()
+        elif self.rounds:
+            with self._cancel.guard():
+                self._await_close()
         self.stats.finished = time.monotonic()
+
+    def _await_close(self) -> None:
+        """QEMU's RDMA protocol has no end-of-stream message, and QEMU's destination fails
+        a load whose source disconnects before it completed: so the end is its disconnect,
+        after it read the last byte. (It disconnects after a failed load too: without a
+        return path the source cannot tell, as QEMU's own cannot.)"""
+        self.channel.set_idle_timeout(read=self.idle_timeout or self.confirm_timeout,
+                                      write=self.idle_timeout)
+        if self.channel.read_some_into([memoryview(bytearray(1))]) != 0:
+            raise ProtocolError("the QEMU destination sent stream bytes back over RDMA")
 
     def _shut(self, value: int) -> None:
         """The destination's SHUT: 0 means it loaded the guest."""

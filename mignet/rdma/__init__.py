@@ -11,7 +11,11 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from mignet.rdma.channel import RdmaChannel, RdmaListener
+    from mignet.rdma.qemu_source import QemuRdmaSource
     from mignet.uri import Address
+
+#: The protocols a source may speak: mignet's own (to mignet), QEMU's (to qemu -incoming).
+PROTOCOLS = ("mignet", "qemu")
 
 
 def listen_rdma(address: Address) -> RdmaListener:
@@ -21,11 +25,20 @@ def listen_rdma(address: Address) -> RdmaListener:
     return RdmaListener.open(address)
 
 
-def connect_rdma(address: Address, timeout: float | None = 30.0) -> RdmaChannel:
-    """Connect to an ``rdma:HOST:PORT`` listener; the channel places pages by RDMA WRITE."""
+def connect_rdma(address: Address, timeout: float | None = 30.0, protocol: str = "mignet",
+                 pin_all: bool = False) -> RdmaChannel | QemuRdmaSource:
+    """Connect to an ``rdma:HOST:PORT`` listener; the channel places pages by RDMA WRITE.
+
+    ``protocol``: "mignet" (mignet's own, to ``mignet recv``), or "qemu" (QEMU 7.2's, to
+    ``qemu -incoming rdma:``, which negotiates ``pin_all`` when connecting; mignet's
+    protocol announces it in the stream's first message instead)."""
+    if protocol == "qemu":
+        from mignet.rdma.qemu_source import QemuRdmaSource
+
+        return QemuRdmaSource.connect(address, timeout, pin_all)
     from mignet.rdma.channel import RdmaChannel
 
     return RdmaChannel.connect(address, timeout)
 
 
-__all__ = ["listen_rdma", "connect_rdma"]
+__all__ = ["PROTOCOLS", "listen_rdma", "connect_rdma"]

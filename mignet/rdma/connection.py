@@ -50,6 +50,8 @@ class Conn:
     qp: Any
     send_depth: int
     recv_depth: int
+    #: Active side: the private data of the peer's accept (QEMU answers its capabilities).
+    accepted_private: bytes = b""
 
     @property
     def cm_fd(self) -> int:
@@ -244,9 +246,10 @@ def connect(address: Address, timeout: float | None, send_depth: int, recv_depth
         _modify(cmid, qp, e.IBV_QPS_INIT)
         prepare(conn)
         cmid.connect(_conn_param(qp.qp_num, private, accept=False))
-        _expect_setup(cm, ce.RDMA_CM_EVENT_CONNECT_RESPONSE, step, address,
-                      f"nothing is listening on {address} (start `mignet recv --listen "
-                      f"{address}` first)")
+        conn.accepted_private = _expect_setup(
+            cm, ce.RDMA_CM_EVENT_CONNECT_RESPONSE, step, address,
+            f"nothing is listening on {address} (start `mignet recv --listen {address}` "
+            "first)")
         _modify(cmid, qp, e.IBV_QPS_RTR, e.IBV_QPS_RTS)
         cmid.establish()  # the RTU: the passive side now sees ESTABLISHED
     except BaseException:
@@ -259,12 +262,15 @@ def connect(address: Address, timeout: float | None, send_depth: int, recv_depth
     return conn
 
 
-def _expect_setup(cm: CmEvents, want: int, timeout: float, address: Address, failure: str) -> None:
+def _expect_setup(cm: CmEvents, want: int, timeout: float, address: Address, failure: str) -> bytes:
+    """Wait for the event ``want``; its private data (empty where it carries none)."""
     try:
         ev = cm.get(timeout)
     except TimeoutError:
         raise TimedOut(f"{address}: no answer within {timeout:.0f} s ({failure})") from None
     kind = int(ev.event_type)
+    private = bytes(ev.private_data or b"") if kind == want else b""
     ev.ack_cm_event()
     if kind != want:
         raise SetupError(f"{failure} ({cm_event_name(kind)})")
+    return private

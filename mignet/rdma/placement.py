@@ -41,7 +41,7 @@ import collections
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,6 +70,8 @@ def pin_all_default() -> bool:
 
 class RdmaPlacement:
     """``RemotePagePlacement`` for an :class:`~mignet.rdma.channel.RdmaChannel`."""
+
+    protocol = "mignet"
 
     def __init__(self, channel: Any) -> None:
         self.channel = channel
@@ -222,10 +224,19 @@ class RdmaPlacement:
         """Source: the stream messages sent so far, for a later ``write_pages(after=…)``."""
         return int(self.channel.data_sent)
 
-    def write_pages(self, block: MemoryRegion, offsets: np.ndarray, after: int | None = None) -> int:
+    def begin_round(self) -> None:
+        """mignet's protocol has no registration rounds (QEMU's has): pages go any time."""
+
+    def end_round(self, blocks: Sequence[MemoryRegion] | None = None) -> None:
+        """No rounds (``begin_round``)."""
+
+    def write_pages(self, block: MemoryRegion, offsets: np.ndarray, zero: Any = None,
+                    after: int | None = None) -> int:
         """WRITE the pages at ``offsets`` (sorted byte offsets) of ``block`` into the
         destination's copy; returns the bytes written. They land only once the destination
-        has processed the stream up to ``after`` (a ``stream_position``; None: all of it)."""
+        has processed the stream up to ``after`` (a ``stream_position``; None: all of it).
+        ``zero`` is not needed: zero pages are the stream's (ZERO records) in mignet's
+        protocol."""
         ch = self.channel
         # Posting a WRITE to a peer that went away still succeeds (the QP only errors after
         # its retries, seconds later): take in a disconnect that is already there first.

@@ -27,26 +27,19 @@ truncated stream.
 from __future__ import annotations
 
 import collections
-import os
-import select
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import numpy as np
-
-from mignet.channel import Buffer, IOCondition, MemoryRegion, ShutdownHow, WritableBuffer
+from mignet.channel import Buffer, MemoryRegion, ShutdownHow, WritableBuffer
 from mignet.errors import (
     ConnectionLostError,
     MignetError,
-    MigrationCancelled,
     MisuseError,
     PeerFailedError,
     ProtocolError,
     SetupError,
 )
 from mignet.rdma import connection, verbs
-from mignet.rdma.endpoint import OPEN, VerbsEndpoint
 from mignet.rdma.qemu_control import (
     CHUNK_SHIFT,
     COMPRESS,
@@ -62,158 +55,50 @@ from mignet.rdma.qemu_control import (
     message,
     parse_header,
 )
+from mignet.rdma.qemu_endpoint import QemuRdmaEndpoint
 
 RECV_SLOTS = 4  # one for the message READY asks for, the rest hold QEMU_FILE data
 SEND_SLOTS = 4
-SEND_SIZE = 64 << 10  # READY and answers; a block list of 2,000 blocks fits
 CHUNK = 1 << CHUNK_SHIFT
 
-_SEND, _RECV = 1 << 60, 2 << 60
-_KIND = 3 << 60
 
-
-
-class QemuRdmaChannel(VerbsEndpoint):
+class QemuRdmaChannel(QemuRdmaEndpoint):
     """An accepted connection from QEMU's RDMA migration source (see module docstring)."""
 
-    duplex_threads = False
-    protocol = "qemu"
+    recv_slots = RECV_SLOTS
+    send_slots = SEND_SLOTS
+    send_size = 64 << 10  # READY and answers; a block list of 2,000 blocks fits
 
     def __init__(self, conn: connection.Conn, name: str, caps: Caps) -> None:
-        super().__init__(name)
-        import pyverbs.enums as e
-
-        self._e = e
-        self.conn = conn
-        self.caps = caps
-        self._io = threading.RLock()
-        self._recv_arr = np.zeros(RECV_SLOTS * MAX_MESSAGE, dtype=np.uint8)
-        self._send_arr = np.zeros(SEND_SLOTS * SEND_SIZE, dtype=np.uint8)
-        self._recv_mv = self._recv_arr.data
-        self._send_mv = self._send_arr.data
-        self._mrs: list[Any] = []
+        super().__init__(conn, name, caps)
         self._inbox: collections.deque[tuple[int, int]] = collections.deque()  # (slot, bytes)
         self._rx: collections.deque[list[int]] = collections.deque()  # [slot, pos, end]
-        self._free_send = list(range(SEND_SLOTS))
         self._ready_out = False  # a READY is out and its message has not arrived
         self._eof = False  # the source disconnected: after what arrived, the stream ends
-        self._lost: str | None = None
-        self._failure: MignetError | None = None  # a protocol error of ours or the source's
         self._shut_rd = False
-        self.cancelled = False
-        self.messages = 0  # messages received
-        self.stream_messages = 0  # ... of which QEMU_FILE
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.placement = QemuPlacement(self)
         self.page_placement = self.placement
-        OPEN.add(self)
-
-    # --- construction ----------------------------------------------------------------
-    def prepare(self, conn: connection.Conn) -> None:
-        """Register both rings and post every receive (before QEMU may send)."""
-        access = self._e.IBV_ACCESS_LOCAL_WRITE
-        verbs.check_memlock(verbs.pinned_bytes() + self._recv_arr.nbytes + self._send_arr.nbytes)
-        self._recv_mr = verbs.register(conn.pd, self._recv_arr.ctypes.data, self._recv_arr.nbytes, access)
-        self._mrs.append(self._recv_mr)
-        self._send_mr = verbs.register(conn.pd, self._send_arr.ctypes.data, self._send_arr.nbytes, access)
-        self._mrs.append(self._send_mr)
-        for slot in range(RECV_SLOTS):
-            self._post_recv(conn, slot)
 
     def started(self) -> None:
         """The connection is established: the first READY lets QEMU send its stream."""
         with self._io:
             self._pump()
 
-    def abandon(self) -> None:
-        """Setup failed: release what we registered (the connection frees the rest)."""
-        if self._closed:
-            return
-        for mr in self._mrs:
-            try:
-                mr.close()
-            except Exception:  # noqa: BLE001 - a no-op where the PD's teardown closed it
-                pass
-        self._mrs.clear()
-        self._closed = True
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        OPEN.discard(self)
-
-    # --- posting ---------------------------------------------------------------------
-    def _post_recv(self, conn: connection.Conn, slot: int) -> None:
-        from pyverbs.wr import SGE, RecvWR
-
-        sge = SGE(self._recv_mr.buf + slot * MAX_MESSAGE, MAX_MESSAGE, self._recv_mr.lkey)
-        conn.qp.post_recv(RecvWR(wr_id=_RECV | slot, num_sge=1, sg=[sge]))
-
-    def _repost(self, slot: int) -> None:
-        if self._lost is None:
-            self._post_recv(self.conn, slot)
-
-    def _send(self, data: bytes) -> None:
-        """SEND one message; the caller checked that a send slot is free."""
-        from pyverbs.wr import SGE, SendWR
-
-        if len(data) > SEND_SIZE:
-            raise ProtocolError(f"QEMU RDMA answer of {len(data)} bytes is too large")
-        slot = self._free_send.pop()
-        base = slot * SEND_SIZE
-        self._send_mv[base:base + len(data)] = data
-        sge = SGE(self._send_mr.buf + base, len(data), self._send_mr.lkey)
-        wr = SendWR(wr_id=_SEND | slot, opcode=self._e.IBV_WR_SEND, num_sge=1, sg=[sge],
-                    send_flags=self._e.IBV_SEND_SIGNALED)
-        self.conn.qp.post_send(wr)
-
     # --- the progress engine ---------------------------------------------------------
-    def _progress(self) -> bool:
-        """Take every rdma_cm event and completion that is there, then handle messages in
-        order; never blocks. True if anything happened."""
-        with self._io:
-            progressed = False
-            conn = self.conn
-            if verbs.readable(conn.comp_fd):
-                try:
-                    conn.comp.get_cq_event(conn.cq)
-                    conn.cq.ack_events(1)
-                except Exception:  # noqa: BLE001 - a spurious wake-up
-                    pass
-            while verbs.readable(conn.cm_fd):
-                try:
-                    ev = conn.cm.get(0)
-                except Exception:  # noqa: BLE001 - EAGAIN
-                    break
-                name = verbs.cm_event_name(int(ev.event_type))
-                ev.ack_cm_event()
-                progressed = True
-                if name in connection.GONE_EVENTS:
-                    self._eof = True
-                    self._mark_lost(f"{self.name}: QEMU disconnected ({name})")
-            while True:
-                _, wcs = conn.cq.poll(32)
-                if not wcs:
-                    break
-                progressed = True
-                for wc in wcs:
-                    self._complete(wc)
-            self._pump()
-            return progressed
+    def _peer_gone(self, event: str) -> None:
+        self._eof = True
+        super()._peer_gone(event)
 
-    def _complete(self, wc: Any) -> None:
-        kind = wc.wr_id & _KIND
-        slot = wc.wr_id & ~_KIND
-        ok = wc.status == self._e.IBV_WC_SUCCESS
-        if kind == _SEND:
-            self._free_send.append(slot)
-            if not ok:
-                self._mark_lost(f"{self.name}: send to QEMU failed ({verbs.wc_status_name(wc.status)})")
-            return
+    def _completed(self, kind: int, slot: int, ok: bool, wc: Any) -> None:
         if not ok:  # flushed after a disconnect, or the link broke
             self._mark_lost(f"{self.name}: receive failed ({verbs.wc_status_name(wc.status)})")
             return
         self._ready_out = False
         self.messages += 1
         self._inbox.append((slot, int(wc.byte_len)))
+
+    def _ready(self) -> bool:
+        return bool(self._rx) or self._shut_rd or super()._ready()
 
     def _pump(self) -> None:
         """Handle received messages in order, then send READY if the source may send."""
@@ -269,27 +154,7 @@ class QemuRdmaChannel(VerbsEndpoint):
 
 
 
-    def _raise_if_failed(self) -> None:
-        if self.cancelled:
-            raise MigrationCancelled("migration cancelled")
-        if self._failure is not None:
-            raise self._failure
-
-
-
     # --- Channel primitives ----------------------------------------------------------
-    def poll_fds(self, cond: IOCondition) -> list[tuple[int, int]]:
-        self._drain_wake()
-        with self._io:
-            progressed = self._progress()
-            self.conn.cq.req_notify()
-            progressed = self._progress() or progressed  # a completion that beat the arming
-            ready = progressed or bool(self._rx) or self._lost is not None or self._shut_rd
-        if ready:
-            self._wake()
-        return [(self.conn.comp_fd, select.POLLIN), (self.conn.cm_fd, select.POLLIN),
-                (self._wake_r, select.POLLIN)]
-
     def _end_or_none(self) -> int | None:
         """Nothing buffered: end of stream after QEMU's disconnect, else would block."""
         self._raise_if_failed()
@@ -346,35 +211,15 @@ class QemuRdmaChannel(VerbsEndpoint):
         raise SetupError(f"{self.name}: QEMU's RDMA protocol carries no return path to the "
                          "source here: turn off the return-path and postcopy-ram capabilities")
 
-    def _set_blocking(self, blocking: bool) -> None:
-        """Nothing to do: reads never block in verbs; ``wait_cond`` does the waiting."""
-
     def _shutdown(self, how: ShutdownHow) -> None:
         with self._io:
             if how in (ShutdownHow.READ, ShutdownHow.BOTH):
                 self._shut_rd = True
             if how is ShutdownHow.BOTH:
                 self.cancelled = True
-                try:
-                    self.conn.cmid.disconnect()  # QEMU sees DISCONNECTED and fails
-                except Exception:  # noqa: BLE001 - not connected any more
-                    pass
+                self._disconnect()  # QEMU sees DISCONNECTED and fails
                 self._mark_lost(f"{self.name}: shut down locally")
         self._wake()
-
-    def _close(self) -> None:
-        # A READY or an answer may still be on its way; QEMU does not need them any more.
-        try:
-            self.conn.cmid.disconnect()  # an unfinished migration fails on QEMU's side now
-        except Exception:  # noqa: BLE001 - already disconnected
-            pass
-        mrs = self._mrs + self.placement.release()
-        self.conn.close(mrs)
-        verbs.unpinned(self._recv_arr.nbytes + self._send_arr.nbytes)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        OPEN.discard(self)
-
 
 class QemuPlacement:
     """The destination RAM as QEMU's RDMA source sees it (``RemotePagePlacement``).
@@ -382,6 +227,8 @@ class QemuPlacement:
     Block offsets: QEMU addresses destination RAM by ram_addr_t offsets the destination
     chooses (its own layout); here the blocks are laid end to end in stream order, which is
     also the source's order (the stream's block list is written from the same list)."""
+
+    protocol = "qemu"
 
     def __init__(self, channel: QemuRdmaChannel) -> None:
         self.channel = channel
@@ -485,16 +332,23 @@ class QemuPlacement:
 
     # --- source-side methods of RemotePagePlacement --------------------------------
     def announce(self, pin_all: bool | None = None) -> None:
-        raise MisuseError("mignet speaks QEMU's RDMA protocol as a destination only")
+        raise MisuseError("QemuRdmaChannel is QEMU's destination (QemuRdmaSource: its source)")
 
-    def write_pages(self, block: MemoryRegion, offsets: Any, after: int | None = None) -> int:
-        raise MisuseError("mignet speaks QEMU's RDMA protocol as a destination only")
+    def write_pages(self, block: MemoryRegion, offsets: Any, zero: Any = None,
+                    after: int | None = None) -> int:
+        raise MisuseError("QemuRdmaChannel is QEMU's destination (QemuRdmaSource: its source)")
 
     def stream_position(self) -> int:
-        raise MisuseError("mignet speaks QEMU's RDMA protocol as a destination only")
+        raise MisuseError("QemuRdmaChannel is QEMU's destination (QemuRdmaSource: its source)")
+
+    def begin_round(self) -> None:
+        raise MisuseError("QemuRdmaChannel is QEMU's destination (QemuRdmaSource: its source)")
+
+    def end_round(self, blocks: Sequence[MemoryRegion] | None = None) -> None:
+        raise MisuseError("QemuRdmaChannel is QEMU's destination (QemuRdmaSource: its source)")
 
     def fence(self) -> None:
-        raise MisuseError("mignet speaks QEMU's RDMA protocol as a destination only")
+        raise MisuseError("QemuRdmaChannel is QEMU's destination (QemuRdmaSource: its source)")
 
     def describe(self) -> dict[str, Any]:
         return {"protocol": "qemu", "pin_all": self.pin_all, "registrations": self.registrations,

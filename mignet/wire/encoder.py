@@ -106,6 +106,12 @@ class StreamEncoder:
     def eos() -> bytes:
         return _BE64.pack(RamFlag.EOS)
 
+    @staticmethod
+    def hook() -> bytes:
+        """RAM_SAVE_FLAG_HOOK: on QEMU's RDMA protocol, where a registration round starts
+        (QEMU's ``qemu_rdma_registration_start``); nothing follows it in the stream."""
+        return _BE64.pack(RamFlag.HOOK)
+
     def _first_word(self, block: str, offset: int, flag: RamFlag) -> bytes:
         """The first record of a run: CONTINUE if the block did not change, else the name."""
         # Plain ints: an int or-ed with an IntFlag builds a new flag object through enum's

@@ -468,6 +468,16 @@ class QemuVM:
         """Runstate from ``query-status`` (e.g. ``prelaunch``, ``postmigrate``)."""
         return str(self.qmp("query-status")["status"])
 
+    def wait_exit(self, timeout: float) -> int | None:
+        """QEMU's exit status once it exits within ``timeout`` s, else None (QEMU 7.2 ends
+        itself when an incoming migration fails to load, and its QMP goes with it)."""
+        if self._proc is None:
+            return None
+        try:
+            return self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
 
 class QemuSource(QemuVM):
     """A paused QEMU whose RAM (``workdir/src.img``) is filled with known bytes.
