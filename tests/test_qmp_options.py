@@ -153,3 +153,20 @@ def test_json_splitter_frames_objects_without_newlines() -> None:
     assert sp.feed(b'}  {"b": [1, {"c": 2}]}\n{"d"') == [b'{"a": "}{\\"x"}', b'{"b": [1, {"c": 2}]}']
     assert sp.feed(b": 1}") == [b'{"d": 1}']
     assert sp.feed(b"42 ") == [b"42"]
+
+
+def test_query_migrate_names_the_rdma_protocol_as_an_x_member() -> None:
+    """Over rdma: query-migrate says which protocol the connection speaks (QEMU's own or
+    mignet's) in ``x-mignet-rdma``, a member QEMU's reply lacks; without RDMA it is absent."""
+    from mignet.migration.status import RamCounters, query_migrate
+
+    state = MigrationState()
+    side = state.incoming
+    side.to(Phase.LISTENING)
+    side.to(Phase.RAM)
+    side.counters = RamCounters
+    assert "x-mignet-rdma" not in query_migrate(side, 300)
+    side.rdma = lambda: {"protocol": "qemu", "pin_all": False, "registered_bytes": 4096}
+    info = query_migrate(side, 300)
+    assert info["status"] == "active"
+    assert info["x-mignet-rdma"] == {"protocol": "qemu", "pin-all": False, "registered-bytes": 4096}

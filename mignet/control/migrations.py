@@ -387,6 +387,8 @@ class Migrations:
             with self._mutex:
                 self._loader = loader
             inc.counters = lambda: _load_counters(loader, multifd, pc)
+            if channel.page_placement is not None:  # rdma: the protocol the source chose
+                inc.rdma = channel.page_placement.describe
             if not inc.move(frozenset({Phase.LISTENING}), Phase.RAM):
                 raise MigrationCancelled("incoming migration cancelled")
             if self.guest.recv_model == "coroutine":

@@ -173,6 +173,8 @@ class Precopy:
             st.to(Phase.CONNECTING)
         st.counters = self.counters
         sender = self.sender
+        if sender.placement is not None:  # rdma: the protocol this connection speaks
+            st.rdma = sender.placement.describe
         sender.limiter.set_limit(self.params.max_bandwidth)
         log = DirtyLog(sender.ram, force_fallback=self.force_fallback)
         self.tracking = log.method

@@ -207,6 +207,8 @@ class DirectionState:
     downtime_ms: int | None = None
     socket_address: list[dict[str, str]] = field(default_factory=list)
     counters: Callable[[], RamCounters] | None = None
+    # over rdma: which protocol the connection speaks (QEMU's or mignet's) and its figures
+    rdma: Callable[[], dict[str, Any]] | None = None
     meter: RateMeter = field(default_factory=RateMeter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -234,6 +236,7 @@ class DirectionState:
             if phase in (Phase.CONNECTING, Phase.LISTENING):
                 self.started, self.setup_done, self.ended = now, None, None
                 self.downtime_ms, self.error_desc, self.counters = None, None, None
+                self.rdma = None
                 self.socket_address = []
                 self.meter = RateMeter()
             elif phase is Phase.RAM:
@@ -314,4 +317,6 @@ def query_migrate(side: DirectionState, downtime_limit_ms: int) -> dict[str, Any
         info["cpu-throttle-percentage"] = c.cpu_throttle_percentage
     if c.blocktime is not None:
         info["postcopy-blocktime"], info["postcopy-vcpu-blocktime"] = c.blocktime
+    if side.rdma is not None:  # not in QEMU's reply: an x- member, as QAPI names extensions
+        info["x-mignet-rdma"] = {k.replace("_", "-"): v for k, v in side.rdma().items()}
     return info

@@ -35,6 +35,10 @@ def test_qmp_migration_over_rdma_with_pin_all(tmp_path: Path, rdma_uri: str) -> 
             # The destination counts the pages RDMA wrote into its RAM, though none crossed
             # its stream: every data page once (a paused guest, one pass, zero pages skipped).
             assert got["ram"]["normal"] == done["ram"]["normal"] > 0
+            # both ends say which RDMA protocol ran (an x- member: QEMU's reply has none)
+            for end in (done, got):
+                assert end["x-mignet-rdma"]["protocol"] == "mignet", end
+                assert end["x-mignet-rdma"]["pin-all"] is True, end
             # The option lock is released once the migration is over.
             await src.x("migrate-set-capabilities",
                         {"capabilities": [{"capability": "rdma-pin-all", "state": False}]})
