@@ -44,6 +44,7 @@ from mignet.guest.ram import DIGESTS, GuestRam, RamBlock, RamDigests, allocate_g
 from mignet.migration.loadvm import IDLE_TIMEOUT, Loader, LoadResult, LoadStats, start_load_thread
 from mignet.migration.multifd import Handshake, MultifdReceiver, MultifdSender, accept_incoming
 from mignet.migration.savevm import Sender, SendStats
+from mignet.runtime.threads import finished
 from mignet.tcp import SocketChannel
 from mignet.tcp.tls import HANDSHAKE_TIMEOUT, glob_rules, tls_client, tls_server, tls_server_context
 from mignet.transport import connect, listen
@@ -213,11 +214,11 @@ def _run_load(loader: Loader, quiet: bool, extra_pages: MultifdReceiver | None =
     rows = multifd_channels(extra_pages.describe) if extra_pages is not None else None
     try:
         with transfer_progress("receiving", poll, enabled=not quiet, channels=rows):
-            while thread.thread.is_alive():
-                thread.thread.join(0.2)
+            while not finished(thread.future, 0.2):
+                pass
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (_cancel_on_sigterm)
         loader.cancel()
-        thread.thread.join(5)
+        finished(thread.future, 10)  # not Thread.join: see runtime.threads.finished
         raise MigrationCancelled(str(exc) or "cancelled by Ctrl-C") from None
     return thread.join()
 

@@ -12,7 +12,6 @@ on tcp:/unix: accepts a multifd inbound as ``mignet recv`` does.
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 from typing import Any
 
@@ -22,6 +21,7 @@ from mignet.cli.options import refuse_unless
 from mignet.errors import MigrationCancelled
 from mignet.migration.multifd import accept_incoming
 from mignet.migration.relay import Relay, RelayStats
+from mignet.runtime.threads import finished, start_thread
 from mignet.transport import connect, listen
 from mignet.ui.terminal import console
 from mignet.units import human_bytes, rate
@@ -88,16 +88,14 @@ def cmd_relay(args: argparse.Namespace) -> int:
             box["stats"] = relay.run()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
             box["error"] = exc
-    thread = threading.Thread(target=main, name="mig/relay", daemon=True)
     try:
-        thread.start()
-        while thread.is_alive():
-            thread.join(args.progress)
-            if args.json and thread.is_alive():
+        _, future = start_thread(main, "mig/relay")
+        while not finished(future, args.progress):
+            if args.json:
                 emit_json(_progress(relay))
     except KeyboardInterrupt:
         relay.cancel()
-        thread.join(5)
+        finished(future, 10)  # not Thread.join: see runtime.threads.finished
         raise MigrationCancelled("cancelled by Ctrl-C") from None
     finally:
         relay.close()

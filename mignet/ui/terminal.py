@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn,
 from rich.table import Table
 from rich.text import Text
 
-from mignet.runtime.threads import start_thread
+from mignet.runtime.threads import finished, start_thread
 from mignet.units import PAGE_SIZE, human_bytes
 
 console = Console(stderr=True, highlight=False)
@@ -135,11 +135,11 @@ def run_with_progress(work: Callable[[], T], *, label: str,
             t, future = start_thread(work, thread_name)
             if timer is not None:
                 timer.start()
-            while t.is_alive():
-                t.join(0.2)
+            while not finished(future, 0.2):
+                pass
     except KeyboardInterrupt:
         cancel()
-        t.join(5)
+        finished(future, 10)  # not t.join: see runtime.threads.finished
         raise MigrationCancelled("cancelled by Ctrl-C") from None
     finally:
         if timer is not None:
