@@ -37,7 +37,7 @@ if compgen -G "tests/rdma/test_*.py" >/dev/null; then
         echo "== RDMA tests (inside a soft-RoCE guest) =="
         # A writable 9p share inside the guest, for the test that --out refuses one.
         share="$(mktemp -d /tmp/mignet-9p.XXXXXX)"
-        $py tools/rxe/run_in_guest.py --timeout 1200 --rwdir "$share" -- "$root/.venv/bin/python" -m pytest -q -m rdma \
+        $py tools/rxe/run_in_guest.py --timeout 2700 --rwdir "$share" -- "$root/.venv/bin/python" -m pytest -q -m rdma \
             -p no:cacheprovider tests/rdma
         rdma=$?
         rm -rf "$share"
