@@ -188,6 +188,7 @@ class RdmaPlacement:
         up front (``rdma-pin-all``) or 1 MiB chunks on demand. SENDs arrive in order, so it
         knows before it reads the block list. ``None``: ``pin_all_default()``."""
         pin = pin_all_default() if pin_all is None else pin_all
+        self.pin_all = pin  # what describe() reports on this side too
         self.channel.send_control(Msg.MODE, MODE.pack(int(pin)))
 
     def _on_blocks(self, payload: bytes) -> None:
