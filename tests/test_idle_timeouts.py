@@ -121,6 +121,20 @@ def test_a_relay_whose_source_stalls_ends(pair: tuple[SocketChannel, SocketChann
 
     a, b = pair
     far = listen("tcp:127.0.0.1:0")
+
+    def drain() -> None:
+        # A destination that reads: without it the relay's forwarding could fill the
+        # loopback buffers and block in a write, which is another fault than this test's.
+        ch = far.accept(timeout=10)
+        try:
+            buf = bytearray(1 << 16)
+            while ch.read_some_into([buf]):
+                pass
+        except Exception:  # noqa: BLE001 - the relay closing its side ends the drain
+            pass
+        finally:
+            ch.close()
+    threading.Thread(target=drain, daemon=True).start()
     try:
         data = encode_stream(_ram())
         threading.Thread(target=a.write_all, args=(data[: len(data) // 2],), daemon=True).start()
